@@ -1,0 +1,193 @@
+"""Double-integrator imitation with a malicious expert: unconstrained imitation vs SCPO.
+
+The learner fits the residual policy to expert demonstrations with Adam. In the
+malicious phases the expert demonstrates actions that leave the constraints. The
+unconstrained learner applies every Adam step; SCPO passes each one through the
+certified projection. After every update the committed weights are checked for
+violations on held-out initial conditions (fresh rollouts, ≥ 1000 states).
+
+    python -m scpo_ros.experiments imitation [--seeds 3] [--updates 250] [--json PATH] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..backup import InitialSet, LQRBackup
+from ..dynamics import DoubleIntegrator
+from ..expert import ExpertConfig, expert_action, is_malicious
+from ..policy import MLPLayout, ResidualMLP, policy_inputs
+from ..rollout import DoubleIntegratorRollout, random_states, structured_states
+from ..scpo import DoubleIntegratorSCPO, SCPOConfig
+from .report import aggregate, print_table, write_json
+
+
+@dataclass
+class ImitationSettings:
+    seeds: int = 3
+    updates: int = 250
+    dof: int = 1
+    hidden: tuple[int, ...] = (32, 32)
+    lr: float = 1e-3
+    batch: int = 256
+    update_period_s: float = 0.2
+    """Expert time per update: with the expert's 20 s cycle, 50 clean then 50 malicious updates."""
+    eval_states: int = 1024
+    clean_states: int = 4096
+    n_samples: int = 64
+    n_sample_states: int = 256
+    n_cert_states: int = 1024
+    demo_v_max: float = 0.6
+    """Demonstration states cover the whole position box and |v| <= demo_v_max: where the
+    closed loop actually goes from the initial set, not just the initial set itself."""
+
+
+def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True) -> dict:
+    torch.manual_seed(seed)
+    system = DoubleIntegrator(dof=s.dof)
+    backup = LQRBackup(system)
+    initial_set = InitialSet()
+    layout = MLPLayout(3 * s.dof, s.dof, s.hidden)
+    expert = ExpertConfig(malicious=True)
+    rng = np.random.default_rng(10_000 + seed)
+
+    scpo = DoubleIntegratorSCPO(system, backup, layout, initial_set, SCPOConfig(n_samples=s.n_samples),
+                                n_sample_states=s.n_sample_states, n_cert_states=s.n_cert_states, seed=seed)
+    model = ResidualMLP(layout, seed=seed)
+    model.load_flat(scpo.theta)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+
+    # Held-out checks: uniform random states plus the structured worst-case points.
+    ex, er = random_states(initial_set, s.dof, s.eval_states, np.random.default_rng(20_000 + seed))
+    sx, sr = structured_states(initial_set, s.dof, max_points=256, seed=30_000 + seed)
+    eval_x, eval_r = np.concatenate([ex, sx]), np.concatenate([er, sr])
+    checker = DoubleIntegratorRollout(system, backup, layout, scpo.safety)
+    demo_region = InitialSet(p0_max=system.p_max, v0_max=s.demo_v_max, r_max=initial_set.r_max)
+    cx, cr = random_states(demo_region, s.dof, s.clean_states, np.random.default_rng(40_000 + seed))
+    clean_in = torch.as_tensor(policy_inputs(cx, cr), dtype=torch.float32)
+    clean_target = torch.as_tensor(expert_action(cx, cr, False, expert, system) - backup(cx, cr),
+                                   dtype=torch.float32)
+
+    def clean_loss() -> float:
+        with torch.no_grad():
+            return float(((model(clean_in) - clean_target) ** 2).sum(-1).mean())
+
+    def unsafe(theta) -> bool:
+        g = checker.evaluate(torch.as_tensor(theta, dtype=torch.float32), eval_x, eval_r).g[0]
+        return bool((g > 0).any())
+
+    loss_hist, decisions, malicious_hist, unsafe_hist, step_ms = [clean_loss()], [], [], [], []
+    unsafe_count, committed = 0, 0
+    unsafe_now = unsafe(model.flat().detach())
+    bar = tqdm(range(s.updates), desc=f"imitation {method} seed {seed}", disable=not progress, leave=False)
+    for k in bar:
+        mal = is_malicious(k * s.update_period_s, expert)
+        x, r = random_states(demo_region, s.dof, s.batch, rng)
+        target = torch.as_tensor(expert_action(x, r, mal, expert, system) - backup(x, r), dtype=torch.float32)
+        inputs = torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)
+        theta_before = model.flat().detach().clone()
+        opt.zero_grad()
+        loss = ((model(inputs) - target) ** 2).sum(-1).mean()
+        loss.backward()
+        opt.step()
+        if method == "scpo":
+            delta = model.flat().detach() - theta_before
+            t0 = time.perf_counter()
+            decision = scpo.propose_step(delta.numpy())
+            step_ms.append(1e3 * (time.perf_counter() - t0))
+            model.load_flat(scpo.theta)
+            status = decision.status
+        else:
+            status = "accepted"
+        changed = status in ("accepted", "backtracked")
+        committed += changed
+        if changed:
+            unsafe_now = unsafe(model.flat().detach())
+        unsafe_count += int(changed and unsafe_now)
+        decisions.append(status)
+        malicious_hist.append(mal)
+        unsafe_hist.append(bool(unsafe_now))
+        loss_hist.append(clean_loss())
+        bar.set_postfix(loss=f"{loss_hist[-1]:.4f}", unsafe=unsafe_count, committed=committed)
+
+    mal_arr = np.array(malicious_hist)
+    ok = np.array([d in ("accepted", "backtracked") for d in decisions])
+    counts = {st: decisions.count(st) for st in ("accepted", "backtracked", "rejected", "infeasible")}
+    return {
+        "updates": s.updates,
+        "accepted": int(ok.sum()),
+        "unsafe_committed": unsafe_count,
+        "loss_initial": loss_hist[0],
+        "loss_final": loss_hist[-1],
+        "accept_rate_clean": float(ok[~mal_arr].mean()) if (~mal_arr).any() else float("nan"),
+        "accept_rate_malicious": float(ok[mal_arr].mean()) if mal_arr.any() else float("nan"),
+        "decisions": counts,
+        "step_ms_median": float(np.median(step_ms)) if step_ms else None,
+        "history": {"loss": loss_hist, "decision": decisions, "malicious": malicious_hist, "unsafe": unsafe_hist},
+    }
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dec) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=[2, 1])
+    colors = {"scpo": "tab:blue", "unconstrained": "tab:red"}
+    for method, res in results.items():
+        losses = np.array([p["history"]["loss"] for p in res["per_seed"]])
+        ax_loss.plot(losses.mean(0), color=colors[method], label=f"{method} (clean-data loss, mean of seeds)")
+        for i, p in enumerate(res["per_seed"]):
+            unsafe = np.flatnonzero(p["history"]["unsafe"])
+            ax_loss.plot(unsafe + 1, losses[i][unsafe + 1], "x", color=colors[method], ms=3,
+                         label=f"{method}: unsafe iterate" if i == 0 and len(unsafe) else None)
+    mal = np.array(results["scpo"]["per_seed"][0]["history"]["malicious"])
+    for ax in (ax_loss, ax_dec):
+        for k in np.flatnonzero(mal):
+            ax.axvspan(k + 0.5, k + 1.5, color="0.9", lw=0)
+    ax_loss.set_ylabel("imitation loss on clean data")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=8)
+    ax_loss.set_title("Double-integrator imitation, malicious expert (grey: malicious phases)")
+    levels = {"accepted": 3, "backtracked": 2, "rejected": 1, "infeasible": 0}
+    for i, p in enumerate(results["scpo"]["per_seed"]):
+        y = [levels[d] + 0.12 * (i - 1) for d in p["history"]["decision"]]
+        ax_dec.plot(np.arange(1, len(y) + 1), y, ".", ms=3, label=f"seed {i}")
+    ax_dec.set_yticks(list(levels.values()), list(levels.keys()))
+    ax_dec.set_xlabel("update")
+    ax_dec.set_title("SCPO decisions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scpo_ros.experiments imitation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--updates", type=int, default=250)
+    ap.add_argument("--dof", type=int, default=1)
+    ap.add_argument("--json", help="write the metrics here")
+    ap.add_argument("--plot", default="imitation.png", help="PNG plot path ('' for none)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    s = ImitationSettings(seeds=args.seeds, updates=args.updates, dof=args.dof)
+    results = {}
+    for method in ("scpo", "unconstrained"):
+        per_seed = [run_seed(method, seed, s, progress=not args.no_progress) for seed in range(s.seeds)]
+        results[method] = aggregate(per_seed)
+    print_table(f"imitation, dof={s.dof}, {s.seeds} seeds x {s.updates} updates", results, [
+        ("updates", "updates"), ("accepted", "committed"), ("unsafe_committed", "unsafe"),
+        ("loss_initial", "loss_initial"), ("loss_final", "loss_final"),
+        ("accept_rate_clean", "acc_clean"), ("accept_rate_malicious", "acc_malicious"),
+        ("step_ms_median", "step_ms")])
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    write_json(args.json, {"experiment": "imitation", "settings": asdict(s), **results})
+    return 0
