@@ -1,0 +1,207 @@
+"""action_safeguard over real DDS: malicious raw actions are projected (zero violations),
+bad and stale inputs fall back to the backup with a record and a diagnostic."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import Float64MultiArray, String  # noqa: E402
+
+from scpo_ros.backup import LQRBackup  # noqa: E402
+from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
+from scpo_ros.nodes.action_safeguard import ActionSafeguard  # noqa: E402
+from scpo_ros.ros_common import ERROR, WARN  # noqa: E402
+from scpo_ros.safeguard.invariant_set import safe_set_for  # noqa: E402
+
+TIMEOUT = 10.0
+
+
+def wait_for(cond, timeout=TIMEOUT):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.002)
+    return cond()
+
+
+class Harness:
+    """The safeguard node plus a peer node (state/raw-action publisher, cmd/record/diagnostics
+    listener) in one private context, spun by one executor thread."""
+
+    def __init__(self, timeout=5.0):
+        self.ctx = rclpy.context.Context()
+        rclpy.init(context=self.ctx)
+        self.node = ActionSafeguard(context=self.ctx, parameter_overrides=[
+            Parameter("state_timeout", value=timeout), Parameter("action_timeout", value=timeout)])
+        self.peer = rclpy.create_node("safeguard_test_peer", context=self.ctx)
+        self.state_pub = self.peer.create_publisher(JointState, "joint_states", 10)
+        self.raw_pub = self.peer.create_publisher(Float64MultiArray, "raw_action", 10)
+        self.cmds, self.records, self.diags = [], [], []
+        self.peer.create_subscription(Float64MultiArray, "cmd", lambda m: self.cmds.append(np.array(m.data)), 10)
+        self.peer.create_subscription(String, "intervention", lambda m: self.records.append(json.loads(m.data)), 100)
+        self.peer.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self.diags.extend(m.status), 100)
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.peer)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        assert wait_for(lambda: self.raw_pub.get_subscription_count() >= 1
+                        and self.state_pub.get_subscription_count() >= 1
+                        and self.node.cmd_pub.get_subscription_count() >= 1
+                        and self.node.record_pub.get_subscription_count() >= 1
+                        and self.node.diag._pub.get_subscription_count() >= 1)
+
+    def send_state(self, x, dof=1, wait=True):
+        msg = JointState(name=[f"axis_{i}" for i in range(dof)], position=list(map(float, x[:dof])),
+                         velocity=list(map(float, x[dof:])))
+        self.state_pub.publish(msg)
+        if wait:   # the node has taken this state (ordering across topics is not guaranteed)
+            assert wait_for(lambda: self.node.x is not None and np.allclose(self.node.x, x))
+
+    def send_raw(self, u):
+        n = len(self.cmds)
+        self.raw_pub.publish(Float64MultiArray(data=list(map(float, u))))
+        assert wait_for(lambda: len(self.cmds) > n), "no command for the raw action"
+        return self.cmds[-1]
+
+    def prime(self):
+        """A raw action before any state: ignored (no state yet) but marks the policy as
+        alive, so the first state is not answered with a stale-action fallback."""
+        self.raw_pub.publish(Float64MultiArray(data=[0.0]))
+        assert wait_for(lambda: np.isfinite(self.node.u_time))
+
+    def close(self):
+        self.executor.shutdown()
+        self.thread.join(timeout=5)
+        self.node.destroy_node()
+        self.peer.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def test_malicious_raw_actions_are_projected_and_the_plant_stays_safe(harness):
+    sysm = DoubleIntegrator()
+    S = safe_set_for(sysm)
+    x = np.array([0.3, 0.4])
+    harness.prime()
+    for t in range(150):
+        harness.send_state(x)
+        raw = np.array([3.0 if t < 100 else -3.0])          # drive into the wall, then the other way
+        cmd = harness.send_raw(raw)
+        assert cmd.shape == (1,) and abs(cmd[0]) <= sysm.u_max + 1e-12
+        x = sysm.step(x, cmd)
+        assert not sysm.violation(x), f"violation at step {t}: x={x}"
+        assert S.invariant.contains(x, tol=1e-9)
+    assert x[0] > 0.9 or x[0] < -0.5   # it did get pushed to the limits
+    assert len(harness.records) >= 100
+    projected = [r for r in harness.records if not r["fallback"]]
+    assert projected and all(r["distance"] > 0 and r["active"] for r in projected)
+    assert all(not r["fallback"] for r in harness.records)
+    assert harness.node.counts["fallbacks"] == 0
+
+
+def test_bad_and_stale_inputs_fall_back_to_the_backup(harness):
+    sysm = DoubleIntegrator()
+    backup = LQRBackup(sysm)
+    x = np.array([0.2, -0.1])
+    harness.prime()
+    harness.send_state(x)
+    expected = np.clip(backup(x, np.zeros(1)), -1, 1)
+    # A raw action with NaN, and one of the wrong size: the backup goes out, with a record.
+    for bad in ([float("nan")], [0.1, 0.2]):
+        cmd = harness.send_raw(bad)
+        np.testing.assert_allclose(cmd, expected)
+        assert wait_for(lambda: harness.records and harness.records[-1]["reason"] == "bad_action")
+    assert harness.node.counts["bad_action"] == 2
+    assert wait_for(lambda: any(s.level == WARN and "bad raw_action" in s.message for s in harness.diags))
+    # A joint state with NaN or the wrong size is dropped: the node keeps the last good state.
+    harness.send_state(np.array([np.nan, 0.0]), wait=False)
+    harness.state_pub.publish(JointState(position=[0.1, 0.2], velocity=[0.0, 0.0]))
+    assert wait_for(lambda: harness.node.counts["bad_state"] == 2)
+    np.testing.assert_allclose(harness.node.x, x)
+    # A state outside the invariant set: backup, ERROR diagnostic.
+    outside = np.array([0.98, 0.9])
+    harness.send_state(outside)
+    cmd = harness.send_raw([0.5])
+    np.testing.assert_allclose(cmd, np.clip(backup(outside, np.zeros(1)), -1, 1))
+    assert wait_for(lambda: harness.records[-1]["reason"] == "outside_invariant_set")
+    assert wait_for(lambda: any(s.level == ERROR and "outside_invariant_set" in s.message for s in harness.diags))
+    # The node is still alive and projecting.
+    harness.send_state(np.array([0.0, 0.0]))
+    assert abs(harness.send_raw([5.0])[0]) <= 1.0
+
+
+def test_stale_state_and_stale_action():
+    h = Harness(timeout=0.3)
+    try:
+        sysm = DoubleIntegrator()
+        backup = LQRBackup(sysm)
+        x = np.array([0.1, 0.2])
+        # No raw action yet: every state is answered with the backup (stale_action).
+        n = len(h.cmds)
+        h.send_state(x)
+        assert wait_for(lambda: len(h.cmds) > n)
+        np.testing.assert_allclose(h.cmds[-1], np.clip(backup(x, np.zeros(1)), -1, 1))
+        assert wait_for(lambda: h.records and h.records[-1]["reason"] == "stale_action")
+        # Fresh state and action: a projection, no fallback.
+        h.send_state(x)
+        h.send_raw([0.0])
+        assert wait_for(lambda: h.node.counts["commands"] >= 2)
+        # The state goes stale: a raw action gets the backup on the last state, ERROR.
+        assert wait_for(lambda: time.monotonic() - h.node.x_time > 0.35)
+        cmd = h.send_raw([0.7])
+        np.testing.assert_allclose(cmd, np.clip(backup(x, np.zeros(1)), -1, 1))
+        assert wait_for(lambda: h.records[-1]["reason"] == "stale_state")
+        assert wait_for(lambda: any(s.level == ERROR and "stale_state" in s.message for s in h.diags))
+    finally:
+        h.close()
+
+
+def test_lifecycle_deactivate_stops_commands_and_bad_parameters_are_refused():
+    h = Harness()
+    try:
+        h.prime()
+        h.send_state(np.array([0.0, 0.0]))
+        h.send_raw([0.1])
+        h.node.trigger_deactivate()
+        n = len(h.cmds)
+        h.raw_pub.publish(Float64MultiArray(data=[0.2]))
+        h.state_pub.publish(JointState(position=[0.0], velocity=[0.0]))
+        # Deactivated: no subscriptions; a later activation brings commands back.
+        assert wait_for(lambda: h.raw_pub.get_subscription_count() == 0)
+        assert len(h.cmds) == n
+        h.node.trigger_activate()
+        assert wait_for(lambda: h.raw_pub.get_subscription_count() >= 1)
+        h.send_state(np.array([0.0, 0.0]))
+        h.send_raw([0.1])
+        # Runtime parameters: a timeout change is applied, an out-of-range or read-only one refused.
+        results = h.node.set_parameters([Parameter("action_timeout", value=0.5)])
+        assert results[0].successful and h.node.values["action_timeout"] == 0.5
+        assert not h.node.set_parameters([Parameter("action_timeout", value=-1.0)])[0].successful
+        assert not h.node.set_parameters([Parameter("u_max", value=2.0)])[0].successful
+        assert h.node.values["action_timeout"] == 0.5 and h.node.values["u_max"] == 1.0
+    finally:
+        h.close()
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx)
+    try:
+        with pytest.raises(Exception):
+            ActionSafeguard(context=ctx, parameter_overrides=[Parameter("u_max", value=-1.0)])
+        with pytest.raises(ValueError):
+            ActionSafeguard(context=ctx, parameter_overrides=[Parameter("plant", value="rocket")])
+    finally:
+        rclpy.shutdown(context=ctx)

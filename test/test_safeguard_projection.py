@@ -1,0 +1,98 @@
+"""The projection equals a reference QP (cvxpy) to 1e-6, for both solvers and all plants."""
+import numpy as np
+import pytest
+import torch
+
+from scpo_ros.dynamics import DoubleIntegrator, Pendulum
+from scpo_ros.safeguard.invariant_set import Polytope, SafeActionSet, safe_set_for
+from scpo_ros.safeguard.projection import SafeguardProjector
+
+cp = pytest.importorskip("cvxpy")
+
+
+class ReferenceProjection:
+    """The projection QP in cvxpy (Clarabel, tight tolerances), built once with parameters."""
+
+    def __init__(self, safe_set):
+        self.safe_set = safe_set
+        self.z = cp.Variable(safe_set.action_dim)
+        self.u = cp.Parameter(safe_set.action_dim)
+        self.b = cp.Parameter(safe_set.G.shape[0])
+        self.prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(self.z - self.u)),
+                               [safe_set.G @ self.z <= self.b, cp.abs(self.z) <= safe_set.u_max])
+
+    def __call__(self, x, u):
+        self.u.value, self.b.value = u, self.safe_set.rhs(x)
+        self.prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        assert self.prob.status == cp.OPTIMAL
+        return self.z.value
+
+
+def coupled_safe_set():
+    """A non-separable U_safe: a rotated box as the invariant set of a 2-input plant
+    (rows of G = H B touch both action coordinates), to exercise the QP path."""
+    th = 0.4
+    R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    H = np.vstack([R, -R, [[1.0, 1.0]], [[1.0, -2.0]]])
+    H = H / np.linalg.norm(H, axis=1, keepdims=True)
+    h = np.array([1.0, 1.0, 1.0, 1.0, 1.2, 1.5])
+    A = np.array([[1.0, 0.1], [0.0, 1.0]])
+    B = np.array([[0.3, 0.1], [0.05, 0.4]])
+    return SafeActionSet(Polytope(H, h), B, 1.0, lambda x: x @ A.T,
+                         lambda x: x @ torch.as_tensor(A.T, dtype=x.dtype), name="coupled", drift_matrix=A)
+
+
+CASES = [("di1", lambda: safe_set_for(DoubleIntegrator(dof=1)), [1.0, 1.0]),
+         ("di2", lambda: safe_set_for(DoubleIntegrator(dof=2)), [1.0, 1.0, 1.0, 1.0]),
+         ("pendulum", lambda: safe_set_for(Pendulum()), [np.pi, 8.0]),
+         ("coupled", coupled_safe_set, [1.0, 1.0])]
+
+
+@pytest.mark.parametrize("name,make,limits", CASES, ids=[c[0] for c in CASES])
+def test_projection_matches_reference_qp(name, make, limits):
+    S = make()
+    assert S.separable == (name != "coupled")
+    solvers = ["closed_form", "daqp"] if S.separable else ["daqp"]
+    projectors = [SafeguardProjector(S, solver=s) for s in solvers]
+    rng = np.random.default_rng(7)
+    limits = np.asarray(limits)
+    x = rng.uniform(-1.0, 1.0, (400, len(limits))) * limits
+    x = x[S.invariant.contains(x)][:60]
+    assert len(x) >= 40
+    n_active = 0
+    reference_projection = ReferenceProjection(S)
+    for xi in x:
+        u = rng.uniform(-2.5, 2.5, S.action_dim) * S.u_max
+        ref = reference_projection(xi, u)
+        for p in projectors:
+            res = p.project(xi, u)
+            assert not res.fallback
+            np.testing.assert_allclose(res.u, ref, atol=1e-6, err_msg=f"{p.solver} at x={xi}, u={u}")
+            assert res.distance == pytest.approx(np.linalg.norm(ref - u), abs=1e-6)
+            # The active rows are tight at the solution; the others hold.
+            A_full = np.vstack([S.G, np.eye(S.action_dim), -np.eye(S.action_dim)])
+            b_full = np.concatenate([S.rhs(xi), np.full(2 * S.action_dim, S.u_max)])
+            slack = b_full - A_full @ res.u
+            assert np.all(slack >= -1e-9)
+            assert np.all(np.abs(slack[res.active]) <= 1e-8)
+            assert res.active.any() == (res.distance > 1e-9)
+        n_active += res.active.any()
+    assert n_active > 10, "the sample must exercise active constraints"
+
+
+def test_warm_started_qp_agrees_with_closed_form_over_a_trajectory():
+    """Warm starts carry the previous active set: along a closed loop (consecutive,
+    correlated problems) the daqp answer must still equal the closed form exactly."""
+    sysm = DoubleIntegrator(dof=2)
+    S = safe_set_for(sysm)
+    cf, qp = SafeguardProjector(S, solver="closed_form"), SafeguardProjector(S, solver="daqp")
+    rng = np.random.default_rng(3)
+    x = np.array([0.2, -0.3, 0.5, 0.4])
+    for t in range(300):
+        u = np.array([2.0 * np.sin(0.05 * t), -2.0 * np.cos(0.03 * t)]) + 0.3 * rng.standard_normal(2)
+        a, b = cf.project(x, u), qp.project(x, u)
+        assert not a.fallback and not b.fallback
+        np.testing.assert_allclose(a.u, b.u, atol=1e-9)
+        assert np.array_equal(a.active, b.active)
+        x = sysm.step(x, a.u)
+        assert S.invariant.contains(x, tol=1e-9)
