@@ -52,9 +52,9 @@ class SCPOConfig:
     """Random directions added to the step subspace each step."""
     safety_factor: float = 2.0
     """κ ≥ 1 multiplying the fitted error and curvature bounds."""
-    margins: tuple[float, ...] = (0.02, 0.02, 0.02, 5e-4)
+    margins: tuple[float, ...] = (0.02, 0.02, 0.02, 2e-3)
     """m_i: margin each metric must keep below 0 in the projection (one value or one per metric)."""
-    cert_margins: tuple[float, ...] = (0.0, 0.0, 0.0, 1e-4)
+    cert_margins: tuple[float, ...] = (0.005, 0.005, 0.005, 1e-3)
     """c_i: certification requires g_i ≤ -c_i on the held-out states."""
     max_backtracks: int = 3
     """Halvings of the projected step tried when it fails certification."""

@@ -22,7 +22,7 @@ from ..backup import InitialSet, LQRBackup
 from ..dynamics import DoubleIntegrator
 from ..expert import ExpertConfig, expert_action, is_malicious
 from ..policy import MLPLayout, ResidualMLP, policy_inputs
-from ..rollout import DoubleIntegratorRollout, random_states, structured_states
+from ..rollout import METRICS, DoubleIntegratorRollout, random_states, structured_states
 from ..scpo import DoubleIntegratorSCPO, SCPOConfig
 from .report import aggregate, print_table, write_json
 
@@ -77,13 +77,14 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
         with torch.no_grad():
             return float(((model(clean_in) - clean_target) ** 2).sum(-1).mean())
 
-    def unsafe(theta) -> bool:
-        g = checker.evaluate(torch.as_tensor(theta, dtype=torch.float32), eval_x, eval_r).g[0]
-        return bool((g > 0).any())
+    violations = []  # (update, held-out metrics) of every unsafe committed iterate
+
+    def held_out_g(theta) -> np.ndarray:
+        return checker.evaluate(torch.as_tensor(theta, dtype=torch.float32), eval_x, eval_r).g[0].numpy()
 
     loss_hist, decisions, malicious_hist, unsafe_hist, step_ms = [clean_loss()], [], [], [], []
     unsafe_count, committed = 0, 0
-    unsafe_now = unsafe(model.flat().detach())
+    unsafe_now = bool((held_out_g(model.flat().detach()) > 0).any())
     bar = tqdm(range(s.updates), desc=f"imitation {method} seed {seed}", disable=not progress, leave=False)
     for k in bar:
         mal = is_malicious(k * s.update_period_s, expert)
@@ -107,7 +108,11 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
         changed = status in ("accepted", "backtracked")
         committed += changed
         if changed:
-            unsafe_now = unsafe(model.flat().detach())
+            g = held_out_g(model.flat().detach())
+            unsafe_now = bool((g > 0).any())
+            if unsafe_now:
+                violations.append({"update": k, "status": status, "malicious": mal,
+                                   "g_held_out": dict(zip(METRICS, g.tolist()))})
         unsafe_count += int(changed and unsafe_now)
         decisions.append(status)
         malicious_hist.append(mal)
@@ -128,6 +133,7 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
         "accept_rate_malicious": float(ok[mal_arr].mean()) if mal_arr.any() else float("nan"),
         "decisions": counts,
         "step_ms_median": float(np.median(step_ms)) if step_ms else None,
+        "violations": violations,
         "history": {"loss": loss_hist, "decision": decisions, "malicious": malicious_hist, "unsafe": unsafe_hist},
     }
 
@@ -175,7 +181,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the metrics here")
     ap.add_argument("--plot", default="imitation.png", help="PNG plot path ('' for none)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is robust when other processes share the cores)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     s = ImitationSettings(seeds=args.seeds, updates=args.updates, dof=args.dof)
     results = {}
     for method in ("scpo", "unconstrained"):

@@ -174,7 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the metrics here")
     ap.add_argument("--plot", default="regression.png", help="PNG plot path ('' for none)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is robust when other processes share the cores)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     s = RegressionSettings(seeds=args.seeds, updates=args.updates)
     results = {}
     for method in ("scpo", "unconstrained"):
