@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -263,7 +264,7 @@ class Diagnostics:
         with self._lock:
             old = self._tasks.get(task)
             self._tasks[task] = status
-        if old is None or old.level != status.level or old.message != status.message and level != OK:
+        if old is None or old.level != status.level:
             self.publish()
 
     def level(self, task: str) -> int | None:
@@ -357,6 +358,20 @@ def weights_from_msg(msg: Float64MultiArray) -> tuple[np.ndarray, str | None]:
     return np.asarray(msg.data, dtype=np.float64), label
 
 
+def flush_publishers(publishers, timeout_s: float = 1.0) -> None:
+    """Wait (bounded) until every reliable subscriber acknowledged what was published.
+
+    Call before a node goes away: the last messages of a process that exits right after
+    publishing can otherwise be lost for a reader whose first copy was dropped.
+    """
+    from rclpy.duration import Duration
+    for pub in publishers:
+        try:
+            pub.wait_for_all_acked(Duration(seconds=timeout_s))
+        except Exception:  # a destroyed publisher or a shut down context: nothing to flush
+            pass
+
+
 def stamp_to_sec(stamp) -> float:
     return stamp.sec + 1e-9 * stamp.nanosec
 
@@ -376,15 +391,39 @@ def make_executor(kind: str | None = None, context=None):
     raise ValueError(f"unknown executor {kind!r} (events, single, multi)")
 
 
+def spin(executor, context=None, stop: Callable[[], bool] | None = None) -> None:
+    """Spin until the context shuts down (or ``stop()`` is true).
+
+    A loop of ``spin_once`` rather than ``executor.spin()``: with the EventsExecutor of
+    the rclpy 9.1 wheels, ``spin()`` keeps the GIL while it waits, so timers, other
+    Python threads (the SCPO worker) and the shutdown wake-up never run.
+    """
+    context = context or rclpy.get_default_context()
+    while context.ok() and not (stop is not None and stop()):
+        executor.spin_once(timeout_sec=0.1)
+
+
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None, executor: str | None = None) -> int:
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down cleanly.
 
     Returns the process exit code: 0 after a signal, 1 if the node could not be built.
     ``node_factory`` is called after ``rclpy.init`` so it can parse ``--ros-args``.
+
+    Signals only set a flag that the spin loop checks every 0.1 s: a ``KeyboardInterrupt``
+    raised while the C++ executor is inside a Python callback comes out as a bare
+    ``RuntimeError`` from pybind11, and the node would exit with 1 instead of 0.
     """
-    rclpy.init(args=args if args is not None else sys.argv)
+    from rclpy.signals import SignalHandlerOptions
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     node = None
-    code = 0
+    ex = None
     try:
         try:
             node = node_factory()
@@ -394,18 +433,28 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None, ex
             return 1
         ex = make_executor(executor)
         ex.add_node(node)
-        ex.spin()
+        spin(ex, node.context, stop=lambda: stop["signal"] is not None)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # A terminal's Ctrl-C reaches the node and, through launch, a second time:
+        # do not let the second one cut the clean shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             try:
                 node.destroy_node()
             except Exception as exc:  # keep shutting down
                 print(f"[WARN] destroy_node: {exc}", file=sys.stderr)
-        if rclpy.ok():
-            rclpy.try_shutdown()
-    return code
+        if ex is not None:
+            try:
+                ex.shutdown(timeout_sec=1.0)
+            except Exception:
+                pass
+        rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            if sig != signal.SIGINT:
+                signal.signal(sig, handler)
+    return 0
 
 
 def monotonic() -> float:

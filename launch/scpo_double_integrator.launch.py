@@ -1,0 +1,57 @@
+"""The SCPO double-integrator graph: simulator, (malicious) expert, learner, SCPO safety node,
+optionally a bag recorder.
+
+    ros2 launch scpo_ros scpo_double_integrator.launch.py [malicious:=true] [record:=true] \\
+        [bag:=runs/scpo_bag] [namespace:=robot1] [dof:=1] [params_file:=/path/to.yaml]
+
+Every parameter comes from ``params_file`` (default: the package's
+``config/scpo_double_integrator.yaml``); the launch arguments are merged into a copy of
+it (``scpo_ros.demo.merged_params_file``), not passed as ``-p``/dict overrides, which rcl
+would apply *under* the file's node sections. ``scpo-ros demo`` starts the same nodes
+from the same file without ROS tooling.
+
+The safety node configures and activates itself (``autostart: true``); with
+``autostart: false`` a lifecycle manager (or ``ros2 lifecycle set``) drives it.
+"""
+import os
+import tempfile
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch_ros.actions import Node
+
+NODES = ("double_integrator_sim", "expert", "learner", "scpo_safety_node")
+
+
+def _nodes(context):
+    from scpo_ros.demo import merged_params_file
+
+    get = lambda name: context.launch_configurations[name]  # noqa: E731
+    namespace = get("namespace").strip("/")
+    dof = int(get("dof"))
+    malicious = get("malicious").lower() in ("true", "1", "yes")
+    record = get("record").lower() in ("true", "1", "yes")
+    overrides = {name: {"dof": dof} for name in NODES}
+    overrides["expert"]["malicious"] = malicious
+    overrides["double_integrator_sim"].update({"initial_position": [0.0], "initial_velocity": [0.0]})
+    overrides["bag_recorder"] = {"output": get("bag")}
+    out = tempfile.NamedTemporaryFile(prefix="scpo_params_", suffix=".yaml", delete=False).name
+    params = merged_params_file(get("params_file"), overrides, out)
+    names = NODES + (("bag_recorder",) if record else ())
+    return [Node(package="scpo_ros", executable=name, name=name, namespace=namespace, parameters=[params],
+                 output="screen", emulate_tty=True) for name in names]
+
+
+def generate_launch_description():
+    share = get_package_share_directory("scpo_ros")
+    return LaunchDescription([
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "scpo_double_integrator.yaml"),
+                              description="ROS parameter file of every node"),
+        DeclareLaunchArgument("malicious", default_value="true", description="malicious expert phases on/off"),
+        DeclareLaunchArgument("record", default_value="false", description="record a bag (MCAP) with bag_recorder"),
+        DeclareLaunchArgument("bag", default_value="runs/scpo_bag", description="bag directory (must not exist)"),
+        DeclareLaunchArgument("namespace", default_value="", description="namespace of every node"),
+        DeclareLaunchArgument("dof", default_value="1", description="double-integrator axes"),
+        OpaqueFunction(function=_nodes),
+    ])

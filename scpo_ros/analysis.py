@@ -1,0 +1,343 @@
+"""Bag -> metrics, JSON and PNG plots (``scpo-ros analyze``).
+
+Works on bags of our ``bag_recorder`` and of ``ros2 bag record`` (MCAP or sqlite3).
+Topics are found by their base name (``joint_states``, ``cmd``, ...), whatever the
+namespace; a bag of another controller simply lacks some of them.
+
+Metrics (keys of the JSON):
+- ``control_steps``: commands sent in answer to a state (``cmd`` messages whose
+  ``layout.dim[0].label`` is not ``hold``; see the safety node); ``hold_commands``: the
+  stale-state hold commands; ``backup_steps``: commands of the backup alone.
+- ``constraint_violations``: the simulator's violation reports (one per simulated step
+  that breaks a limit); ``constraint_violations_from_states``: the same count recomputed
+  from the recorded states and commands against the limits.
+- ``min_constraint_margin``: smallest ``limit - |value|`` over the recorded states and
+  commands (overall and per kind); negative means a violation.
+- ``updates``: SCPO decisions on proposals by status (``accepted``, ``backtracked``,
+  ``rejected``, ``infeasible``); malformed proposals count as ``rejected``;
+  ``recertifications`` counts the re-checks after parameter changes.
+- ``updates_shrunk``: committed updates shorter than proposed (projection or backtracking).
+- ``fallbacks``: switches of the safety node to the backup alone or to the hold command.
+- ``tracking_cost``: mean over states of ``Σ_axes (p - r)²`` (r: the expert's reference).
+- ``latency_ms``: state -> command latency, ``median``/``p99``/``mean``/``max``: for every
+  command, its log time minus the log time of the last state before it, both stamped by the
+  recorder on receipt (so it includes the safety node and one transport hop).
+Limits come from the simulator's diagnostics in the bag, else from the arguments.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bag import read_messages
+
+STATUSES = ("accepted", "backtracked", "rejected", "infeasible")
+FALLBACK_MODES = ("backup_region", "backup_recertifying", "hold_stale")
+
+
+@dataclass
+class Series:
+    """Time series pulled out of a bag (times in s since the first message)."""
+
+    t0: float = 0.0
+    state_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    state: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    cmd_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    cmd: list = field(default_factory=list)
+    cmd_label: list = field(default_factory=list)
+    ref_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ref: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    expert_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    expert: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    malicious_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    malicious: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    decisions: list = field(default_factory=list)   # (t, dict)
+    modes: list = field(default_factory=list)       # (t, dict)
+    violations: list = field(default_factory=list)  # (t, dict)
+    sim_diag: dict = field(default_factory=dict)
+    topics: dict = field(default_factory=dict)
+
+
+def _base(topic: str) -> str:
+    return topic.rsplit("/", 1)[-1]
+
+
+def _stack(rows: list, width: int | None = None) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, width or 0))
+    n = min(len(r) for r in rows)
+    return np.array([r[:n] for r in rows], dtype=float)
+
+
+def load_series(path: str | Path) -> Series:
+    s = Series()
+    per_topic: dict[str, Counter] = {}
+    buckets: dict[str, list] = {}
+    for m in read_messages(path):
+        base = _base(m.topic)
+        per_topic.setdefault(base, Counter())[m.topic] += 1
+        buckets.setdefault(base, []).append(m)
+    # one namespace per base name: the topic with most messages
+    chosen = {b: c.most_common(1)[0][0] for b, c in per_topic.items()}
+    s.topics = {topic: n for c in per_topic.values() for topic, n in c.items()}
+
+    def get(base):
+        return [m for m in buckets.get(base, []) if m.topic == chosen.get(base)]
+
+    all_t = [m.log_time_ns for ms in buckets.values() for m in ms]
+    s.t0 = min(all_t) * 1e-9 if all_t else 0.0
+    T = lambda m: m.log_time_ns * 1e-9 - s.t0  # noqa: E731
+
+    states = get("joint_states")
+    s.state_t = np.array([T(m) for m in states])
+    s.state = _stack([list(m.msg.position) + list(m.msg.velocity) for m in states])
+    if states:  # position and velocity halves of equal length
+        dof = min(min(len(m.msg.position), len(m.msg.velocity)) for m in states)
+        s.state = np.array([list(m.msg.position[:dof]) + list(m.msg.velocity[:dof]) for m in states])
+    cmds = get("cmd")
+    s.cmd_t = np.array([T(m) for m in cmds])
+    s.cmd = [np.asarray(m.msg.data, dtype=float) for m in cmds]
+    s.cmd_label = [m.msg.layout.dim[0].label if len(m.msg.layout.dim) else "" for m in cmds]
+    refs = get("reference")
+    s.ref_t = np.array([T(m) for m in refs])
+    s.ref = _stack([list(m.msg.data) for m in refs])
+    ex = get("expert_action")
+    s.expert_t = np.array([T(m) for m in ex])
+    s.expert = _stack([list(m.msg.data) for m in ex])
+    mal = get("malicious")
+    s.malicious_t = np.array([T(m) for m in mal])
+    s.malicious = np.array([bool(m.msg.data) for m in mal], dtype=bool)
+    s.decisions = [(T(m), json.loads(m.msg.data)) for m in get("scpo_decision")]
+    s.modes = [(T(m), json.loads(m.msg.data)) for m in get("safety_mode")]
+    s.violations = [(T(m), json.loads(m.msg.data)) for m in get("constraint_violation")]
+    for m in get("diagnostics"):
+        for st in m.msg.status:
+            if st.name.endswith("double_integrator_sim: plant") or st.name == "double_integrator_sim: plant":
+                s.sim_diag = {kv.key: kv.value for kv in st.values}
+    return s
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"median": None, "p99": None, "mean": None, "max": None, "n": 0}
+    return {"median": float(np.median(values)), "p99": float(np.percentile(values, 99)),
+            "mean": float(values.mean()), "max": float(values.max()), "n": int(values.size)}
+
+
+def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> dict:
+    limits = {"p_max": p_max, "v_max": v_max, "u_max": u_max, "source": "arguments"}
+    if all(k in s.sim_diag for k in ("p_max", "v_max", "u_max")):
+        limits = {k: float(s.sim_diag[k]) for k in ("p_max", "v_max", "u_max")}
+        limits["source"] = "simulator diagnostics"
+    P, V, U = limits["p_max"], limits["v_max"], limits["u_max"]
+
+    hold = np.array([lab == "hold" for lab in s.cmd_label], dtype=bool)
+    backup = np.array([lab == "backup" for lab in s.cmd_label], dtype=bool)
+    control = ~hold
+
+    margins = {}
+    state_viol = np.zeros(len(s.state_t), dtype=bool)
+    if len(s.state):
+        dof = s.state.shape[1] // 2
+        pm = P - np.abs(s.state[:, :dof]).max(1)
+        vm = V - np.abs(s.state[:, dof:]).max(1)
+        margins["position"] = float(pm.min())
+        margins["velocity"] = float(vm.min())
+        state_viol = (pm < 0) | (vm < 0)
+    if s.cmd:
+        um = np.array([U - np.abs(u).max() if u.size else np.inf for u in s.cmd])
+        margins["actuation"] = float(um.min())
+        # a command acts on the state published just before it: count steps, not messages
+        if len(s.state_t):
+            idx = np.searchsorted(s.state_t, s.cmd_t, side="right") - 1
+            bad_cmd = (um < 0) & (idx >= 0)
+            state_viol[np.unique(idx[bad_cmd])] = True
+
+    latency = np.zeros(0)
+    if len(s.cmd_t) and len(s.state_t):
+        idx = np.searchsorted(s.state_t, s.cmd_t, side="right") - 1
+        ok = (idx >= 0) & control
+        latency = 1e3 * (s.cmd_t[ok] - s.state_t[idx[ok]])
+
+    tracking = None
+    if len(s.state) and len(s.ref):
+        dof = s.state.shape[1] // 2
+        nxt = np.append(s.state_t[1:], np.inf)
+        ridx = np.searchsorted(s.ref_t, nxt, side="right") - 1
+        ok = ridx >= 0
+        if ok.any():
+            err = s.state[ok, :dof] - s.ref[ridx[ok], :dof]
+            tracking = float((err ** 2).sum(1).mean())
+
+    updates = {k: 0 for k in STATUSES}
+    recert = Counter()
+    for _, d in s.decisions:
+        if d.get("kind") == "recertify":
+            recert[d.get("status", "?")] += 1
+        elif d.get("status") in updates:
+            updates[d["status"]] += 1
+    fallbacks = Counter(m.get("mode") for _, m in s.modes if m.get("mode") in FALLBACK_MODES)
+    # committed, but shorter than proposed: the projection or a backtrack cut the step
+    shrunk = sum(1 for _, d in s.decisions if d.get("kind") == "proposal"
+                 and d.get("status") in ("accepted", "backtracked")
+                 and d.get("committed_step_norm", 0.0) < 0.99 * (d.get("raw_step_norm") or 0.0))
+
+    step_norms = [d.get("committed_step_norm", 0.0) for _, d in s.decisions
+                  if d.get("status") in ("accepted", "backtracked") and d.get("kind") != "recertify"]
+    times = [d.get("times_ms", {}).get("total") for _, d in s.decisions if d.get("kind") == "proposal"]
+    times = np.array([t for t in times if t is not None], dtype=float)
+    return {
+        "duration_s": float(max([s.state_t[-1] if len(s.state_t) else 0.0,
+                                 s.cmd_t[-1] if len(s.cmd_t) else 0.0])),
+        "states": int(len(s.state_t)),
+        "control_steps": int(control.sum()),
+        "backup_steps": int(backup.sum()),
+        "hold_commands": int(hold.sum()),
+        "constraint_violations": len(s.violations),
+        "constraint_violations_from_states": int(state_viol.sum()),
+        "min_constraint_margin": min(margins.values()) if margins else None,
+        "min_margin_by_kind": margins,
+        "limits": limits,
+        "updates": updates,
+        "updates_total": int(sum(updates.values())),
+        "updates_shrunk": int(shrunk),
+        "recertifications": dict(recert),
+        "fallbacks": int(sum(fallbacks.values())),
+        "fallbacks_by_mode": dict(fallbacks),
+        "tracking_cost": tracking,
+        "latency_ms": _percentiles(latency),
+        "update_time_ms": _percentiles(times),
+        "committed_step_norm_total": float(np.sum(step_norms)) if step_norms else 0.0,
+        "malicious_fraction": float(s.malicious.mean()) if len(s.malicious) else None,
+        "topics": s.topics,
+    }
+
+
+def analyze(path: str | Path, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> tuple[dict, Series]:
+    s = load_series(path)
+    return compute_metrics(s, p_max, v_max, u_max), s
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    lat = metrics["latency_ms"]
+    up = metrics["updates"]
+    fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
+    rows = [
+        ("control steps", metrics["control_steps"]),
+        ("  of which backup alone", metrics["backup_steps"]),
+        ("hold commands (stale state)", metrics["hold_commands"]),
+        ("constraint violations (sim)", metrics["constraint_violations"]),
+        ("constraint violations (states)", metrics["constraint_violations_from_states"]),
+        ("min constraint margin", fmt(metrics["min_constraint_margin"])),
+        ("updates accepted", up["accepted"]),
+        ("updates backtracked", up["backtracked"]),
+        ("committed but shrunk (projection)", metrics["updates_shrunk"]),
+        ("updates rejected", up["rejected"]),
+        ("updates infeasible", up["infeasible"]),
+        ("fallbacks", metrics["fallbacks"]),
+        ("tracking cost (mean |p-r|^2)", fmt(metrics["tracking_cost"])),
+        ("latency state->cmd median [ms]", fmt(lat["median"], "{:.3f}")),
+        ("latency state->cmd p99 [ms]", fmt(lat["p99"], "{:.3f}")),
+        ("SCPO update time median [ms]", fmt(metrics["update_time_ms"]["median"], "{:.1f}")),
+    ]
+    w = max(len(r[0]) for r in rows)
+    lines = [title] if title else []
+    lines += [f"  {k:<{w}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_plots(s: Series, metrics: dict, out_dir: str | Path) -> list[str]:
+    """PNG plots: states vs limits, actions, margins, decisions over time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lim = metrics["limits"]
+    files = []
+
+    def shade_malicious(ax):
+        if len(s.malicious_t) and s.malicious.any():
+            on = s.malicious.astype(int)
+            edges = np.flatnonzero(np.diff(np.r_[0, on, 0]))
+            for a, b in zip(edges[::2], edges[1::2]):
+                ax.axvspan(s.malicious_t[a], s.malicious_t[min(b, len(s.malicious_t) - 1)], color="0.9", lw=0)
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(str(path))
+
+    if len(s.state):
+        dof = s.state.shape[1] // 2
+        fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        for ax, k, name, L in ((axes[0], 0, "position", lim["p_max"]), (axes[1], dof, "velocity", lim["v_max"])):
+            shade_malicious(ax)
+            for i in range(dof):
+                ax.plot(s.state_t, s.state[:, k + i], lw=1, label=f"{name} axis_{i}")
+            if k == 0 and len(s.ref):
+                for i in range(min(dof, s.ref.shape[1])):
+                    ax.step(s.ref_t, s.ref[:, i], "--", lw=0.8, where="post", label=f"reference axis_{i}")
+            ax.axhline(L, color="r", lw=0.8)
+            ax.axhline(-L, color="r", lw=0.8)
+            ax.set_ylabel(name)
+            ax.legend(fontsize=7, loc="upper right")
+        axes[0].set_title("states against their limits (grey: malicious expert)")
+        axes[1].set_xlabel("time [s]")
+        save(fig, "states.png")
+
+    if s.cmd:
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        shade_malicious(ax)
+        cmd = _stack([list(u) for u in s.cmd])
+        for i in range(cmd.shape[1]):
+            ax.plot(s.cmd_t, cmd[:, i], lw=1, label=f"safe command axis_{i}")
+        for i in range(s.expert.shape[1] if len(s.expert) else 0):
+            ax.plot(s.expert_t, np.clip(s.expert[:, i], -3 * lim["u_max"], 3 * lim["u_max"]), lw=0.6, alpha=0.6,
+                    label=f"expert action axis_{i} (clipped for display)")
+        ax.axhline(lim["u_max"], color="r", lw=0.8)
+        ax.axhline(-lim["u_max"], color="r", lw=0.8)
+        ax.set_xlabel("time [s]")
+        ax.set_ylabel("action")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.set_title("actions")
+        save(fig, "actions.png")
+
+    if s.decisions:
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        props = [(t, d) for t, d in s.decisions if d.get("margins_after")]
+        keys = sorted({k for _, d in props for k in d["margins_after"]})
+        for k in keys:
+            pts = [(t, d["margins_after"][k]) for t, d in props if k in d["margins_after"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=f"g_{k} (certification)")
+        ax.axhline(0.0, color="r", lw=0.8)
+        ax.set_xlabel("time [s]")
+        ax.set_ylabel("g (<= 0 safe)")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title("SCPO certification margins")
+        save(fig, "margins.png")
+
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.5), sharex=True)
+        levels = {st: i for i, st in enumerate(reversed(STATUSES))}
+        for st in STATUSES:
+            ts = [t for t, d in s.decisions if d.get("status") == st and d.get("kind") != "recertify"]
+            ax1.plot(ts, [levels[st]] * len(ts), "|", ms=10, label=st)
+        ax1.set_yticks(list(levels.values()), list(levels.keys()))
+        ax1.set_title("SCPO decisions over time")
+        for key in ("raw_step_norm", "projected_step_norm", "committed_step_norm"):
+            pts = [(t, d.get(key)) for t, d in s.decisions if d.get("kind") == "proposal"
+                   and d.get(key) is not None and np.isfinite(d.get(key))]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=key)
+        ax2.set_yscale("symlog", linthresh=1e-4)
+        ax2.set_xlabel("time [s]")
+        ax2.legend(fontsize=7)
+        save(fig, "decisions.png")
+    return files

@@ -1,0 +1,132 @@
+"""``expert``: the demonstrator, a tracking controller on a reference schedule (``scpo_ros.expert``).
+
+On every state it publishes, for that state:
+- ``expert_action`` (``std_msgs/Float64MultiArray``): the demonstrated action (never sent to the plant),
+- ``reference`` (``std_msgs/Float64MultiArray``): the clean reference position per axis (the
+  reference the controllers track; it stays clean in malicious phases),
+- ``malicious`` (``std_msgs/Bool``): whether this demonstration is a malicious one.
+
+The schedule's clock starts with the first state received (wall time of the node clock),
+so it lines up with the simulator however late either process starts. With
+``malicious: true`` the last ``malicious_duty`` of every ``malicious_period_s`` demonstrates
+actions that drive the plant beyond its limits.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, Float64MultiArray
+
+from ..dynamics import DoubleIntegrator
+from ..expert import ExpertConfig, expert_action, is_malicious, reference_at
+from ..ros_common import (CONTROL_QOS, OK, WARN, Diagnostics, ParamSpec, add_parameter_validator, declare_parameters,
+                          flush_publishers, run_node, state_from_joint_state)
+
+_D = ExpertConfig()
+PARAMS = [
+    ParamSpec("dof", 1, "Number of axes.", 1, 8, read_only=True),
+    ParamSpec("u_max", 1.0, "Actuation limit of the plant (clean actions stay within min(u_limit, u_max)).",
+              1e-3, 1e3),
+    ParamSpec("references", list(_D.references), "Reference positions visited in turn (axis i starts i entries "
+                                                  "later).", -1e3, 1e3, min_len=1, max_len=64),
+    ParamSpec("switch_period_s", _D.switch_period_s, "Time each reference is held (s).", 0.05, 3600.0),
+    ParamSpec("kp", _D.kp, "Proportional gain of the clean expert.", 1e-3, 1e3),
+    ParamSpec("kd", _D.kd, "Derivative gain of the clean expert.", 1e-3, 1e3),
+    ParamSpec("u_limit", _D.u_limit, "Clean actions are clipped to +-u_limit.", 1e-3, 1e3),
+    ParamSpec("malicious", _D.malicious, "Enable the malicious phases."),
+    ParamSpec("malicious_period_s", _D.malicious_period_s, "Length of one clean + malicious cycle (s).",
+              0.1, 3600.0),
+    ParamSpec("malicious_duty", _D.malicious_duty, "Fraction of each cycle (its end) that is malicious.", 0.0, 1.0),
+    ParamSpec("malicious_target", _D.malicious_target, "Position the malicious expert drives to (sign follows "
+                                                       "the clean reference); beyond p_max to be unsafe.", 0.0, 1e3),
+    ParamSpec("malicious_gain", _D.malicious_gain, "Gain multiplier in malicious phases (no clipping).", 1e-3, 1e3),
+]
+
+CONFIG_FIELDS = ("switch_period_s", "kp", "kd", "u_limit", "malicious", "malicious_period_s", "malicious_duty",
+                 "malicious_target", "malicious_gain")
+
+
+def expert_config(values: dict) -> ExpertConfig:
+    return ExpertConfig(references=tuple(float(r) for r in values["references"]),
+                        **{k: values[k] for k in CONFIG_FIELDS})
+
+
+class ExpertNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("expert", **kwargs)
+        self.p = declare_parameters(self, PARAMS)
+        self.dof = int(self.p["dof"])
+        self.cfg = expert_config(self.p)
+        self.system = DoubleIntegrator(dof=self.dof, u_max=self.p["u_max"])
+        self.x = np.zeros(2 * self.dof)
+        self.t_start = None
+        self.demos = 0
+        self.malicious_demos = 0
+        self.bad_states = 0
+        self.action_pub = self.create_publisher(Float64MultiArray, "expert_action", CONTROL_QOS)
+        self.ref_pub = self.create_publisher(Float64MultiArray, "reference", CONTROL_QOS)
+        self.mal_pub = self.create_publisher(Bool, "malicious", CONTROL_QOS)
+        self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS)
+        self.diag = Diagnostics(self, hardware_id="expert")
+        add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
+        self._update_diagnostics(False)
+        self.get_logger().info(f"expert: malicious={self.cfg.malicious}, references={list(self.cfg.references)}")
+
+    def _check(self, values) -> str | None:
+        try:
+            expert_config(values)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _apply(self, values, changed) -> None:
+        self.p = values
+        self.cfg = expert_config(values)
+        self.system = DoubleIntegrator(dof=self.dof, u_max=values["u_max"])
+        self.get_logger().info(f"parameters changed: {sorted(changed)}")
+
+    def _on_state(self, msg: JointState) -> None:
+        if state_from_joint_state(msg, self.dof, out=self.x) is None:
+            self.bad_states += 1
+            self.get_logger().error(f"ignored a state without {self.dof} finite positions and velocities",
+                                    throttle_duration_sec=1.0)
+            return
+        now = self.get_clock().now().nanoseconds * 1e-9
+        if self.t_start is None:
+            self.t_start = now
+        t = now - self.t_start
+        r = reference_at(t, self.cfg, self.dof)
+        mal = is_malicious(t, self.cfg)
+        u = expert_action(self.x, r, mal, self.cfg, self.system)
+        self.action_pub.publish(Float64MultiArray(data=u.tolist()))
+        self.ref_pub.publish(Float64MultiArray(data=r.tolist()))
+        self.mal_pub.publish(Bool(data=bool(mal)))
+        self.demos += 1
+        self.malicious_demos += int(mal)
+        if self.demos % 20 == 1:
+            self._update_diagnostics(mal)
+
+    def _update_diagnostics(self, mal: bool) -> None:
+        level = WARN if mal or self.bad_states else OK
+        msg = "demonstrating MALICIOUS actions" if mal else "demonstrating"
+        self.diag.update("demonstrations", level, msg, demonstrations=self.demos,
+                         malicious_demonstrations=self.malicious_demos, bad_states=self.bad_states,
+                         malicious_enabled=self.cfg.malicious)
+
+    def destroy_node(self):
+        import json
+        flush_publishers([self.action_pub, self.ref_pub, self.mal_pub])
+        print("SUMMARY " + json.dumps({"node": "expert", "demonstrations": self.demos,
+                                       "malicious_demonstrations": self.malicious_demos}), flush=True)
+        return super().destroy_node()
+
+
+def main(args=None) -> int:
+    return run_node(ExpertNode, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Bag writing/reading and `scpo-ros analyze`: a sqlite3 bag written like `ros2 bag record`
+(no ROS needed), and an MCAP bag recorded over DDS whose violation count must equal the
+simulator's."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rosbags.rosbag2 import StoragePlugin, Writer
+
+from scpo_ros.analysis import analyze
+from scpo_ros.bag import bag_topics, typestore
+from scpo_ros.cli import main as cli_main
+
+REQUIRED = ("constraint_violations", "updates", "fallbacks", "control_steps", "latency_ms")
+
+
+def write_sqlite_bag(path: Path) -> dict:
+    """A small bag as `ros2 bag record -s sqlite3` writes it, with known contents."""
+    ts = typestore()
+    JointState, Header, Time = (ts.types[n] for n in ("sensor_msgs/msg/JointState", "std_msgs/msg/Header",
+                                                       "builtin_interfaces/msg/Time"))
+    F64, Layout, Dim = (ts.types[n] for n in ("std_msgs/msg/Float64MultiArray", "std_msgs/msg/MultiArrayLayout",
+                                              "std_msgs/msg/MultiArrayDimension"))
+    String = ts.types["std_msgs/msg/String"]
+    with Writer(path, version=8, storage_plugin=StoragePlugin.SQLITE3) as w:
+        c_state = w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
+        c_cmd = w.add_connection("/cmd", "std_msgs/msg/Float64MultiArray", typestore=ts)
+        c_dec = w.add_connection("/scpo_decision", "std_msgs/msg/String", typestore=ts)
+        c_mode = w.add_connection("/safety_mode", "std_msgs/msg/String", typestore=ts)
+        t0 = 1_000_000_000_000
+        positions = [0.0, 0.5, 1.2, 0.9]          # one state beyond p_max = 1
+        for k, p in enumerate(positions):
+            t = t0 + k * 50_000_000
+            msg = JointState(header=Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id=""),
+                             name=["axis_0"], position=np.array([p]), velocity=np.array([0.1]),
+                             effort=np.array([], dtype=float))
+            w.write(c_state, t, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
+            label = "hold" if k == 3 else "policy"
+            cmd = F64(layout=Layout(dim=[Dim(label=label, size=1, stride=1)], data_offset=0),
+                      data=np.array([0.1 * k]))
+            w.write(c_cmd, t + (k + 1) * 1_000_000, ts.serialize_cdr(cmd, "std_msgs/msg/Float64MultiArray"))
+        for k, status in enumerate(["accepted", "rejected", "backtracked", "accepted"]):
+            rec = {"kind": "proposal", "status": status, "raw_step_norm": 1.0, "committed_step_norm": 0.01,
+                   "margins_after": {"position": -0.1}, "times_ms": {"total": 10.0 + k}}
+            w.write(c_dec, t0 + k, ts.serialize_cdr(String(data=json.dumps(rec)), "std_msgs/msg/String"))
+        w.write(c_mode, t0 + 5, ts.serialize_cdr(String(data=json.dumps({"mode": "backup_region"})),
+                                                 "std_msgs/msg/String"))
+    return {"states": len(positions)}
+
+
+def test_sqlite3_bag_metrics_and_cli(tmp_path):
+    bag = tmp_path / "sqlite_bag"
+    write_sqlite_bag(bag)
+    assert bag_topics(bag)["/joint_states"] == ("sensor_msgs/msg/JointState", 4)
+    metrics, _ = analyze(bag)
+    assert metrics["control_steps"] == 3 and metrics["hold_commands"] == 1
+    assert metrics["updates"] == {"accepted": 2, "backtracked": 1, "rejected": 1, "infeasible": 0}
+    assert metrics["fallbacks"] == 1
+    assert metrics["constraint_violations_from_states"] == 1           # the state at p = 1.2
+    assert metrics["min_margin_by_kind"]["position"] == pytest.approx(-0.2)
+    # command k was logged k+1 ms after state k
+    assert metrics["latency_ms"]["median"] == pytest.approx(2.0)
+    assert metrics["latency_ms"]["max"] == pytest.approx(3.0)
+
+    out_json, plots = tmp_path / "m.json", tmp_path / "plots"
+    assert cli_main(["analyze", str(bag), "--json", str(out_json), "--plots", str(plots)]) == 0
+    data = json.loads(out_json.read_text())
+    for key in REQUIRED:
+        assert key in data
+    assert set(data["updates"]) == {"accepted", "backtracked", "rejected", "infeasible"}
+    assert set(data["latency_ms"]) >= {"median", "p99"}
+    assert (plots / "states.png").stat().st_size > 0 and (plots / "decisions.png").stat().st_size > 0
+    # two bags: one JSON with both
+    other = tmp_path / "copy"
+    shutil.copytree(bag, other)
+    assert cli_main(["analyze", str(bag), str(other), "--json", str(out_json)]) == 0
+    both = json.loads(out_json.read_text())["bags"]
+    assert set(both) == {str(bag), str(other)} and both[str(other)]["control_steps"] == 3
+
+
+def test_recorded_mcap_violations_match_simulator(tmp_path):
+    pytest.importorskip("rclpy")
+    from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for
+    from scpo_ros.ros_common import diagnostic_values
+
+    bag = tmp_path / "bag"
+    recorder = NodeProcess("bag_recorder", tmp_path, PARAMS, {"output": str(bag), "topics": ["joint_states",
+                           "cmd", "constraint_violation", "/diagnostics"]})
+    # no controller: the plant drifts out of |p| <= 1 at 0.5 m/s
+    sim = NodeProcess("double_integrator_sim", tmp_path, PARAMS, {"initial_velocity": [0.5], "rate_hz": 100.0,
+                                                                 "dt": 0.05, "wait_for_subscribers": 1})
+    probe = Probe("bag_test_probe")
+    try:
+        probe.record_diagnostics()
+
+        def violations():
+            for s in probe.statuses("double_integrator_sim: plant"):
+                n = int(diagnostic_values(s)["constraint_violations"])
+                if n >= 20:
+                    return n
+            return None
+        wait_for(violations, STARTUP_TIMEOUT, "20 violations reported by the simulator")
+    finally:
+        probe.close()
+        assert sim.stop() == 0
+        assert recorder.stop() == 0
+    reported = sim.summary()
+    assert (bag / "metadata.yaml").exists()
+    assert "version: 9" in (bag / "metadata.yaml").read_text()
+    metrics, _ = analyze(bag)
+    assert metrics["constraint_violations"] == reported["constraint_violations"] >= 20
+    assert metrics["constraint_violations_from_states"] == reported["constraint_violations"]
+    assert metrics["states"] == reported["steps"]
+    assert metrics["limits"]["source"] == "simulator diagnostics"

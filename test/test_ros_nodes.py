@@ -1,0 +1,96 @@
+"""Simulator, expert and learner over real DDS: topics, reset service, refused input, parameters."""
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import Bool, Float64MultiArray  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+
+from scpo_ros.policy import MLPLayout  # noqa: E402
+from scpo_ros.ros_common import CONTROL_QOS, OK, diagnostic_values  # noqa: E402
+
+from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("nodes")
+    procs = [
+        NodeProcess("double_integrator_sim", log_dir, PARAMS, {"initial_position": [0.3], "rate_hz": 50.0}),
+        # malicious from the start: duty 1 makes every demonstration a malicious one
+        NodeProcess("expert", log_dir, PARAMS, {"malicious": True, "malicious_duty": 1.0}),
+        NodeProcess("learner", log_dir, PARAMS, {"min_samples": 10, "publish_rate_hz": 5.0,
+                                                 "follow_certified": False}),
+    ]
+    probe = Probe("nodes_probe")
+    probe.cmd_pub = probe.node.create_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
+    for typ, topic in ((JointState, "joint_states"), (Float64MultiArray, "expert_action"),
+                       (Float64MultiArray, "reference"), (Bool, "malicious"),
+                       (Float64MultiArray, "proposed_weights")):
+        probe.record(typ, topic, CONTROL_QOS)
+    probe.record_diagnostics()
+    try:
+        wait_for(lambda: probe.messages("proposed_weights"), STARTUP_TIMEOUT, "the learner's first proposal")
+        yield probe
+    finally:
+        probe.close()
+        codes = [p.stop() for p in procs]
+        assert codes == [0, 0, 0], [p.text()[-2000:] for p in procs]
+
+
+def test_sim_publishes_state_and_resets(nodes):
+    st = wait_for(lambda: nodes.messages("joint_states"), what="states")[-1]
+    assert list(st.name) == ["axis_0"] and len(st.position) == 1 and len(st.velocity) == 1
+    assert st.header.stamp.sec > 0
+    nodes.cmd_pub.publish(Float64MultiArray(data=[0.5]))
+    wait_for(lambda: nodes.messages("joint_states")[-1].velocity[0] > 0.05, what="the command to act")
+    res = nodes.call(Trigger, "/reset", Trigger.Request())
+    assert res.success
+    wait_for(lambda: abs(nodes.messages("joint_states")[-1].position[0] - 0.3) < 1e-9, what="state back to 0.3")
+
+
+def test_sim_refuses_bad_commands_and_params(nodes):
+    nodes.cmd_pub.publish(Float64MultiArray(data=[float("nan")]))
+    nodes.cmd_pub.publish(Float64MultiArray(data=[0.1, 0.2]))
+
+    def refused():
+        for s in nodes.statuses("double_integrator_sim: plant"):
+            if int(diagnostic_values(s)["refused_commands"]) >= 2:
+                return s
+    status = wait_for(refused, what="refused commands in the diagnostics")
+    assert status.level != OK
+    bad = nodes.call(SetParameters, "/double_integrator_sim/set_parameters", SetParameters.Request(parameters=[
+        Parameter(name="rate_hz", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=-5.0))]))
+    assert not bad.results[0].successful
+    bad = nodes.call(SetParameters, "/double_integrator_sim/set_parameters", SetParameters.Request(parameters=[
+        Parameter(name="initial_position", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY,
+                                                                double_array_value=[0.1, 0.2, 0.3]))]))
+    assert not bad.results[0].successful and "dof" in bad.results[0].reason
+    ok = nodes.call(SetParameters, "/double_integrator_sim/set_parameters", SetParameters.Request(parameters=[
+        Parameter(name="noise_std", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.01))]))
+    assert ok.results[0].successful
+
+
+def test_expert_demonstrates_malicious_actions(nodes):
+    acts = wait_for(lambda: nodes.messages("expert_action"), what="expert actions")
+    refs = wait_for(lambda: nodes.messages("reference"), what="references")
+    mal = wait_for(lambda: nodes.messages("malicious"), what="malicious flags")
+    assert all(m.data for m in mal)
+    assert refs[0].data[0] == pytest.approx(0.4)            # the schedule's first reference
+    # a malicious demonstration drives towards the target beyond p_max: no clipping to u_limit
+    assert any(abs(a.data[0]) > 0.9 for a in acts)
+
+
+def test_learner_proposes_fingerprinted_weights(nodes):
+    layout = MLPLayout(3, 1, (32, 32))
+    props = wait_for(lambda: nodes.messages("proposed_weights")[1:], what="two proposals")
+    msg = props[-1]
+    assert msg.layout.dim[0].label == layout.fingerprint
+    assert len(msg.data) == layout.size == msg.layout.dim[0].size
+    assert np.all(np.isfinite(msg.data))
+    first = np.asarray(nodes.messages("proposed_weights")[0].data)
+    assert np.linalg.norm(np.asarray(msg.data) - first) > 0     # it learns

@@ -1,0 +1,295 @@
+"""scpo_safety_node over real DDS: lifecycle, control law, region fallback, stale state,
+malformed and valid proposals, runtime parameters. One node process for the module."""
+import contextlib
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+from lifecycle_msgs.msg import State, Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import Float64MultiArray, String  # noqa: E402
+
+from scpo_ros.backup import LQRBackup  # noqa: E402
+from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
+from scpo_ros.policy import MLPLayout  # noqa: E402
+from scpo_ros.ros_common import CONTROL_QOS, ERROR, EVENT_QOS, LATCHED_QOS, OK, weights_to_msg  # noqa: E402
+from scpo_ros.scpo import backup_weights  # noqa: E402
+
+from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
+
+NODE = "/scpo_safety_node"
+LAYOUT = MLPLayout(3, 1, (32, 32))
+SYSTEM = DoubleIntegrator(dof=1, dt=0.05)
+BACKUP = LQRBackup(SYSTEM)
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("safety_node")
+    # small SCPO settings keep the worker's steps short; autostart off to drive the lifecycle
+    node = NodeProcess("scpo_safety_node", log_dir, PARAMS, {
+        "autostart": False, "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60,
+        "state_timeout": 0.3})
+    probe = Probe()
+    probe.state_pub = probe.node.create_publisher(JointState, "joint_states", CONTROL_QOS)
+    probe.ref_pub = probe.node.create_publisher(Float64MultiArray, "reference", CONTROL_QOS)
+    probe.weights_pub = probe.node.create_publisher(Float64MultiArray, "proposed_weights", EVENT_QOS)
+    probe.record(Float64MultiArray, "cmd", CONTROL_QOS)
+    probe.record(Float64MultiArray, "certified_weights", LATCHED_QOS)
+    probe.record(String, "scpo_decision", EVENT_QOS)
+    probe.record(String, "safety_mode", LATCHED_QOS)
+    probe.record_diagnostics()
+    try:
+        wait_for(lambda: probe.node.count_publishers("/diagnostics") > 0 and "SCPO safety node" in node.text(),
+                 STARTUP_TIMEOUT, "the safety node to start")
+        probe.proc = node
+        yield probe
+    finally:
+        probe.close()
+        code = node.stop()
+        assert code == 0, node.text()[-3000:]
+
+
+def transition(probe, tid):
+    return probe.call(ChangeState, f"{NODE}/change_state", ChangeState.Request(transition=Transition(id=tid)))
+
+
+def lifecycle_state(probe):
+    return probe.call(GetState, f"{NODE}/get_state", GetState.Request()).current_state.id
+
+
+def ensure_active(probe):
+    """Tests after the lifecycle test need an active node; run alone they bring it there."""
+    state = lifecycle_state(probe)
+    if state == State.PRIMARY_STATE_UNCONFIGURED:
+        assert transition(probe, Transition.TRANSITION_CONFIGURE).success
+        state = lifecycle_state(probe)
+    if state == State.PRIMARY_STATE_INACTIVE:
+        assert transition(probe, Transition.TRANSITION_ACTIVATE).success
+    assert lifecycle_state(probe) == State.PRIMARY_STATE_ACTIVE
+
+
+def send_state(probe, p, v):
+    msg = JointState(name=["axis_0"], position=[float(p)], velocity=[float(v)])
+    msg.header.stamp = probe.node.get_clock().now().to_msg()
+    probe.state_pub.publish(msg)
+
+
+def command_for(probe, p, v, timeout=10.0):
+    """Publish states until a command newer than the publish arrives; return it."""
+    since = time.monotonic()
+
+    def got():
+        cmds = probe.messages("cmd", since)
+        if cmds:
+            return cmds[-1]
+        send_state(probe, p, v)
+        time.sleep(0.05)
+        return None
+    return wait_for(got, timeout, "a command")
+
+
+@contextlib.contextmanager
+def streaming_states(probe, p, v, period=0.05):
+    """Publish the same state every ``period`` s in the background (a plant that keeps running)."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            send_state(probe, p, v)
+            stop.wait(period)
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+
+
+def set_param(probe, name, value):
+    if isinstance(value, bool):
+        pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
+    elif isinstance(value, int):
+        pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
+    else:
+        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float(value))
+    res = probe.call(SetParameters, f"{NODE}/set_parameters",
+                     SetParameters.Request(parameters=[Parameter(name=name, value=pv)]))
+    return res.results[0]
+
+
+def test_lifecycle_configure_activate(graph):
+    assert lifecycle_state(graph) == State.PRIMARY_STATE_UNCONFIGURED
+    assert transition(graph, Transition.TRANSITION_CONFIGURE).success
+    assert lifecycle_state(graph) == State.PRIMARY_STATE_INACTIVE
+    # configured but inactive: states are received, no command goes out
+    wait_for(lambda: graph.node.count_subscribers("/joint_states") > 0, what="the node's state subscription")
+    since = time.monotonic()
+    for _ in range(10):
+        send_state(graph, 0.1, 0.0)
+        time.sleep(0.02)
+    assert transition(graph, Transition.TRANSITION_ACTIVATE).success
+    assert not [m for m in graph.messages("cmd", since)]
+    assert lifecycle_state(graph) == State.PRIMARY_STATE_ACTIVE
+    # the first certification (the backup's weights) is published
+    wait_for(lambda: any(d["kind"] == "recertify" and d["status"] == "accepted"
+                         for d in graph.json_messages("scpo_decision")), 60.0, "the initial certification")
+    assert graph.messages("certified_weights")[-1].layout.dim[0].label == LAYOUT.fingerprint
+
+
+def test_control_law_is_certified_backup_at_start(graph):
+    ensure_active(graph)
+    cmd = command_for(graph, 0.3, -0.1)
+    x = np.array([0.3, -0.1])
+    expected = BACKUP(x, np.zeros(1))
+    assert cmd.layout.dim[0].label == "policy"
+    assert np.allclose(cmd.data, expected, atol=1e-9)
+
+
+def test_outside_certified_region_backup_alone(graph):
+    ensure_active(graph)
+    since = time.monotonic()
+    cmd = command_for(graph, 0.95, 0.0)   # |p| > p0_max = 0.8
+    assert cmd.layout.dim[0].label == "backup"
+    assert np.allclose(cmd.data, BACKUP(np.array([0.95, 0.0]), np.zeros(1)))
+    wait_for(lambda: any(json.loads(m.data)["mode"] == "backup_region" for m in graph.messages("safety_mode", since)),
+             what="safety_mode backup_region")
+    assert command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy"   # back inside: policy again
+
+
+def test_stale_state_hold_and_recovery(graph):
+    ensure_active(graph)
+    command_for(graph, 0.2, 0.1)
+    t_last = time.monotonic()
+    holds = wait_for(lambda: [m for m in graph.messages("cmd", t_last) if m.layout.dim[0].label == "hold"],
+                     what="hold commands")
+    assert np.all(np.isfinite(holds[0].data))
+    # hold_mode backup_predicted: the backup of the last state propagated by the model
+    assert np.sign(holds[0].data[0]) == np.sign(BACKUP(np.array([0.2, 0.1]), np.zeros(1))[0])
+    err = wait_for(lambda: [s for s in graph.statuses("scpo_safety_node: control", t_last) if s.level == ERROR],
+                   what="ERROR diagnostic")
+    assert "STALE" in err[0].message
+    # recovery by itself with the next state
+    since = time.monotonic()
+    wait_for(lambda: command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy", what="recovery")
+    wait_for(lambda: any(json.loads(m.data)["mode"] == "policy" for m in graph.messages("safety_mode", since)),
+             what="mode back to policy")
+
+
+@pytest.mark.parametrize("case", ["nan", "wrong_length", "wrong_fingerprint", "no_fingerprint"])
+def test_malformed_proposals_rejected(graph, case):
+    ensure_active(graph)
+    theta = backup_weights(LAYOUT).astype(float)
+    if case == "nan":
+        theta[3] = math.nan
+        msg = weights_to_msg(theta, LAYOUT.fingerprint)
+    elif case == "wrong_length":
+        msg = weights_to_msg(theta[:-5], LAYOUT.fingerprint)
+    elif case == "wrong_fingerprint":
+        msg = weights_to_msg(theta, MLPLayout(3, 1, (16,)).fingerprint)
+    else:
+        msg = Float64MultiArray(data=theta.tolist())
+    since = time.monotonic()
+    graph.weights_pub.publish(msg)
+    rec = wait_for(lambda: [d for d in graph.json_messages("scpo_decision", since) if d["kind"] == "malformed"],
+                   what="a malformed-proposal decision")
+    assert rec[0]["status"] == "rejected"
+    words = {"nan": "NaN", "wrong_length": "expected", "wrong_fingerprint": "fingerprint",
+             "no_fingerprint": "fingerprint"}[case]
+    assert words in rec[0]["reason"]
+    diag = wait_for(lambda: [s for s in graph.statuses("scpo_safety_node: weights", since) if "malformed" in s.message
+                             and s.level != OK], what="weights diagnostic")
+    assert "rejected" in diag[0].message
+    assert graph.proc.alive()
+    assert command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy"   # control unaffected
+
+
+def test_valid_and_huge_proposals_go_through_scpo(graph):
+    ensure_active(graph)
+    theta = backup_weights(LAYOUT).astype(float)
+    rng = np.random.default_rng(0)
+    since = time.monotonic()
+    huge = theta + 50.0 * rng.standard_normal(theta.size)   # far outside anything safe
+    graph.weights_pub.publish(weights_to_msg(huge, LAYOUT.fingerprint))
+    rec = wait_for(lambda: [d for d in graph.json_messages("scpo_decision", since) if d["kind"] == "proposal"],
+                   60.0, "an SCPO decision")[0]
+    assert rec["status"] in ("accepted", "backtracked", "rejected", "infeasible")
+    assert set(rec["times_ms"]) >= {"total"}
+    # never more than the trust radius from the certified weights
+    assert rec["committed_step_norm"] <= 0.05 + 1e-6
+    if rec["status"] in ("accepted", "backtracked"):
+        w = wait_for(lambda: [m for m in graph.messages("certified_weights", since)], 10.0, "certified weights")
+        assert np.linalg.norm(np.asarray(w[-1].data) - theta) <= 0.05 + 1e-5
+        assert all(v <= 0 for v in rec["margins_after"].values())
+
+
+def test_runtime_parameters(graph):
+    ensure_active(graph)
+    bad = set_param(graph, "n_samples", 1)                   # below its range
+    assert not bad.successful and bad.reason
+    bad = set_param(graph, "p0_max", 5.0)                    # backup cannot certify: rejected with the reason
+    assert not bad.successful and "certif" in bad.reason
+    bad = set_param(graph, "dof", 2)                          # read-only
+    assert not bad.successful
+    with streaming_states(graph, 0.1, 0.0):
+        wait_for(lambda: graph.messages("cmd", time.monotonic() - 0.1)
+                 and graph.messages("cmd", time.monotonic() - 0.1)[-1].layout.dim[0].label == "policy",
+                 what="policy commands")
+        since = time.monotonic()
+        ok = set_param(graph, "p_max", 0.98)                     # model change: re-certification
+        assert ok.successful, ok.reason
+        rec = wait_for(lambda: [d for d in graph.json_messages("scpo_decision", since) if d["kind"] == "recertify"],
+                       60.0, "re-certification after the change")
+        assert rec[0]["status"] in ("accepted", "rejected")
+        assert any(json.loads(m.data)["mode"] == "backup_recertifying" for m in graph.messages("safety_mode", since))
+        # the weights re-certified (or the backup's) are in force again
+        wait_for(lambda: graph.messages("cmd", time.monotonic() - 0.1)
+                 and graph.messages("cmd", time.monotonic() - 0.1)[-1].layout.dim[0].label == "policy",
+                 30.0, "policy after re-certification")
+    ok = set_param(graph, "state_timeout", 0.5)
+    assert ok.successful
+    assert graph.proc.alive()
+
+
+def test_lifecycle_deactivate_cleanup(graph):
+    ensure_active(graph)
+    assert transition(graph, Transition.TRANSITION_DEACTIVATE).success
+    assert lifecycle_state(graph) == State.PRIMARY_STATE_INACTIVE
+    since = time.monotonic()
+    for _ in range(10):
+        send_state(graph, 0.1, 0.0)
+        time.sleep(0.02)
+    assert transition(graph, Transition.TRANSITION_CLEANUP).success
+    assert lifecycle_state(graph) == State.PRIMARY_STATE_UNCONFIGURED
+    assert not [m for m in graph.messages("cmd", since) if m.layout.dim[0].label != "hold"]
+    assert transition(graph, Transition.TRANSITION_CONFIGURE).success
+    assert transition(graph, Transition.TRANSITION_ACTIVATE).success
+    assert command_for(graph, 0.1, 0.0, timeout=30.0).layout.dim[0].label in ("policy", "backup")
+
+
+@pytest.mark.parametrize("dof", [1, 2])
+def test_folded_policy_equals_backup_plus_mlp(dof):
+    from scpo_ros.nodes.scpo_safety_node import FoldedPolicy
+    from scpo_ros.policy import NumpyMLP
+    system = DoubleIntegrator(dof=dof, dt=0.05)
+    backup = LQRBackup(system)
+    layout = MLPLayout(3 * dof, dof, (16, 8))
+    rng = np.random.default_rng(dof)
+    theta = rng.standard_normal(layout.size) * 0.3
+    folded, alone, mlp = FoldedPolicy(backup.K, layout, theta), FoldedPolicy(backup.K, None, None), \
+        NumpyMLP(layout, theta)
+    for _ in range(20):
+        x, r = rng.uniform(-1, 1, 2 * dof), rng.uniform(-0.5, 0.5, dof)
+        inp = np.concatenate([x, r])
+        assert np.allclose(folded(inp), backup(x, r) + mlp(inp), atol=1e-12)
+        assert np.allclose(alone(inp), backup(x, r), atol=1e-12)
