@@ -120,13 +120,15 @@ class DoubleIntegratorRollout:
         bias0 = torch.matmul(torch.cat([x_ref, r], -1).unsqueeze(0), W0T) + b0   # (N, M, h0)
         G_e, G_phi = self._G_e, self._G_phi
         width = G_e.shape[1]
-        outs = [torch.empty(B, width, dtype=self.dtype, device=self.device) for _ in range(2)]
+        out = torch.empty(B, width, dtype=self.dtype, device=self.device)
         tmp = torch.empty(B, width, dtype=self.dtype, device=self.device)
         hbufs = [torch.empty(N, M, W.shape[-1], dtype=self.dtype, device=self.device)
                  for W, _ in [(W0T, None)] + hidden]
         phi = torch.empty(N, M, n, dtype=self.dtype, device=self.device)
-        outs[1][:, : 2 * n] = (x0 - x_ref).repeat(N, 1)
-        e = outs[1][:, : 2 * n]
+        # e lives in its own contiguous buffers: the layer-0 matmul is ~30 % faster on them
+        # than on a column slice of `out`.
+        e_bufs = [(x0 - x_ref).repeat(N, 1), torch.empty(B, 2 * n, dtype=self.dtype, device=self.device)]
+        e = e_bufs[0]
         e_max, e_min = e.clone(), e.clone()
         u_max = torch.full((B, n), -torch.inf, dtype=self.dtype, device=self.device)
         u_min = torch.full((B, n), torch.inf, dtype=self.dtype, device=self.device)
@@ -138,8 +140,7 @@ class DoubleIntegratorRollout:
             h = torch.baddbmm(bias0, e.view(N, M, 2 * n), W0eT, out=hbufs[0]).tanh_()
             for (WT, b), hb in zip(hidden, hbufs[1:]):
                 h = torch.baddbmm(b, h, WT, out=hb).tanh_()
-            torch.baddbmm(bL, h, WLT, out=phi)
-            out = outs[t % 2]
+            torch.matmul(h, WLT, out=phi).add_(bL)  # faster than baddbmm for one output column
             torch.mm(phi2, G_phi, out=tmp)
             torch.addmm(tmp, e, G_e, out=out)
             # columns of out: [e+ | u | Q1 e + C φ | Cᵀe + S φ | P e+]
@@ -152,7 +153,7 @@ class DoubleIntegratorRollout:
             torch.maximum(lyap, torch.minimum(decrease, inside), out=lyap)
             if with_cost:
                 cost += (e[:, :n] * e[:, :n]).sum(-1) + w_u * (u * u).sum(-1)
-            e = e_next
+            e = e_bufs[(t + 1) % 2].copy_(e_next)
             torch.maximum(e_max, e, out=e_max)
             torch.minimum(e_min, e, out=e_min)
         rr = r.repeat(N, 1)
