@@ -22,7 +22,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "torch>=2.2",
-        "osqp>=1.0",
+        "daqp>=0.5",
         "matplotlib>=3.6",
         "rosbags>=0.10",
         "pyyaml>=6.0",
