@@ -83,11 +83,6 @@ class LQRBackup:
         self.K, self.P = dlqr(self.system.A, self.system.B, Q, R)
         self.Q, self.R = Q, R
         self.A_cl = self.system.A - self.system.B @ self.K
-        # V(e+) - V(e) for u = -K e + φ, expanded so that no large terms cancel:
-        # A_clᵀ P A_cl - P = -(Q + Kᵀ R K) by the Riccati equation.
-        self.decrease_matrix = Q + self.K.T @ R @ self.K
-        self.cross_matrix = self.A_cl.T @ self.P @ self.system.B   # 2 eᵀ A_clᵀ P B φ
-        self.residual_matrix = self.system.B.T @ self.P @ self.system.B  # φᵀ Bᵀ P B φ
 
     def reference_state(self, r):
         """``x_ref = [r, 0]`` for references ``r (..., dof)``."""

@@ -1,24 +1,33 @@
-"""``learner``: learns the residual policy from demonstrations and proposes weights. Knows nothing of safety.
+"""``learner``: proposes weights for the residual policy. Knows nothing of safety.
 
-Collects ``(state, reference, expert action)`` triples from ``joint_states``, ``reference``
-and ``expert_action`` (each expert action is paired with the latest state and reference),
-runs ``steps_per_proposal`` optimiser steps every ``1/publish_rate_hz`` s and publishes
-the flat weights on ``proposed_weights`` (``std_msgs/Float64MultiArray``,
-``layout.dim[0].label`` = the ``MLPLayout`` fingerprint; see ``ros_common.weights_to_msg``).
+Parameters in, messages in, one call, messages out; the learning itself lives in
+``scpo_ros.learners`` (ROS-free), picked by the ``algorithm`` parameter:
+
+- ``imitation``: collects ``(state, reference, expert action)`` triples from
+  ``joint_states``, ``reference`` and ``expert_action`` (each expert action is paired with
+  the latest state and reference) and runs ``steps_per_proposal`` Adam steps per proposal.
+- ``c_trpo``: trains C-TRPO on its own vectorised simulation of the plant (built from the
+  same ``dof``/``dt``/limits parameters; episodes start in ``p0_max``/``v0_max``/``r_max``)
+  and runs ``epochs_per_proposal`` epochs per proposal. It proposes the Gaussian policy's
+  mean network; exploration never touches the real plant, and demonstrations are unused.
+
+Every ``1/publish_rate_hz`` s the update runs in a worker thread (a C-TRPO epoch takes
+~0.1 s, longer than a callback should block the executor), and its result is published on
+``proposed_weights`` (``std_msgs/Float64MultiArray``, ``layout.dim[0].label`` = the
+``MLPLayout`` fingerprint; see ``ros_common.weights_to_msg``). A tick that finds the
+previous update still running is skipped (``busy_ticks``).
 
 With ``follow_certified`` (default) the learner continues from the weights the safety
-node actually deploys (``certified_weights``) instead of drifting on its own: the same
-loop as the ROS-free imitation experiment. That is bookkeeping, not safety: the learner
-never sees a constraint.
-
-Learning algorithms are plain classes (ROS-free) registered in ``ALGORITHMS`` and picked
-by the ``algorithm`` parameter; one needs ``observe``, ``ready``, ``update``, ``weights``,
-``load``.
+node certified (``certified_weights``), loaded before the next update: each proposal is
+projected and certified by SCPO, and learning goes on from what was committed. That is
+bookkeeping, not safety: the learner never sees a constraint.
 """
 from __future__ import annotations
 
 import json
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,88 +35,89 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
-from ..backup import LQRBackup
+from ..backup import InitialSet, LQRBackup
+from ..ctrpo import DIVERGENCES, CTRPOConfig
 from ..dynamics import DoubleIntegrator
-from ..policy import MLPLayout, ResidualMLP, check_weights, policy_inputs
+from ..learners import CTRPOProposer, ImitationLearner
+from ..policy import MLPLayout, check_weights
 from ..ros_common import (CONTROL_QOS, LATCHED_QOS, OK, WARN, Diagnostics, ParamSpec, add_parameter_validator,
                           array_from_float64, declare_parameters, flush_publishers, run_node, state_from_joint_state,
                           weights_from_msg, weights_to_msg)
 
-
-class ImitationLearner:
-    """Residual imitation: fit ``φ_θ([x, r])`` to ``u_expert - backup(x, r)`` with Adam.
-
-    A ring buffer of the last ``buffer_size`` triples; each update draws minibatches of
-    ``batch_size`` from it. ROS-free.
-    """
-
-    def __init__(self, backup: LQRBackup, layout: MLPLayout, lr: float = 1e-3, batch_size: int = 256,
-                 buffer_size: int = 20000, seed: int = 0):
-        self.backup, self.layout = backup, layout
-        dof = layout.out_dim
-        self.inputs = np.zeros((buffer_size, layout.in_dim), dtype=np.float32)
-        self.targets = np.zeros((buffer_size, dof), dtype=np.float32)
-        self.count = 0
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.model = ResidualMLP(layout, seed=seed)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def observe(self, x: np.ndarray, r: np.ndarray, u_expert: np.ndarray) -> None:
-        i = self.count % len(self.inputs)
-        self.inputs[i] = policy_inputs(x, r)
-        self.targets[i] = u_expert - self.backup(x, r)
-        self.count += 1
-
-    def ready(self, min_samples: int) -> bool:
-        return self.count >= min_samples
-
-    def update(self, steps: int) -> dict:
-        n = min(self.count, len(self.inputs))
-        loss = float("nan")
-        for _ in range(steps):
-            idx = self.rng.integers(0, n, size=min(self.batch_size, n))
-            inp = torch.from_numpy(self.inputs[idx])
-            tgt = torch.from_numpy(self.targets[idx])
-            self.opt.zero_grad()
-            err = ((self.model(inp) - tgt) ** 2).sum(-1).mean()
-            err.backward()
-            self.opt.step()
-            loss = float(err.detach())
-        return {"loss": loss, "samples": n}
-
-    def weights(self) -> np.ndarray:
-        return self.model.flat().detach().numpy().astype(np.float64)
-
-    def load(self, flat: np.ndarray) -> None:
-        self.model.load_flat(flat)
+_I, _T = InitialSet(), CTRPOConfig()
 
 
-ALGORITHMS = {"imitation": ImitationLearner}
-"""``algorithm`` parameter value -> learner class."""
+def build_imitation(p: dict, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout) -> ImitationLearner:
+    return ImitationLearner(backup, layout, lr=p["lr"], batch_size=p["batch_size"], buffer_size=p["buffer_size"],
+                            seed=p["seed"])
+
+
+def build_c_trpo(p: dict, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout) -> CTRPOProposer:
+    config = CTRPOConfig(algorithm="c_trpo", cost_limit=p["cost_limit"], hidden=layout.hidden,
+                         target_kl=p["target_kl"], beta=p["beta"], divergence=p["divergence"],
+                         log_std_init=p["log_std_init"], critic_lr=p["lr"], critic_epochs=p["critic_epochs"],
+                         critic_batch=p["batch_size"])
+    initial_set = InitialSet(p0_max=p["p0_max"], v0_max=p["v0_max"], r_max=p["r_max"])
+    return CTRPOProposer(system, backup, layout, initial_set, config, num_envs=p["sim_envs"],
+                         horizon=p["sim_horizon"], episode_length=p["sim_episode_length"], seed=p["seed"])
+
+
+ALGORITHMS = {"imitation": build_imitation, "c_trpo": build_c_trpo}
+"""``algorithm`` parameter value -> builder of the ROS-free learner (``scpo_ros.learners``)."""
 
 PARAMS = [
     ParamSpec("dof", 1, "Number of axes.", 1, 8, read_only=True),
     ParamSpec("hidden", [32, 32], "Hidden layer sizes of the residual MLP (must match the safety node).", 1, 1024,
               read_only=True, min_len=1, max_len=8),
-    ParamSpec("dt", 0.05, "Model time step (s) of the backup LQR (must match the safety node).", 1e-4, 1.0,
-              read_only=True),
+    ParamSpec("dt", 0.05, "Model time step (s) of the backup LQR and the c_trpo simulation (must match the "
+              "safety node).", 1e-4, 1.0, read_only=True),
     ParamSpec("q_pos", 1.0, "Backup LQR position weight (must match the safety node).", 0.0, 1e6, read_only=True),
     ParamSpec("q_vel", 1.0, "Backup LQR velocity weight (must match the safety node).", 0.0, 1e6, read_only=True),
     ParamSpec("r_act", 10.0, "Backup LQR action weight (must match the safety node).", 1e-6, 1e6, read_only=True),
-    ParamSpec("algorithm", "imitation", "Learning algorithm.", choices=tuple(ALGORITHMS), read_only=True),
-    ParamSpec("lr", 1e-3, "Adam learning rate.", 1e-7, 1.0),
-    ParamSpec("batch_size", 256, "Minibatch size.", 1, 65536),
-    ParamSpec("buffer_size", 20000, "Demonstrations kept (ring buffer).", 16, 10_000_000, read_only=True),
-    ParamSpec("min_samples", 64, "Demonstrations needed before the first proposal.", 1, 10_000_000),
-    ParamSpec("steps_per_proposal", 1, "Optimiser steps between two proposals.", 1, 10000),
-    ParamSpec("publish_rate_hz", 2.0, "Proposals per second.", 0.01, 100.0),
+    ParamSpec("algorithm", "imitation", "Learning algorithm: imitation (of the expert's demonstrations) or c_trpo "
+              "(constrained RL in the learner's own simulation of the plant).", choices=tuple(ALGORITHMS),
+              read_only=True),
+    ParamSpec("lr", 1e-3, "Adam learning rate (imitation: the residual network; c_trpo: the critics).", 1e-7, 1.0),
+    ParamSpec("batch_size", 256, "Minibatch size (imitation: demonstrations; c_trpo: critic regression).", 1, 65536),
+    ParamSpec("buffer_size", 20000, "imitation: demonstrations kept (ring buffer).", 16, 10_000_000, read_only=True),
+    ParamSpec("min_samples", 64, "imitation: demonstrations needed before the first proposal.", 1, 10_000_000),
+    ParamSpec("steps_per_proposal", 1, "imitation: Adam steps between two proposals.", 1, 10000),
+    ParamSpec("publish_rate_hz", 2.0, "Proposals per second (at most: a tick that finds the last update still "
+              "running is skipped).", 0.01, 100.0),
     ParamSpec("follow_certified", True, "Continue from the deployed (certified) weights when they change."),
-    ParamSpec("seed", 0, "Seed of the initial weights and the minibatches.", 0, 2**31 - 1, read_only=True),
+    ParamSpec("seed", 0, "Seed of the initial weights, the minibatches and the c_trpo simulation.", 0, 2**31 - 1,
+              read_only=True),
+    # c_trpo: the training simulation (the plant's model and the box its episodes start in)
+    ParamSpec("p_max", 1.0, "c_trpo simulation: |p| <= p_max (cost outside; must match the safety node).",
+              1e-3, 1e3, read_only=True),
+    ParamSpec("v_max", 1.0, "c_trpo simulation: |v| <= v_max (must match the safety node).", 1e-3, 1e3,
+              read_only=True),
+    ParamSpec("u_max", 1.0, "c_trpo simulation: actions clipped to |u| <= u_max (must match the safety node).",
+              1e-3, 1e3, read_only=True),
+    ParamSpec("p0_max", _I.p0_max, "c_trpo simulation: episodes start with |p| <= p0_max.", 0.0, 1e3,
+              read_only=True),
+    ParamSpec("v0_max", _I.v0_max, "c_trpo simulation: episodes start with |v| <= v0_max.", 0.0, 1e3,
+              read_only=True),
+    ParamSpec("r_max", _I.r_max, "c_trpo simulation: references drawn from |r| <= r_max.", 0.0, 1e3, read_only=True),
+    ParamSpec("sim_envs", 16, "c_trpo: simulated plants stepped at once.", 1, 4096, read_only=True),
+    ParamSpec("sim_horizon", 50, "c_trpo: steps of every simulated plant per epoch (one policy update).", 1, 10000,
+              read_only=True),
+    ParamSpec("sim_episode_length", 100, "c_trpo: steps per simulated episode (time limit).", 1, 100000,
+              read_only=True),
+    ParamSpec("epochs_per_proposal", 1, "c_trpo: epochs (rollout + update) between two proposals.", 1, 100),
+    # c_trpo: the algorithm (scpo_ros.ctrpo.CTRPOConfig)
+    ParamSpec("cost_limit", _T.cost_limit, "c_trpo: b, limit on the expected unsafe steps per simulated episode.",
+              1e-6, 1e6, read_only=True),
+    ParamSpec("target_kl", _T.target_kl, "c_trpo: bound on the constrained divergence per update.", 1e-6, 10.0,
+              read_only=True),
+    ParamSpec("beta", _T.beta, "c_trpo: weight of the cost barrier term of the divergence.", 0.0, 1e6,
+              read_only=True),
+    ParamSpec("divergence", _T.divergence, "c_trpo: form of the barrier term (entropy: x log x, barrier: -log x).",
+              choices=DIVERGENCES, read_only=True),
+    ParamSpec("log_std_init", _T.log_std_init, "c_trpo: initial log standard deviation of the exploration noise "
+              "(in the simulation only).", -10.0, 2.0, read_only=True),
+    ParamSpec("critic_epochs", _T.critic_epochs, "c_trpo: passes over each epoch's data by the critics.", 0, 1000,
+              read_only=True),
 ]
 
 
@@ -117,29 +127,44 @@ class LearnerNode(Node):
         self.p = declare_parameters(self, PARAMS)
         torch.set_num_threads(1)
         self.dof = int(self.p["dof"])
-        system = DoubleIntegrator(dof=self.dof, dt=self.p["dt"])
+        system = DoubleIntegrator(dof=self.dof, dt=self.p["dt"], p_max=self.p["p_max"], v_max=self.p["v_max"],
+                                  u_max=self.p["u_max"])
         backup = LQRBackup(system, q_pos=self.p["q_pos"], q_vel=self.p["q_vel"], r_act=self.p["r_act"])
         self.layout = MLPLayout(3 * self.dof, self.dof, tuple(self.p["hidden"]))
-        self.algo = ALGORITHMS[self.p["algorithm"]](backup, self.layout, lr=self.p["lr"],
-                                                    batch_size=self.p["batch_size"],
-                                                    buffer_size=self.p["buffer_size"], seed=self.p["seed"])
+        self.algo = ALGORITHMS[self.p["algorithm"]](self.p, system, backup, self.layout)
         self.x = np.zeros(2 * self.dof)
         self.have_state = False
         self.r = np.zeros(self.dof)
         self.proposals = 0
         self.loaded_certified = 0
-        self.last_loss = float("nan")
+        self.busy_ticks = 0
+        self.update_errors = 0
+        self.last_stats: dict = {}
+        # observe() (executor thread) and update() (worker thread) share the learner's buffers
+        self._algo_lock = threading.Lock()
+        self._certified_lock = threading.Lock()
+        self._certified: np.ndarray | None = None     # newest certified weights not yet loaded
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner_update")
+        self._job: Future | None = None
         self.pub = self.create_publisher(Float64MultiArray, "proposed_weights", CONTROL_QOS)
+        # every algorithm listens to joint_states: the demo and the launch file start the simulator once
+        # all of the graph's state subscribers are matched
         self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS)
-        self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS)
-        self.create_subscription(Float64MultiArray, "expert_action", self._on_expert, CONTROL_QOS)
+        if self.algo.needs_demonstrations:
+            self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS)
+            self.create_subscription(Float64MultiArray, "expert_action", self._on_expert, CONTROL_QOS)
         self.create_subscription(Float64MultiArray, "certified_weights", self._on_certified, LATCHED_QOS)
         self.diag = Diagnostics(self, hardware_id="learner")
         add_parameter_validator(self, PARAMS, apply=self._apply)
         self.timer = self.create_timer(1.0 / self.p["publish_rate_hz"], self._propose)
         self._update_diagnostics()
+        extra = ""
+        if self.p["algorithm"] == "c_trpo":
+            extra = (f"; C-TRPO on {self.p['sim_envs']} simulated plants, {self.p['sim_horizon']} steps per epoch, "
+                     f"{self.p['epochs_per_proposal']} epoch(s) per proposal, cost limit {self.p['cost_limit']:g}")
         self.get_logger().info(f"learner ({self.p['algorithm']}): layout {self.layout.sizes}, "
-                               f"fingerprint {self.layout.fingerprint}, {self.p['publish_rate_hz']:g} proposals/s")
+                               f"fingerprint {self.layout.fingerprint}, {self.p['publish_rate_hz']:g} proposals/s"
+                               + extra)
 
     def _apply(self, values, changed) -> None:
         self.p = values
@@ -147,11 +172,15 @@ class LearnerNode(Node):
             self.algo.set_lr(values["lr"])
         if "batch_size" in changed:
             self.algo.batch_size = values["batch_size"]
+        if "follow_certified" in changed and not values["follow_certified"]:
+            with self._certified_lock:
+                self._certified = None
         if "publish_rate_hz" in changed:
             self.destroy_timer(self.timer)
             self.timer = self.create_timer(1.0 / values["publish_rate_hz"], self._propose)
         self.get_logger().info(f"parameters changed: {sorted(changed)}")
 
+    # ------------------------------------------------------------------ messages in
     def _on_state(self, msg: JointState) -> None:
         self.have_state = state_from_joint_state(msg, self.dof, out=self.x) is not None
 
@@ -164,7 +193,8 @@ class LearnerNode(Node):
         u = array_from_float64(msg)
         if not self.have_state or u.size != self.dof or not np.isfinite(u).all():
             return
-        self.algo.observe(self.x, self.r, u)
+        with self._algo_lock:
+            self.algo.observe(self.x, self.r, u)
 
     def _on_certified(self, msg: Float64MultiArray) -> None:
         if not self.p["follow_certified"]:
@@ -175,16 +205,51 @@ class LearnerNode(Node):
         except ValueError as exc:
             self.get_logger().warning(f"ignored certified weights: {exc}", throttle_duration_sec=5.0)
             return
-        self.algo.load(flat)
-        self.loaded_certified += 1
+        with self._certified_lock:        # loaded by the worker before its next update
+            self._certified = flat
 
+    # ------------------------------------------------------------------ one update, messages out
     def _propose(self) -> None:
+        if self._job is not None:
+            if not self._job.done():
+                self.busy_ticks += 1
+                return
+            self._collect(self._job)
+            self._job = None
         if not self.algo.ready(self.p["min_samples"]):
+            self._update_diagnostics()
             return
-        stats = self.algo.update(self.p["steps_per_proposal"])
-        self.last_loss = stats.get("loss", float("nan"))
-        self.pub.publish(weights_to_msg(self.algo.weights(), self.layout.fingerprint))
+        steps = self.p["epochs_per_proposal"] if self.p["algorithm"] == "c_trpo" else self.p["steps_per_proposal"]
+        self._job = self._pool.submit(self._update_and_publish, int(steps))
+
+    def _update_and_publish(self, steps: int) -> dict:
+        """Worker thread: re-base on certified weights, train, publish the proposal."""
+        with self._certified_lock:
+            certified, self._certified = self._certified, None
+        with self._algo_lock:
+            if certified is not None:
+                self.algo.load(certified)
+                self.loaded_certified += 1
+            stats = self.algo.update(steps)
+            flat = self.algo.weights()
+        if not np.all(np.isfinite(flat)):
+            # the safety node would refuse it anyway; say so here where the cause is
+            raise FloatingPointError(f"{int(np.count_nonzero(~np.isfinite(flat)))} non-finite weights after the "
+                                     "update: not proposed")
+        self.pub.publish(weights_to_msg(flat, self.layout.fingerprint))
         self.proposals += 1
+        return stats
+
+    def _collect(self, job: Future) -> None:
+        exc = job.exception()
+        if exc is not None:
+            self.update_errors += 1
+            self.get_logger().error(f"learner update failed ({type(exc).__name__}: {exc}); last proposal stands",
+                                    throttle_duration_sec=5.0)
+            self.diag.update("learning", WARN, f"update failed: {exc}", update_errors=self.update_errors,
+                             proposals=self.proposals, algorithm=self.p["algorithm"])
+            return
+        self.last_stats = job.result()
         if self.proposals % 10 == 1:
             self._update_diagnostics()
 
@@ -192,13 +257,24 @@ class LearnerNode(Node):
         ready = self.algo.ready(self.p["min_samples"])
         self.diag.update("learning", OK if ready else WARN,
                          "proposing" if ready else f"collecting demonstrations ({self.algo.count})",
-                         proposals=self.proposals, samples=self.algo.count, loss=self.last_loss,
-                         loaded_certified=self.loaded_certified, algorithm=self.p["algorithm"])
+                         **{**self.last_stats, "proposals": self.proposals, "samples": self.algo.count,
+                            "loaded_certified": self.loaded_certified, "busy_ticks": self.busy_ticks,
+                            "update_errors": self.update_errors, "algorithm": self.p["algorithm"]})
+
+    def summary(self) -> dict:
+        return {"node": "learner", "algorithm": self.p["algorithm"], "proposals": self.proposals,
+                "samples": self.algo.count, "loss": self.last_stats.get("loss", float("nan")),
+                "loaded_certified": self.loaded_certified, "busy_ticks": self.busy_ticks,
+                "update_errors": self.update_errors, "last_update": self.last_stats}
 
     def destroy_node(self):
+        # let a running update finish (and publish) before the publisher goes
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._job is not None and self._job.done() and not self._job.cancelled():
+            self._collect(self._job)
+            self._job = None
         flush_publishers([self.pub])
-        print("SUMMARY " + json.dumps({"node": "learner", "proposals": self.proposals, "samples": self.algo.count,
-                                       "loss": self.last_loss}), flush=True)
+        print("SUMMARY " + json.dumps(self.summary()), flush=True)
         return super().destroy_node()
 
 

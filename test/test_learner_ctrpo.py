@@ -1,0 +1,167 @@
+"""The learner's algorithms (``scpo_ros.learners``) and the ``c_trpo`` learner composed with SCPO.
+
+ROS-free: the C-TRPO proposer proposes finite, layout-true weights that change as it
+trains in its own simulation, starts as the backup, and re-bases on certified weights;
+the moved imitation learner still learns. Over real DDS: sim + expert + learner
+(``algorithm: c_trpo``) + scpo_safety_node; C-TRPO's proposals reach the safety node and get
+SCPO decisions, the learner re-bases on the certified weights, the plant never leaves its
+limits, and every node shuts down cleanly.
+"""
+import numpy as np
+import pytest
+import torch
+
+from scpo_ros.backup import InitialSet, LQRBackup
+from scpo_ros.ctrpo import CTRPOConfig
+from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.learners import CTRPOProposer, ImitationLearner
+from scpo_ros.policy import MLPLayout, NumpyMLP, check_weights, policy_inputs
+
+SYSTEM = DoubleIntegrator(dof=1, dt=0.05)
+BACKUP = LQRBackup(SYSTEM)
+HIDDEN = (16, 16)
+LAYOUT = MLPLayout(3, 1, HIDDEN)
+
+
+def small_proposer(seed: int = 0, **kwargs) -> CTRPOProposer:
+    torch.set_num_threads(1)
+    config = CTRPOConfig(algorithm="c_trpo", cost_limit=1.0, hidden=HIDDEN, critic_epochs=2)
+    return CTRPOProposer(SYSTEM, BACKUP, LAYOUT, InitialSet(), config, num_envs=8, horizon=25, seed=seed, **kwargs)
+
+
+def test_ctrpo_proposer_starts_as_the_backup_and_proposes_changing_layout_true_weights():
+    prop = small_proposer()
+    assert not prop.needs_demonstrations and prop.ready(10**9)
+    w0 = prop.weights()
+    # the safety node's initial weights for the same seed: φ ≡ 0, i.e. the policy is the backup
+    assert np.array_equal(w0, LAYOUT.initial_parameters(0).double().numpy())
+    proposals, all_stats = [w0], []
+    for _ in range(3):
+        stats = prop.update(2)
+        all_stats.append(stats)
+        w = prop.weights()
+        assert w.dtype == np.float64 and w.shape == (LAYOUT.size,)
+        check_weights(LAYOUT, w, LAYOUT.fingerprint)           # size, fingerprint, finite
+        proposals.append(w)
+    assert prop.count == 3 * 2 * 25 * 8 and stats["epochs"] == 6
+    # 150 steps per env: the 100-step episodes of all 8 envs finished during the second call,
+    # with a cost (unsafe steps) in [0, 100]
+    assert [s["episodes"] for s in all_stats] == [0, 8, 0]
+    assert np.isnan(all_stats[0]["ep_cost"])
+    assert 0.0 <= all_stats[1]["ep_cost"] <= 100.0 and np.isfinite(all_stats[1]["ep_return"])
+    assert all_stats[2]["ep_return"] == all_stats[1]["ep_return"]     # the latest finished episodes
+    steps = [np.linalg.norm(b - a) for a, b in zip(proposals, proposals[1:])]
+    assert all(s > 0 for s in steps), steps                  # every update moved the proposal
+
+
+def test_ctrpo_proposer_rebases_on_certified_weights():
+    prop = small_proposer()
+    prop.update(1)
+    rng = np.random.default_rng(3)
+    certified = LAYOUT.initial_parameters(7).double().numpy() + 0.01 * rng.standard_normal(LAYOUT.size)
+    prop.load(certified)
+    np.testing.assert_allclose(prop.weights(), certified, atol=1e-6)   # float32 inside
+    # the proposer's mean action is the safety node's law for these weights: backup + φ_θ
+    x, r = np.array([0.3, -0.1]), np.array([0.2])
+    mean = prop.learner.act(torch.tensor(policy_inputs(x, r), dtype=torch.float32)[None], deterministic=True)[0]
+    law = BACKUP(x, r) + NumpyMLP(LAYOUT, certified)(policy_inputs(x, r))
+    np.testing.assert_allclose(mean.numpy()[0], law, atol=1e-5)
+    # training goes on from the certified weights, not from where it was before
+    prop.update(1)
+    after = prop.weights()
+    assert 0 < np.linalg.norm(after - certified) < np.linalg.norm(after - LAYOUT.initial_parameters(0).numpy())
+
+
+def test_ctrpo_proposer_refuses_a_mismatched_setup():
+    with pytest.raises(ValueError, match="hidden"):
+        CTRPOProposer(SYSTEM, BACKUP, MLPLayout(3, 1, (32, 32)), config=CTRPOConfig(hidden=HIDDEN))
+    with pytest.raises(ValueError, match="double integrator"):
+        CTRPOProposer(SYSTEM, BACKUP, MLPLayout(6, 2, HIDDEN), config=CTRPOConfig(hidden=HIDDEN))
+    with pytest.raises(ValueError, match="inside the constraint box"):
+        CTRPOProposer(SYSTEM, BACKUP, LAYOUT, InitialSet(p0_max=1.2), config=CTRPOConfig(hidden=HIDDEN))
+
+
+def test_ctrpo_proposer_runtime_settings_reach_the_critics():
+    prop = small_proposer()
+    prop.set_lr(3e-4)
+    prop.batch_size = 64
+    assert all(g["lr"] == 3e-4 for g in prop.learner.critic_opt.param_groups)
+    assert prop.learner.config.critic_batch == 64 and prop.batch_size == 64
+    prop.update(1)                                             # still trains with the replaced config
+
+
+def test_imitation_learner_fits_the_residual_of_the_demonstrations():
+    torch.set_num_threads(1)
+    learner = ImitationLearner(BACKUP, LAYOUT, lr=5e-3, batch_size=64, buffer_size=512, seed=0)
+    assert learner.needs_demonstrations and not learner.ready(1)
+    rng = np.random.default_rng(0)
+    for _ in range(256):                                       # the expert = backup + 0.2
+        x, r = rng.uniform(-0.5, 0.5, 2), rng.uniform(-0.5, 0.5, 1)
+        learner.observe(x, r, BACKUP(x, r) + 0.2)
+    assert learner.ready(256)
+    first = learner.update(1)["loss"]
+    last = learner.update(200)["loss"]
+    assert first == pytest.approx(0.04, rel=0.05)              # φ ≡ 0 at start: error 0.2²
+    assert last < 0.1 * first
+
+
+# ---------------------------------------------------------------------------- over real DDS
+
+def test_ctrpo_learner_proposals_are_certified_by_the_safety_node(tmp_path):
+    pytest.importorskip("rclpy")
+    import json
+
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64MultiArray, String
+
+    from scpo_ros.ros_common import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
+    from scpo_ros.scpo import STATUSES
+
+    from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for
+
+    layout = MLPLayout(3, 1, (32, 32))      # the YAML's `hidden` for every node (/**)
+    probe = Probe("ctrpo_probe")
+    probe.record(Float64MultiArray, "proposed_weights", CONTROL_QOS)
+    probe.record(Float64MultiArray, "certified_weights", LATCHED_QOS)
+    probe.record(String, "scpo_decision", EVENT_QOS)
+    probe.record(JointState, "joint_states", CONTROL_QOS)
+    procs = []
+    try:
+        procs = [
+            # small SCPO settings keep each certification step short on a loaded machine
+            NodeProcess("scpo_safety_node", tmp_path, PARAMS, {
+                "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60}),
+            NodeProcess("learner", tmp_path, PARAMS, {
+                "algorithm": "c_trpo", "publish_rate_hz": 4.0, "sim_envs": 8, "sim_horizon": 25,
+                "critic_epochs": 2, "epochs_per_proposal": 1}),
+            NodeProcess("expert", tmp_path, PARAMS, {"malicious": False, "switch_period_s": 2.0}),
+            NodeProcess("double_integrator_sim", tmp_path, PARAMS, {}),
+        ]
+
+        def proposal_decisions():
+            return [json.loads(m.data) for m in probe.messages("scpo_decision")
+                    if json.loads(m.data)["kind"] == "proposal"]
+        decisions = wait_for(lambda: len(proposal_decisions()) >= 4 and proposal_decisions(), STARTUP_TIMEOUT,
+                             "SCPO decisions on four C-TRPO proposals")
+        # let the plant run a while (>= 5 s at 20 Hz: the expert's references switch twice) under
+        # whatever SCPO committed of C-TRPO's proposals
+        wait_for(lambda: len(probe.messages("joint_states")) >= 100, 30.0, "100 plant states")
+        decisions = proposal_decisions()
+        assert all(d["status"] in STATUSES for d in decisions)
+        proposals = [np.asarray(m.data) for m in probe.messages("proposed_weights")]
+        labels = {m.layout.dim[0].label for m in probe.messages("proposed_weights")}
+        assert labels == {layout.fingerprint}
+        assert all(p.shape == (layout.size,) and np.all(np.isfinite(p)) for p in proposals)
+        assert np.linalg.norm(proposals[-1] - proposals[0]) > 0            # C-TRPO is learning
+    finally:
+        probe.close()
+        codes = {p.name: p.stop() for p in reversed(procs)}
+    assert set(codes.values()) == {0}, {p.name: p.text()[-2000:] for p in procs}
+    sim, safety, learner = (next(p for p in procs if p.name == n).summary()
+                            for n in ("double_integrator_sim", "scpo_safety_node", "learner"))
+    assert learner["algorithm"] == "c_trpo" and learner["last_update"]["epochs"] >= 1
+    assert learner["update_errors"] == 0
+    # the learner continued from what the safety node certified (at least its start-up certificate)
+    assert learner["loaded_certified"] >= 1
+    assert safety["malformed"] == 0 and sum(safety["updates"].values()) >= len(decisions)
+    assert sim["steps"] > 0 and sim["constraint_violations"] == 0
