@@ -2,71 +2,88 @@
 
 Two namespaces, the same (malicious) expert in both:
 
-- ``/scpo``: the SCPO graph of ``scpo_double_integrator.launch.py`` (sim, expert, learner,
-  scpo_safety_node), included with ``namespace:=scpo``.
-- ``/safeguard``: sim + expert + ``action_safeguard``. The expert's action is the raw
-  action (``expert_action`` -> ``raw_action``); the safeguard's safe command drives the
-  sim (``cmd``). The expert is the "policy" here, so SE-RL's claim is tested directly:
-  every unsafe action is projected before it reaches the plant.
+- ``/scpo``: the graph of ``scpo_double_integrator.launch.py``: double_integrator_sim,
+  expert, learner, scpo_safety_node (which drives the sim's ``cmd``).
+- ``/safeguard``: double_integrator_sim, expert, action_safeguard. The expert is the
+  policy here: the safeguard takes ``expert_action`` as its raw action (remapped
+  ``raw_action:=expert_action``) and its projection drives the sim's ``cmd``, so every
+  unsafe demonstration reaches the plant only through the projection (SE-RL).
 
-Both sims read the same parameter file, so both plants start identically; the
-safeguard's plant limits come from ``safeguard_params`` and must match the sim's.
-With ``record:=true`` each namespace records its own bag (``<bag_dir>/scpo``,
-``<bag_dir>/safeguard``); ``scpo-ros analyze`` compares them.
+Parameters: one copy of ``params_file`` (default ``config/scpo_double_integrator.yaml``)
+with the ``action_safeguard`` section of ``safeguard_params`` (default
+``config/safeguard.yaml``) and the launch arguments merged in
+(``scpo_ros.demo.compare_params_file``), not passed as ``-p``/dict overrides, which rcl
+would apply *under* the file's node sections. Both namespaces read the same sections
+(``/**/expert`` ...), so both simulators and both experts are identical by construction,
+and the simulator's plant (dof, dt, limits) is copied into the safeguard's section, so its
+invariant set is computed for the plant it guards. Each simulator waits until its
+subscribers (and the recorder) are matched before its first step.
 
-    ros2 launch scpo_ros compare_scpo_vs_safeguard.launch.py malicious:=true record:=true bag_dir:=runs/compare
+With ``record:=true`` one ``bag_recorder`` (no namespace) writes both namespaces into one
+bag; ``scpo-ros analyze BAG`` prints one table with a column per pipeline.
+``scpo-ros demo --compare`` starts the same processes from the same files without ROS
+tooling.
+
+    ros2 launch scpo_ros compare_scpo_vs_safeguard.launch.py malicious:=true record:=true bag:=runs/compare
 """
 import os
+import tempfile
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, GroupAction, IncludeLaunchDescription
-from launch.conditions import IfCondition
-from launch.launch_description_sources import PythonLaunchDescriptionSource
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import Node, PushRosNamespace
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch_ros.actions import Node
+
+
+def _truthy(text: str) -> bool:
+    return text.lower() in ("true", "1", "yes")
+
+
+def _nodes(context):
+    from scpo_ros.demo import (COMPARE_PIPELINES, COMPARE_TOPICS, SAFEGUARD_REMAPS, compare_params_file,
+                               merged_params_file)
+
+    get = lambda name: context.launch_configurations[name]  # noqa: E731
+    dof = int(get("dof"))
+    record = _truthy(get("record"))
+    recorder = 1 if record else 0
+    names = {name for nodes in COMPARE_PIPELINES.values() for name in nodes}
+    overrides = {name: {"dof": dof} for name in names}
+    overrides["expert"]["malicious"] = _truthy(get("malicious"))
+    overrides["double_integrator_sim"].update({"initial_position": [0.0], "initial_velocity": [0.0],
+                                               "wait_for_subscribers": 3 + recorder})  # safety node, expert, learner
+    overrides["bag_recorder"] = {"output": get("bag"),
+                                 "topics": [f"/{ns}/{t}" for ns, topics in COMPARE_TOPICS.items() for t in topics]
+                                 + ["/diagnostics"]}
+    tmp = tempfile.mkdtemp(prefix="scpo_compare_")
+    params = compare_params_file(get("params_file"), get("safeguard_params"), overrides,
+                                 os.path.join(tmp, "params.yaml"))
+    # the safeguard namespace's simulator has no learner among its subscribers
+    params_safeguard = merged_params_file(params, {"double_integrator_sim": {"wait_for_subscribers": 2 + recorder}},
+                                          os.path.join(tmp, "params_safeguard.yaml"))
+    actions = []
+    for ns, nodes in COMPARE_PIPELINES.items():
+        for name in nodes:
+            actions.append(Node(package="scpo_ros", executable=name, name=name, namespace=ns,
+                                parameters=[params_safeguard if ns == "safeguard" else params],
+                                remappings=list(SAFEGUARD_REMAPS) if name == "action_safeguard" else [],
+                                output="screen", emulate_tty=True))
+    if record:
+        actions.append(Node(package="scpo_ros", executable="bag_recorder", name="bag_recorder", parameters=[params],
+                            output="screen", emulate_tty=True))
+    return actions
 
 
 def generate_launch_description():
     share = get_package_share_directory("scpo_ros")
-    params_file = LaunchConfiguration("params_file")
-    safeguard_params = LaunchConfiguration("safeguard_params")
-    malicious = LaunchConfiguration("malicious")
-    record = LaunchConfiguration("record")
-    bag_dir = LaunchConfiguration("bag_dir")
-    dof = LaunchConfiguration("dof")
-
-    args = [
+    return LaunchDescription([
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "scpo_double_integrator.yaml"),
                               description="parameters of sim, expert, learner and SCPO node (both namespaces)"),
         DeclareLaunchArgument("safeguard_params", default_value=os.path.join(share, "config", "safeguard.yaml"),
-                              description="action_safeguard parameters (plant limits must match the sim)"),
+                              description="action_safeguard section (its plant comes from the simulator's values)"),
         DeclareLaunchArgument("malicious", default_value="true", description="malicious expert phases on/off"),
-        DeclareLaunchArgument("record", default_value="false", description="record one bag per namespace"),
-        DeclareLaunchArgument("bag_dir", default_value="runs/compare", description="bags go to BAG_DIR/{scpo,safeguard}"),
+        DeclareLaunchArgument("record", default_value="false", description="record both namespaces into one bag"),
+        DeclareLaunchArgument("bag", default_value="runs/compare", description="bag directory (must not exist)"),
         DeclareLaunchArgument("dof", default_value="1", description="double-integrator axes (1 or 2)"),
-    ]
-
-    scpo = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(os.path.join(share, "launch", "scpo_double_integrator.launch.py")),
-        launch_arguments={"namespace": "scpo", "params_file": params_file, "malicious": malicious,
-                          "record": record, "bag": PathJoinSubstitution([bag_dir, "scpo"]),
-                          "dof": dof}.items())
-
-    dof_override = {"dof": dof}
-    safeguard = GroupAction([
-        PushRosNamespace("safeguard"),
-        Node(package="scpo_ros", executable="double_integrator_sim", name="double_integrator_sim",
-             parameters=[params_file, dof_override], output="screen"),
-        Node(package="scpo_ros", executable="expert", name="expert",
-             parameters=[params_file, {"malicious": malicious}, dof_override],
-             remappings=[("expert_action", "raw_action")], output="screen"),
-        Node(package="scpo_ros", executable="action_safeguard", name="action_safeguard",
-             parameters=[safeguard_params, dof_override], output="screen"),
-        Node(package="scpo_ros", executable="bag_recorder", name="bag_recorder", condition=IfCondition(record),
-             parameters=[params_file, {"output": PathJoinSubstitution([bag_dir, "safeguard"]),
-                                       "topics": ["joint_states", "raw_action", "cmd", "intervention",
-                                                  "violations", "/diagnostics"]}],
-             output="screen"),
+        OpaqueFunction(function=_nodes),
     ])
-    return LaunchDescription(args + [scpo, safeguard])

@@ -22,7 +22,19 @@ Metrics (keys of the JSON):
 - ``latency_ms``: state -> command latency, ``median``/``p99``/``mean``/``max``: for every
   command, its log time minus the log time of the last state before it, both stamped by the
   recorder on receipt (so it includes the safety node and one transport hop).
+- ``pipeline``: ``scpo`` (the bag has SCPO decisions / safety modes), ``safeguard`` (it has
+  ``intervention`` records of ``action_safeguard``) or ``unknown``.
+- ``interventions``: safeguard commands that differ from the raw action (projections that
+  moved it, and fallbacks); ``intervention_rate`` = interventions / control steps;
+  ``projection_distance_mean`` / ``_max``: ``||ũ - u||`` over the projections that moved
+  the action (fallbacks excluded). For a safeguard bag ``fallbacks`` counts its backup
+  commands (``fallbacks_by_mode`` by reason), for an SCPO bag the switches into a fallback
+  mode.
 Limits come from the simulator's diagnostics in the bag, else from the arguments.
+
+Side by side: a bag holding several namespaces (``scpo-ros demo --compare`` records
+``/scpo`` and ``/safeguard`` into one bag), or two bags, give one column per pipeline
+(``analyze_pipelines``, ``format_comparison``); the bag is read once.
 """
 from __future__ import annotations
 
@@ -58,6 +70,7 @@ class Series:
     decisions: list = field(default_factory=list)   # (t, dict)
     modes: list = field(default_factory=list)       # (t, dict)
     violations: list = field(default_factory=list)  # (t, dict)
+    interventions: list = field(default_factory=list)  # (t, dict), action_safeguard records
     sim_diag: dict = field(default_factory=dict)
     topics: dict = field(default_factory=dict)
 
@@ -73,11 +86,26 @@ def _stack(rows: list, width: int | None = None) -> np.ndarray:
     return np.array([r[:n] for r in rows], dtype=float)
 
 
-def load_series(path: str | Path) -> Series:
+def _namespace(topic: str) -> str:
+    return topic.rsplit("/", 1)[0].strip("/")
+
+
+def bag_namespaces(messages: list) -> list[str]:
+    """Namespaces (without slashes, "" for none) that hold a ``joint_states`` topic."""
+    return sorted({_namespace(m.topic) for m in messages if _base(m.topic) == "joint_states"})
+
+
+def load_series(path: str | Path, namespace: str | None = None, messages: list | None = None) -> Series:
+    """The series of one pipeline: of ``namespace`` (plus ``/diagnostics`` of its nodes) if
+    given, else of the busiest topic per base name. ``messages``: already read from ``path``."""
     s = Series()
     per_topic: dict[str, Counter] = {}
     buckets: dict[str, list] = {}
-    for m in read_messages(path):
+    ns = None if namespace is None else namespace.strip("/")
+    prefix = None if ns is None else ("/" + ns + "/" if ns else "/")   # of the nodes' hardware_id
+    for m in (read_messages(path) if messages is None else messages):
+        if ns is not None and _namespace(m.topic) != ns and _base(m.topic) != "diagnostics":
+            continue
         base = _base(m.topic)
         per_topic.setdefault(base, Counter())[m.topic] += 1
         buckets.setdefault(base, []).append(m)
@@ -114,10 +142,14 @@ def load_series(path: str | Path) -> Series:
     s.decisions = [(T(m), json.loads(m.msg.data)) for m in get("scpo_decision")]
     s.modes = [(T(m), json.loads(m.msg.data)) for m in get("safety_mode")]
     s.violations = [(T(m), json.loads(m.msg.data)) for m in get("constraint_violation")]
+    s.interventions = [(T(m), json.loads(m.msg.data)) for m in get("intervention")]
     for m in get("diagnostics"):
         for st in m.msg.status:
             if st.name.endswith("double_integrator_sim: plant") or st.name == "double_integrator_sim: plant":
-                s.sim_diag = {kv.key: kv.value for kv in st.values}
+                # one simulator per namespace; a namespaced hardware_id names it, a bare one
+                # ("double_integrator_sim") could be either: in a --compare bag both share the limits
+                if prefix is None or st.hardware_id.startswith(prefix) or "/" not in st.hardware_id:
+                    s.sim_diag = {kv.key: kv.value for kv in st.values}
     return s
 
 
@@ -186,11 +218,22 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
                  and d.get("status") in ("accepted", "backtracked")
                  and d.get("committed_step_norm", 0.0) < 0.99 * (d.get("raw_step_norm") or 0.0))
 
+    # the safeguard's records: every command that differs from the raw action
+    records = [d for _, d in s.interventions]
+    distances = np.array([d["distance"] for d in records if not d.get("fallback") and d.get("distance") is not None],
+                         dtype=float)
+    guard_fallbacks = Counter(d.get("reason") or "fallback" for d in records if d.get("fallback"))
+    fallbacks.update(guard_fallbacks)
+    bases = {_base(t) for t in s.topics}
+    pipeline = ("scpo" if bases & {"scpo_decision", "safety_mode"} else
+                "safeguard" if "intervention" in bases else "unknown")
+
     step_norms = [d.get("committed_step_norm", 0.0) for _, d in s.decisions
                   if d.get("status") in ("accepted", "backtracked") and d.get("kind") != "recertify"]
     times = [d.get("times_ms", {}).get("total") for _, d in s.decisions if d.get("kind") == "proposal"]
     times = np.array([t for t in times if t is not None], dtype=float)
     return {
+        "pipeline": pipeline,
         "duration_s": float(max([s.state_t[-1] if len(s.state_t) else 0.0,
                                  s.cmd_t[-1] if len(s.cmd_t) else 0.0])),
         "states": int(len(s.state_t)),
@@ -208,6 +251,10 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
         "recertifications": dict(recert),
         "fallbacks": int(sum(fallbacks.values())),
         "fallbacks_by_mode": dict(fallbacks),
+        "interventions": len(records),
+        "intervention_rate": len(records) / int(control.sum()) if control.sum() else None,
+        "projection_distance_mean": float(distances.mean()) if distances.size else None,
+        "projection_distance_max": float(distances.max()) if distances.size else None,
         "tracking_cost": tracking,
         "latency_ms": _percentiles(latency),
         "update_time_ms": _percentiles(times),
@@ -217,9 +264,71 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
     }
 
 
-def analyze(path: str | Path, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> tuple[dict, Series]:
-    s = load_series(path)
+def analyze(path: str | Path, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0,
+            namespace: str | None = None) -> tuple[dict, Series]:
+    s = load_series(path, namespace)
     return compute_metrics(s, p_max, v_max, u_max), s
+
+
+def analyze_pipelines(bags: list[str | Path], p_max: float = 1.0, v_max: float = 1.0,
+                      u_max: float = 1.0) -> dict[str, tuple[dict, Series]]:
+    """One ``(metrics, series)`` per pipeline, keyed by a column label: per namespace of a
+    single bag that holds several, else per bag (labelled by its namespace when the bags'
+    namespaces differ, else ``bag1``, ``bag2``). Each bag is read once."""
+    read = [(Path(b), list(read_messages(b))) for b in bags]
+    spaces = [bag_namespaces(msgs) for _, msgs in read]
+    columns: dict[str, tuple[dict, Series]] = {}
+    if len(read) == 1 and len(spaces[0]) > 1:
+        path, msgs = read[0]
+        for ns in spaces[0]:
+            s = load_series(path, ns, msgs)
+            columns[ns or "(root)"] = (compute_metrics(s, p_max, v_max, u_max), s)
+        return columns
+    labels = [ns[0] if len(ns) == 1 and ns[0] else None for ns in spaces]
+    if None in labels or len(set(labels)) < len(labels):
+        labels = [f"bag{i + 1}" for i in range(len(read))] if len(read) > 1 else ["bag"]
+    for label, (path, msgs) in zip(labels, read):
+        s = load_series(path, None, msgs)
+        columns[label] = (compute_metrics(s, p_max, v_max, u_max), s)
+    return columns
+
+
+def format_comparison(columns: dict[str, dict], title: str = "") -> str:
+    """One table, one column per pipeline (``label -> metrics``); ``-`` where a row does
+    not apply to a pipeline (SCPO updates of the safeguard, interventions of SCPO)."""
+    fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
+    scpo_only = lambda m, v: v if m["pipeline"] != "safeguard" else None  # noqa: E731
+    guard_only = lambda m, v: v if m["pipeline"] == "safeguard" else None  # noqa: E731
+    rows = [
+        ("pipeline", lambda m: m["pipeline"]),
+        ("constraint violations (sim)", lambda m: m["constraint_violations"]),
+        ("constraint violations (states)", lambda m: m["constraint_violations_from_states"]),
+        ("min constraint margin", lambda m: fmt(m["min_constraint_margin"])),
+        ("control steps", lambda m: m["control_steps"]),
+        ("  of which backup alone", lambda m: m["backup_steps"]),
+        ("hold commands (stale state)", lambda m: m["hold_commands"]),
+        ("interventions", lambda m: fmt(guard_only(m, m["interventions"]), "{}")),
+        ("intervention rate", lambda m: fmt(guard_only(m, m["intervention_rate"]), "{:.3f}")),
+        ("mean projection distance", lambda m: fmt(guard_only(m, m["projection_distance_mean"]))),
+        ("SCPO updates accepted", lambda m: fmt(scpo_only(m, m["updates"]["accepted"]), "{}")),
+        ("SCPO updates backtracked", lambda m: fmt(scpo_only(m, m["updates"]["backtracked"]), "{}")),
+        ("  committed but shrunk", lambda m: fmt(scpo_only(m, m["updates_shrunk"]), "{}")),
+        ("SCPO updates rejected", lambda m: fmt(scpo_only(m, m["updates"]["rejected"]), "{}")),
+        ("SCPO updates infeasible", lambda m: fmt(scpo_only(m, m["updates"]["infeasible"]), "{}")),
+        ("fallbacks", lambda m: m["fallbacks"]),
+        ("tracking cost (mean |p-r|^2)", lambda m: fmt(m["tracking_cost"])),
+        ("latency state->cmd median [ms]", lambda m: fmt(m["latency_ms"]["median"], "{:.3f}")),
+        ("latency state->cmd p99 [ms]", lambda m: fmt(m["latency_ms"]["p99"], "{:.3f}")),
+    ]
+    labels = list(columns)
+    cells = [[str(get(columns[label])) for label in labels] for _, get in rows]
+    w0 = max(len(name) for name, _ in rows)
+    widths = [max(len(label), *(len(c[i]) for c in cells)) for i, label in enumerate(labels)]
+    lines = [title] if title else []
+    lines.append("  " + " " * w0 + "".join(f"  {label:>{w}}" for label, w in zip(labels, widths)))
+    lines += ["  " + f"{name:<{w0}}" + "".join(f"  {c:>{w}}" for c, w in zip(row, widths))
+              for (name, _), row in zip(rows, cells)]
+    return "\n".join(lines)
 
 
 def format_table(metrics: dict, title: str = "") -> str:

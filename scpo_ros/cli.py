@@ -2,7 +2,12 @@
 
     scpo-ros demo [--duration 30] [--bag runs/demo] [--params config/scpo_double_integrator.yaml]
                   [--no-malicious] [--dof 1] [--namespace NS] [--overwrite]
+    scpo-ros demo --compare [--bag runs/compare] [--safeguard-params config/safeguard.yaml] ...
     scpo-ros analyze BAG [BAG2] [--json PATH] [--plots DIR]
+
+``analyze`` with two bags, or one bag holding several namespaces (``demo --compare``),
+prints one comparison table, a column per pipeline; ``--json`` then writes
+``{"pipelines": {label: metrics}}`` (two bags: also ``"bags": {path: metrics}``).
 """
 from __future__ import annotations
 
@@ -13,22 +18,29 @@ from pathlib import Path
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze, format_table, write_plots
+    from .analysis import analyze_pipelines, format_comparison, format_table, write_plots
 
-    results = {}
-    for i, bag in enumerate(args.bags):
+    for bag in args.bags:
         if not Path(bag).exists():
             print(f"error: no bag at {bag}", file=sys.stderr)
             return 2
-        metrics, series = analyze(bag, args.p_max, args.v_max, args.u_max)
-        print(format_table(metrics, title=f"bag {bag}"))
-        if args.plots:
-            out = Path(args.plots) if len(args.bags) == 1 else Path(args.plots) / f"bag{i + 1}"
+    columns = analyze_pipelines(args.bags, args.p_max, args.v_max, args.u_max)
+    if len(columns) == 1:
+        (metrics, series), = columns.values()
+        print(format_table(metrics, title=f"bag {args.bags[0]}"))
+        payload = metrics
+    else:
+        print(format_comparison({label: m for label, (m, _) in columns.items()},
+                                title="bags " + ", ".join(map(str, args.bags))))
+        payload = {"pipelines": {label: m for label, (m, _) in columns.items()}}
+        if len(args.bags) > 1:
+            payload["bags"] = {str(bag): m for bag, (m, _) in zip(args.bags, columns.values())}
+    if args.plots:
+        for label, (metrics, series) in columns.items():
+            out = Path(args.plots) if len(columns) == 1 else Path(args.plots) / label
             files = write_plots(series, metrics, out)
             print("plots: " + ", ".join(files))
-        results[str(bag)] = metrics
     if args.json:
-        payload = next(iter(results.values())) if len(results) == 1 else {"bags": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"json: {args.json}")
@@ -46,7 +58,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    an = sub.add_parser("analyze", help="metrics table, JSON and plots of one or two bags (MCAP or sqlite3)")
+    an = sub.add_parser("analyze", help="metrics table, JSON and plots of one or two bags (MCAP or sqlite3); "
+                                        "two bags or namespaces: one comparison table")
     an.add_argument("bags", nargs="+", metavar="BAG", help="bag directory (one or two)")
     an.add_argument("--json", help="write the metrics as JSON here")
     an.add_argument("--plots", help="write PNG plots into this directory")

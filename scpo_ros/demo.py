@@ -9,6 +9,12 @@ first, then the other nodes, the recorder last, analyses the bag and prints a su
 the nodes' own counts (their ``SUMMARY`` lines) beside the numbers read back from the
 bag. Exit code 0 when the run was clean, 1 when the simulator reported a constraint
 violation, 2 when a node failed.
+
+``scpo-ros demo --compare`` runs two such pipelines side by side on identical simulators
+with the same (malicious) expert, from the same YAML: ``/scpo`` (the graph above) and
+``/safeguard`` (simulator, expert, ``action_safeguard`` projecting the expert's action,
+which it takes as its raw action). One recorder writes both namespaces into one bag, and
+the summary is one comparison table (``analysis.format_comparison``).
 """
 from __future__ import annotations
 
@@ -23,19 +29,35 @@ from pathlib import Path
 
 NODE_ORDER = ("bag_recorder", "scpo_safety_node", "expert", "learner", "double_integrator_sim")
 FIRST_STATE_TOPICS = ("cmd", "expert_action", "reference", "malicious")
-STOP_ORDER = ("double_integrator_sim", "learner", "expert", "scpo_safety_node", "bag_recorder")
+STOP_ORDER = ("double_integrator_sim", "learner", "expert", "scpo_safety_node", "action_safeguard", "bag_recorder")
+
+# --compare: the two pipelines (namespace -> nodes in start order, the simulator last)
+COMPARE_PIPELINES = {
+    "scpo": ("scpo_safety_node", "expert", "learner", "double_integrator_sim"),
+    "safeguard": ("action_safeguard", "expert", "double_integrator_sim"),
+}
+SAFEGUARD_REMAPS = (("raw_action", "expert_action"),)
+"""The expert is the safeguard's policy: its action is the raw action to project."""
+COMPARE_TOPICS = {
+    "scpo": ("joint_states", "cmd", "expert_action", "reference", "malicious", "proposed_weights",
+             "certified_weights", "scpo_decision", "safety_mode", "constraint_violation"),
+    "safeguard": ("joint_states", "cmd", "expert_action", "reference", "malicious", "intervention",
+                  "constraint_violation"),
+}
+COMPARE_FIRST_STATE_TOPICS = {"scpo": FIRST_STATE_TOPICS, "safeguard": FIRST_STATE_TOPICS + ("intervention",)}
+SAFEGUARD_PLANT_PARAMS = ("dof", "dt", "p_max", "v_max", "u_max")
 
 
-def default_params_file() -> str:
-    """The package's YAML: from the ament index when installed as a ROS package, else the source tree."""
+def default_params_file(name: str = "scpo_double_integrator.yaml") -> str:
+    """A YAML of the package: from the ament index when installed as a ROS package, else the source tree."""
     try:
         from ament_index_python.packages import get_package_share_directory
-        path = Path(get_package_share_directory("scpo_ros")) / "config" / "scpo_double_integrator.yaml"
+        path = Path(get_package_share_directory("scpo_ros")) / "config" / name
         if path.exists():
             return str(path)
     except Exception:
         pass
-    return str(Path(__file__).resolve().parent.parent / "config" / "scpo_double_integrator.yaml")
+    return str(Path(__file__).resolve().parent.parent / "config" / name)
 
 
 def add_demo_arguments(ap) -> None:
@@ -50,36 +72,85 @@ def add_demo_arguments(ap) -> None:
     ap.add_argument("--json", default=None, help="write the summary as JSON here")
     ap.add_argument("--plots", default=None, help="write the analysis plots into this directory")
     ap.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for the graph to start")
+    ap.add_argument("--compare", action="store_true",
+                    help="SCPO (/scpo) and the action safeguard (/safeguard) side by side; one bag, one table")
+    ap.add_argument("--safeguard-params", default=None,
+                    help="action_safeguard parameter file for --compare (default config/safeguard.yaml)")
 
 
-def merged_params_file(base: str | Path, overrides: dict[str, dict], out: str | Path) -> str:
-    """Copy of the parameter file ``base`` with ``overrides`` (node name -> {param: value}) merged in.
+def _section_node(key: str) -> str:
+    return key.rstrip("/").rsplit("/", 1)[-1]
 
-    Why not ``-p name:=value``: rcl applies a node's own section (``/**/expert``) over the
-    wildcard section (``/**``) that ``-p`` and launch's dict parameters land in, so those
-    would lose against the YAML. Here every override goes into each section of the file
-    that names the node (and into ``/**/<node>`` if none does).
-    """
-    import yaml
 
-    data = yaml.safe_load(Path(base).read_text()) or {}
+def merge_params(data: dict, overrides: dict[str, dict]) -> dict:
+    """``overrides`` (node name -> {param: value}) merged into the parameter-file dict ``data``:
+    into each section that names the node, or a new ``/**/<node>`` if none does."""
     for node, params in overrides.items():
         if not params:
             continue
-        keys = [k for k in data if k.rstrip("/").rsplit("/", 1)[-1] == node]
+        keys = [k for k in data if _section_node(k) == node]
         if not keys:
             keys = [f"/**/{node}"]
             data[keys[0]] = {"ros__parameters": {}}
         for k in keys:
             data[k].setdefault("ros__parameters", {}).update(params)
+    return data
+
+
+def merged_params_file(base: str | Path, overrides: dict[str, dict], out: str | Path,
+                       extra: list[str | Path] = ()) -> str:
+    """Copy of the parameter file ``base`` with ``overrides`` (node name -> {param: value}) merged in.
+
+    Why not ``-p name:=value``: rcl applies a node's own section (``/**/expert``) over the
+    wildcard section (``/**``) that ``-p`` and launch's dict parameters land in, so those
+    would lose against the YAML. Here every override goes into each section of the file
+    that names the node (and into ``/**/<node>`` if none does). ``extra`` files are merged
+    in first, section by section (their values win over ``base``'s).
+    """
+    import yaml
+
+    data = yaml.safe_load(Path(base).read_text()) or {}
+    for path in extra:
+        for key, section in (yaml.safe_load(Path(path).read_text()) or {}).items():
+            params = (section or {}).get("ros__parameters", {})
+            data.setdefault(key, {}).setdefault("ros__parameters", {}).update(params)
+    merge_params(data, overrides)
     Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
     return str(out)
 
 
-def node_command(name: str, params_file: str, namespace: str = "") -> list[str]:
+def node_parameters(data: dict, node: str) -> dict:
+    """The values a node named ``node`` (any namespace) gets from the parameter-file dict:
+    ``/**`` first, its own sections over it (rcl's order)."""
+    out = dict((data.get("/**") or {}).get("ros__parameters", {}))
+    for key, section in data.items():
+        if key != "/**" and _section_node(key) == node:
+            out.update((section or {}).get("ros__parameters", {}))
+    return out
+
+
+def compare_params_file(params_file: str | Path, safeguard_file: str | Path, overrides: dict[str, dict],
+                        out: str | Path) -> str:
+    """The parameter file of the side-by-side run: the SCPO graph's YAML, the safeguard's
+    section, ``overrides``, and the simulator's plant (dof, dt, limits) copied into the
+    safeguard's section, so its invariant set is computed for the plant it guards."""
+    import yaml
+
+    merged_params_file(params_file, overrides, out, extra=[safeguard_file])
+    data = yaml.safe_load(Path(out).read_text())
+    sim = node_parameters(data, "double_integrator_sim")
+    plant = {k: sim[k] for k in SAFEGUARD_PLANT_PARAMS if k in sim}
+    merge_params(data, {"action_safeguard": plant})
+    Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(out)
+
+
+def node_command(name: str, params_file: str, namespace: str = "", remaps=()) -> list[str]:
     cmd = [sys.executable, "-m", f"scpo_ros.nodes.{name}", "--ros-args", "--params-file", params_file]
     if namespace:
         cmd += ["-r", f"__ns:=/{namespace.strip('/')}"]
+    for src, dst in remaps:
+        cmd += ["-r", f"{src}:={dst}"]
     return cmd
 
 
@@ -91,6 +162,7 @@ class Graph:
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.exit_codes: dict[str, int | None] = {}
 
     def start(self, name: str, cmd: list[str]) -> None:
         path = self.log_dir / f"{name}.log"
@@ -136,7 +208,17 @@ class Graph:
         return p.returncode
 
     def stop_all(self) -> dict[str, int | None]:
-        return {name: self.stop(name) for name in STOP_ORDER if name in self.procs}
+        """Stop every process: simulators first, the recorder last (``STOP_ORDER`` by node name;
+        process keys are ``<node>`` or ``<namespace>.<node>``)."""
+        rank = lambda key: STOP_ORDER.index(key.rsplit(".", 1)[-1])  # noqa: E731
+        codes = {}
+        for r in sorted({rank(k) for k in self.procs}):
+            group = [k for k in self.procs if rank(k) == r]
+            for key in group:   # one signal to every process of a rank, then wait: namespaces stop together
+                if self.procs[key].poll() is None:
+                    self.procs[key].send_signal(signal.SIGINT)
+            codes.update({key: self.stop(key) for key in group})
+        return codes
 
     def summaries(self) -> dict[str, dict]:
         out = {}
@@ -150,9 +232,8 @@ class Graph:
         return out
 
 
-def run_graph(args, out=print) -> dict:
-    """Run the graph; return the nodes' summaries, exit codes, the bag metrics (if recorded)."""
-    params_file = args.params or default_params_file()
+def _prepare_run(args, params_file: str) -> tuple[Path | None, Path, dict]:
+    """Check the inputs, make the bag's and the logs' places; ``(bag, log_dir, env)``."""
     if not Path(params_file).exists():
         raise FileNotFoundError(f"no parameter file at {params_file}")
     bag = None if args.no_record else Path(args.bag)
@@ -168,11 +249,55 @@ def run_graph(args, out=print) -> dict:
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    return bag, log_dir, env
+
+
+def _common_overrides(args) -> tuple[dict, dict]:
+    """Command-line overrides shared by every node, and the simulator's per-axis lists."""
     common = {"dof": args.dof} if args.dof else {}
-    if args.dof:
-        common_lists = {"initial_position": [0.0], "initial_velocity": [0.0]}
-    else:
-        common_lists = {}
+    common_lists = {"initial_position": [0.0], "initial_velocity": [0.0]} if args.dof else {}
+    return common, common_lists
+
+
+def _launch_and_run(graph: Graph, plan: list[tuple[str, list[str], tuple[str, ...]]], args, log_dir: Path,
+                    out) -> None:
+    """Start the processes of ``plan`` (``(key, command, topics)`` in order) and run for ``args.duration``.
+
+    A process with ``topics`` starts only once the recorder (key ``bag_recorder``, if
+    running) has matched a publisher of each of them: the simulators, whose first state
+    triggers those topics. Then waits until every simulator reports that its subscribers
+    are matched, runs ``args.duration`` s while watching for dead nodes, and stops all
+    processes in ``STOP_ORDER`` (also on error).
+    """
+    try:
+        for key, cmd, topics in plan:
+            if topics and "bag_recorder" in graph.procs:
+                for topic in topics:
+                    if not graph.wait_for_line("bag_recorder", f"{topic}\n", args.startup_timeout,
+                                               prefix="publisher matched: "):
+                        raise RuntimeError(f"the recorder found no publisher of {topic} (see {log_dir})")
+            graph.start(key, cmd)
+        for key in [k for k, _, _ in plan if k.endswith("double_integrator_sim")]:
+            if not graph.wait_for_line(key, "subscribers matched: starting", args.startup_timeout):
+                raise RuntimeError(f"the graph did not start (exited: {graph.dead() or 'none'}; see {log_dir})")
+        out(f"graph running: {args.duration:g} s of simulation ...")
+        deadline = time.monotonic() + args.duration
+        while time.monotonic() < deadline:
+            dead = graph.dead()
+            if dead:
+                raise RuntimeError(f"node(s) exited early: {dead} (see {log_dir})")
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    finally:
+        graph.exit_codes = graph.stop_all()
+
+
+def run_graph(args, out=print) -> dict:
+    """Run the graph; return the nodes' summaries, exit codes, the bag metrics (if recorded)."""
+    if getattr(args, "compare", False):
+        return run_compare(args, out)
+    params_file = args.params or default_params_file()
+    bag, log_dir, env = _prepare_run(args, params_file)
+    common, common_lists = _common_overrides(args)
     subscribers = 3 + (0 if bag is None else 1)   # safety node, expert, learner (+ recorder)
     overrides = {
         "bag_recorder": {"output": str(bag)} if bag is not None else {},
@@ -185,29 +310,15 @@ def run_graph(args, out=print) -> dict:
     run_params = merged_params_file(params_file, overrides, log_dir / "params.yaml")
     out(f"domain {env.get('ROS_DOMAIN_ID', '0')}, params {params_file}, logs {log_dir}")
     result = {"params_file": params_file, "bag": str(bag) if bag else None, "logs": str(log_dir)}
+    ns = args.namespace.strip("/")
+    prefix = f"/{ns}" if ns else ""
+    plan = [(name, node_command(name, run_params, args.namespace),
+             tuple(f"{prefix}/{t}" for t in FIRST_STATE_TOPICS) if name == "double_integrator_sim" else ())
+            for name in NODE_ORDER if not (name == "bag_recorder" and bag is None)]
     try:
-        for name in NODE_ORDER:
-            if name == "bag_recorder" and bag is None:
-                continue
-            if name == "double_integrator_sim" and bag is not None:
-                # the first state triggers these topics: the recorder must already hear their publishers
-                for topic in FIRST_STATE_TOPICS:
-                    if not graph.wait_for_line("bag_recorder", f"/{topic}\n", args.startup_timeout,
-                                               prefix="publisher matched: "):
-                        raise RuntimeError(f"the recorder found no publisher of {topic} (see {log_dir})")
-            graph.start(name, node_command(name, run_params, args.namespace))
-        if not graph.wait_for_line("double_integrator_sim", "subscribers matched: starting", args.startup_timeout):
-            dead = graph.dead()
-            raise RuntimeError(f"the graph did not start (exited: {dead or 'none'}; see {log_dir})")
-        out(f"graph running: {args.duration:g} s of simulation ...")
-        deadline = time.monotonic() + args.duration
-        while time.monotonic() < deadline:
-            dead = graph.dead()
-            if dead:
-                raise RuntimeError(f"node(s) exited early: {dead} (see {log_dir})")
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        _launch_and_run(graph, plan, args, log_dir, out)
     finally:
-        result["exit_codes"] = graph.stop_all()
+        result["exit_codes"] = graph.exit_codes
     result["nodes"] = graph.summaries()
     if bag is not None:
         from .analysis import analyze, write_plots
@@ -215,6 +326,63 @@ def run_graph(args, out=print) -> dict:
         result["bag_metrics"] = metrics
         if getattr(args, "plots", None):
             result["plots"] = write_plots(series, metrics, args.plots)
+    return result
+
+
+def run_compare(args, out=print) -> dict:
+    """SCPO and the safeguard side by side (``--compare``): two namespaces, identical
+    simulators and experts from the same YAML, one bag with both; returns the nodes'
+    summaries per namespace, exit codes, and the per-pipeline bag metrics."""
+    params_file = args.params or default_params_file()
+    safeguard_file = getattr(args, "safeguard_params", None) or default_params_file("safeguard.yaml")
+    if not Path(safeguard_file).exists():
+        raise FileNotFoundError(f"no parameter file at {safeguard_file}")
+    bag, log_dir, env = _prepare_run(args, params_file)
+    common, common_lists = _common_overrides(args)
+    recorder = 0 if bag is None else 1
+    topics = [f"/{ns}/{t}" for ns, names in COMPARE_TOPICS.items() for t in names] + ["/diagnostics"]
+    overrides = {
+        "bag_recorder": {"output": str(bag), "topics": topics} if bag is not None else {},
+        "scpo_safety_node": dict(common),
+        "action_safeguard": dict(common),
+        "expert": {**common, **({"malicious": False} if args.no_malicious else {})},
+        "learner": dict(common),
+        # both simulators read this section: one value for both, the larger subscriber count
+        "double_integrator_sim": {**common, **common_lists, "wait_for_subscribers": 3 + recorder},
+    }
+    run_params = compare_params_file(params_file, safeguard_file, overrides, log_dir / "params.yaml")
+    # the safeguard's simulator has one subscriber less (no learner): its own copy of the file
+    safeguard_params = merged_params_file(run_params, {"double_integrator_sim": {"wait_for_subscribers":
+                                                                                 2 + recorder}},
+                                          log_dir / "params_safeguard.yaml")
+    graph = Graph(log_dir, env)
+    out(f"domain {env.get('ROS_DOMAIN_ID', '0')}, params {params_file} + {safeguard_file}, logs {log_dir}")
+    result = {"params_file": params_file, "safeguard_params": safeguard_file, "bag": str(bag) if bag else None,
+              "logs": str(log_dir), "namespaces": list(COMPARE_PIPELINES)}
+    plan = [("bag_recorder", node_command("bag_recorder", run_params), ())] if bag is not None else []
+    for ns, nodes in COMPARE_PIPELINES.items():
+        params = safeguard_params if ns == "safeguard" else run_params
+        for name in nodes:
+            remaps = SAFEGUARD_REMAPS if name == "action_safeguard" else ()
+            first = (tuple(f"/{ns}/{t}" for t in COMPARE_FIRST_STATE_TOPICS[ns])
+                     if name == "double_integrator_sim" else ())
+            plan.append((f"{ns}.{name}", node_command(name, params, ns, remaps), first))
+    # the simulators last: every other node (and the recorder) must hear their first state
+    plan.sort(key=lambda entry: entry[0].endswith("double_integrator_sim"))
+    try:
+        _launch_and_run(graph, plan, args, log_dir, out)
+    finally:
+        result["exit_codes"] = graph.exit_codes
+    summaries = graph.summaries()
+    result["nodes"] = {ns: {name: summaries.get(f"{ns}.{name}", {}) for name in nodes}
+                       for ns, nodes in COMPARE_PIPELINES.items()}
+    if bag is not None:
+        from .analysis import analyze_pipelines, write_plots
+        columns = analyze_pipelines([bag])
+        result["bag_metrics"] = {label: metrics for label, (metrics, _) in columns.items()}
+        if getattr(args, "plots", None):
+            result["plots"] = {label: write_plots(series, metrics, Path(args.plots) / label)
+                               for label, (metrics, series) in columns.items()}
     return result
 
 
@@ -244,6 +412,39 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_compare_summary(result: dict) -> str:
+    """The nodes' own counts per pipeline, then the comparison table read back from the bag."""
+    nodes = result.get("nodes", {})
+    scpo, guard = nodes.get("scpo", {}), nodes.get("safeguard", {})
+    safety, sg = scpo.get("scpo_safety_node", {}), guard.get("action_safeguard", {})
+    up = safety.get("updates", {})
+    lines = ["", "=== SCPO vs action safeguard, side by side (same sim, same malicious expert) ==="]
+    for ns in result.get("namespaces", []):
+        sim = nodes.get(ns, {}).get("double_integrator_sim", {})
+        lines.append(f"  /{ns:<10} simulator: {sim.get('steps')} steps, "
+                     f"{sim.get('constraint_violations')} constraint violations")
+    lines.append(f"  /scpo       safety node: {safety.get('control_steps')} control steps, updates accepted "
+                 f"{up.get('accepted')}, backtracked {up.get('backtracked')}, rejected {up.get('rejected')}, "
+                 f"infeasible {up.get('infeasible')}; fallbacks {safety.get('fallbacks')}")
+    lines.append(f"  /safeguard  safeguard: {sg.get('commands')} commands, {sg.get('interventions')} interventions, "
+                 f"{sg.get('fallbacks')} fallbacks")
+    columns = result.get("bag_metrics")
+    if columns:
+        from .analysis import format_comparison
+        lines.append("")
+        lines.append(format_comparison(columns, title=f"from the bag {result['bag']}:"))
+    lines.append(f"  exit codes: {result.get('exit_codes')}")
+    return "\n".join(lines)
+
+
+def simulator_violations(result: dict) -> int:
+    """Constraint violations the simulator(s) reported (both namespaces with --compare)."""
+    nodes = result.get("nodes", {})
+    sims = ([pipeline.get("double_integrator_sim", {}) for pipeline in nodes.values()]
+            if "namespaces" in result else [nodes.get("double_integrator_sim", {})])
+    return sum(sim.get("constraint_violations") or 0 for sim in sims)
+
+
 def run_demo(args) -> int:
     try:
         result = run_graph(args)
@@ -253,11 +454,10 @@ def run_demo(args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 2
-    print(format_summary(result))
+    print(format_compare_summary(result) if getattr(args, "compare", False) else format_summary(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     if any(code not in (0, None) for code in result["exit_codes"].values()):
         return 2
-    violations = result["nodes"].get("double_integrator_sim", {}).get("constraint_violations")
-    return 1 if violations else 0
+    return 1 if simulator_violations(result) else 0

@@ -112,5 +112,5 @@ def test_recorded_mcap_violations_match_simulator(tmp_path):
     metrics, _ = analyze(bag)
     assert metrics["constraint_violations"] == reported["constraint_violations"] >= 20
     assert metrics["constraint_violations_from_states"] == reported["constraint_violations"]
-    assert metrics["states"] == reported["steps"]
+    assert metrics["states"] == reported["states_published"] == reported["steps"] + 1
     assert metrics["limits"]["source"] == "simulator diagnostics"

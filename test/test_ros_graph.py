@@ -32,7 +32,7 @@ def test_malicious_graph_zero_violations_bag_matches_nodes(tmp_path):
     assert m["min_constraint_margin"] > 0
 
     # the bag holds exactly what the nodes counted
-    assert m["states"] == sim["steps"]
+    assert m["states"] == sim["states_published"] == sim["steps"] + 1
     assert m["control_steps"] == safety["control_steps"]
     assert m["backup_steps"] == safety["backup_steps"]
     assert m["hold_commands"] == safety["hold_commands"]

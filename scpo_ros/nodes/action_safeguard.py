@@ -20,18 +20,31 @@ Input rules (the same as the SCPO safety node's):
 - a state outside the invariant set: the backup action, reason
   ``outside_invariant_set``, ERROR diagnostic.
 
-Nothing else is ever published on ``cmd``: projections, or the clipped backup.
+Nothing else is ever published on ``cmd``: projections, or the clipped backup. The
+command's source goes into ``layout.dim[0].label`` (as the SCPO safety node does):
+``safeguard`` for a projection (changed or not), ``backup`` for a fallback; a forward
+command controller ignores it, ``scpo-ros analyze`` counts with it. On shutdown the node
+prints one ``SUMMARY {json}`` line with its counts (read by ``scpo-ros demo --compare``).
+
+Command delay (``command_delay_steps``): the projection keeps ``x+`` in the invariant set
+only if the command acts on the state it was computed for. A plant that applies each
+command one control period late (``x_{k+1} = A x_k + B u_{k-1}``) needs the projection for the state the command will act on:
+``x̂_{k+1} = A x_k + B u_{k-1}`` with the command last sent. ``1`` does that; ``0``
+projects for the measured state (a plant that integrates a command before publishing
+the next state, like ``double_integrator_sim``). A command later than that (a slow transport) breaks the assumption
+either way; the membership check then falls back to the backup.
 
 Lifecycle: ``configure`` builds the invariant set and the projector from the plant
 parameters and creates the publishers; ``activate`` starts the subscriptions;
 ``deactivate``/``cleanup`` undo them. With ``autostart`` (default) the node configures
 and activates itself, so it runs without a lifecycle manager.
 
-    action_safeguard --ros-args -p plant:=double_integrator -p dof:=1 --params-file config/safeguard.yaml
+    action_safeguard --ros-args --params-file config/scpo_double_integrator.yaml --params-file config/safeguard.yaml
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -42,7 +55,8 @@ from std_msgs.msg import Float64MultiArray, String
 from ..backup import LQRBackup, dlqr
 from ..dynamics import DoubleIntegrator, Pendulum
 from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, OK, WARN, Diagnostics, ParamSpec, array_from_float64,
-                          add_parameter_validator, declare_parameters, float64_msg, run_node, state_from_joint_state)
+                          add_parameter_validator, declare_parameters, float64_msg, flush_publishers, run_node,
+                          state_from_joint_state)
 from ..safeguard.invariant_set import safe_set_for
 from ..safeguard.projection import SafeguardProjector
 
@@ -57,22 +71,33 @@ PARAMS = (
               read_only=True),
     ParamSpec("u_max", 1.0, "actuator limit (pendulum: normalised torque a_max)", min=1e-3, max=100.0,
               read_only=True),
+    ParamSpec("p_margin", 0.0, "the invariant set is computed for |p| <= p_max - p_margin (robustness, e.g. to "
+              "a command that reaches the plant a period late)", min=0.0, max=10.0, read_only=True),
+    ParamSpec("v_margin", 0.0, "the invariant set is computed for |v| <= v_max - v_margin", min=0.0, max=10.0,
+              read_only=True),
     ParamSpec("solver", "auto", "projection solver", choices=("auto", "closed_form", "daqp"), read_only=True),
     ParamSpec("state_timeout", 0.25, "joint_states older than this is stale [s]", min=0.01, max=10.0),
     ParamSpec("action_timeout", 0.25, "raw_action older than this is stale [s]", min=0.01, max=10.0),
     ParamSpec("backup_q_pos", 1.0, "LQR backup position weight", min=0.0, max=1e4, read_only=True),
     ParamSpec("backup_q_vel", 1.0, "LQR backup velocity weight", min=0.0, max=1e4, read_only=True),
     ParamSpec("backup_r_act", 10.0, "LQR backup action weight", min=1e-6, max=1e6, read_only=True),
+    ParamSpec("boundary_margin", 1e-6, "the projection keeps the next state this far inside the invariant set "
+              "(its rows' units), so the plant's rounding does not land a hair outside", min=0.0, max=0.1,
+              read_only=True),
+    ParamSpec("command_delay_steps", 0, "control periods between a state and the plant applying its command "
+              "(1: project for the state predicted with the last command sent)", min=0, max=1, read_only=True),
     ParamSpec("autostart", True, "configure and activate on startup", read_only=True),
 )
 
 
 def make_plant(values: dict):
+    """The plant model the invariant set is computed for: the limits tightened by the margins."""
+    p_max, v_max = values["p_max"] - values["p_margin"], values["v_max"] - values["v_margin"]
+    if p_max <= 0.0 or v_max <= 0.0:
+        raise ValueError(f"margins leave no room: p_max - p_margin = {p_max:g}, v_max - v_margin = {v_max:g}")
     if values["plant"] == "pendulum":
-        return Pendulum(dt=values["dt"], theta_max=values["p_max"], theta_dot_max=values["v_max"],
-                        a_max=values["u_max"])
-    return DoubleIntegrator(dof=values["dof"], dt=values["dt"], p_max=values["p_max"], v_max=values["v_max"],
-                            u_max=values["u_max"])
+        return Pendulum(dt=values["dt"], theta_max=p_max, theta_dot_max=v_max, a_max=values["u_max"])
+    return DoubleIntegrator(dof=values["dof"], dt=values["dt"], p_max=p_max, v_max=v_max, u_max=values["u_max"])
 
 
 def make_backup(plant, values: dict):
@@ -110,6 +135,7 @@ class ActionSafeguard(LifecycleNode):
         self.x_time = -np.inf
         self.u_time = -np.inf
         self.reference = None
+        self.u_sent = None   # the last command published (the one a delayed plant applies next)
         self.counts = {"commands": 0, "interventions": 0, "fallbacks": 0, "bad_state": 0, "bad_action": 0}
         self._proj_us = []
 
@@ -122,7 +148,7 @@ class ActionSafeguard(LifecycleNode):
             self.state_dim = 2 * self.dof
             safe_set = safe_set_for(plant)
             self.projector = SafeguardProjector(safe_set, backup=make_backup(plant, self.values),
-                                                solver=self.values["solver"])
+                                                solver=self.values["solver"], margin=self.values["boundary_margin"])
         except (ValueError, RuntimeError) as exc:
             self.get_logger().error(f"cannot build the safeguard: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -182,13 +208,21 @@ class ActionSafeguard(LifecycleNode):
                 f"{len(msg.position)}/{len(msg.velocity)}", throttle_duration_sec=1.0)
             self.diag.update("safeguard", WARN, "bad joint_states dropped", **self.counts)
             return
-        self.x = x.copy()
+        self.x = self._acting_state(x)
         now = time.monotonic()
         self.x_time = now
         if now - self.u_time > self.values["action_timeout"]:
             # No live policy: keep the plant under the backup.
             self._publish(self.projector.fallback(self.x, np.zeros(self.projector.m), self.reference,
                                                    "stale_action"), raw=None)
+
+    def _acting_state(self, x: np.ndarray) -> np.ndarray:
+        """The state the next command will act on: ``x`` itself, or with a one-step command
+        delay ``x`` advanced by the plant model under the command already sent."""
+        if self.values["command_delay_steps"] == 0:
+            return x.copy()
+        u = self.u_sent if self.u_sent is not None else np.zeros(self.projector.m)
+        return np.asarray(self.projector.safe_set.next_state(x, u), dtype=float)
 
     def _on_raw_action(self, msg: Float64MultiArray) -> None:
         u = array_from_float64(msg)
@@ -197,8 +231,9 @@ class ActionSafeguard(LifecycleNode):
             self.get_logger().warning(
                 f"bad raw_action (size {u.size}, expected {self.projector.m}, or non-finite): backup action",
                 throttle_duration_sec=1.0)
-            self.diag.update("safeguard", WARN, "bad raw_action: backup used", **self.counts)
-            if self.x is not None:
+            if self.x is None:
+                self.diag.update("safeguard", WARN, "bad raw_action: no state yet, nothing sent", **self.counts)
+            else:   # the fallback's diagnostic says so (one status per event: no overwrite within a tick)
                 self._publish(self.projector.fallback(self.x, np.zeros(self.projector.m), self.reference,
                                                        "bad_action"), raw=None)
             return
@@ -227,7 +262,8 @@ class ActionSafeguard(LifecycleNode):
         self.reference = r
 
     def _publish(self, res, raw) -> None:
-        self.cmd_pub.publish(float64_msg(res.u))
+        self.cmd_pub.publish(float64_msg(res.u, "backup" if res.fallback else "safeguard"))
+        self.u_sent = res.u
         self.counts["commands"] += 1
         if not res.intervened:
             if self.counts["commands"] % 200 == 0:
@@ -244,7 +280,8 @@ class ActionSafeguard(LifecycleNode):
         self.record_pub.publish(String(data=json.dumps(record)))
         if res.fallback:
             level = WARN if res.reason in ("stale_action", "bad_action") else ERROR
-            self.diag.update("safeguard", level, f"fallback to backup: {res.reason}", **self.counts)
+            prefix = "bad raw_action: " if res.reason == "bad_action" else ""
+            self.diag.update("safeguard", level, f"{prefix}fallback to backup: {res.reason}", **self.counts)
         elif self.counts["commands"] % 200 == 0:
             self._report_ok()
 
@@ -256,9 +293,24 @@ class ActionSafeguard(LifecycleNode):
                          intervention_rate=self.counts["interventions"] / max(self.counts["commands"], 1))
 
 
+    def summary(self) -> dict:
+        # also called for a node whose constructor failed (destroy_node): nothing counted yet
+        times, counts = getattr(self, "_proj_us", []), getattr(self, "counts", {"commands": 0, "interventions": 0})
+        return {"node": "action_safeguard", **counts,
+                "intervention_rate": counts["interventions"] / max(counts["commands"], 1),
+                "projection_us": {"median": float(np.median(times)) if times else None,
+                                  "p99": float(np.percentile(times, 99)) if times else None}}
+
+    def destroy_node(self):
+        pubs = [getattr(self, name, None) for name in ("cmd_pub", "record_pub")]
+        flush_publishers([pub for pub in pubs if pub is not None])
+        print("SUMMARY " + json.dumps(self.summary()), flush=True)
+        return super().destroy_node()
+
+
 def main(args=None) -> int:
     return run_node(ActionSafeguard, args=args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

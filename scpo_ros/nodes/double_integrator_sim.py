@@ -76,6 +76,7 @@ class DoubleIntegratorSim(Node):
         self.u = np.zeros(self.dof)
         self.rng = np.random.default_rng(self.p["seed"])
         self.steps = 0
+        self.states_published = 0
         self.violations = 0
         self.violations_by_kind = {"position": 0, "velocity": 0, "actuation": 0}
         self.refused_commands = 0
@@ -152,16 +153,22 @@ class DoubleIntegratorSim(Node):
                 return
             self.started = True
             self.get_logger().info(f"{self.state_pub.get_subscription_count()} subscribers matched: starting")
+            self._publish_state()  # x_0: nothing has answered a state yet, so nothing to integrate
+            self._check_violation(self.x, np.zeros(self.dof))
+            return
         timeout = self.p["cmd_timeout"]
         if timeout > 0.0 and self.last_cmd_time is not None and monotonic() - self.last_cmd_time > timeout:
             if np.any(self.u != 0.0):
                 self.get_logger().warning(f"no command for {timeout:g} s: command set to zero")
             self.u[:] = 0.0
-        # publish the state the command acts on, then integrate: x_{k+1} = A x_k + B u_k
-        self._publish_state()
-        self._check_violation(self.x, self.u)
+        # The held command answers the state published last tick: integrate with it
+        # (x_{k+1} = A x_k + B u_k, zero-order hold), then publish x_{k+1} for the next
+        # command. Publishing first would apply every command one step late, which is not
+        # the model the SCPO certificate and the safeguard's invariant set are computed for.
         self.x = self.system.step(self.x, self.u, self.rng)
         self.steps += 1
+        self._publish_state()
+        self._check_violation(self.x, self.u)  # every published state, and the command that led to it
         if self.steps % max(1, int(self.p["rate_hz"])) == 0:
             self._update_diagnostics()
 
@@ -173,6 +180,7 @@ class DoubleIntegratorSim(Node):
         msg.position = self.x[:self.dof].tolist()
         msg.velocity = self.x[self.dof:].tolist()
         self.state_pub.publish(msg)
+        self.states_published += 1
 
     def _check_violation(self, x: np.ndarray, u: np.ndarray) -> None:
         s, n = self.system, self.dof
@@ -209,7 +217,7 @@ class DoubleIntegratorSim(Node):
                          dof=self.dof, dt=s.dt, rate_hz=self.p["rate_hz"])
 
     def summary(self) -> dict:
-        return {"node": "double_integrator_sim", "steps": self.steps, "constraint_violations": self.violations,
+        return {"node": "double_integrator_sim", "steps": self.steps, "states_published": self.states_published, "constraint_violations": self.violations,
                 "violations_by_kind": self.violations_by_kind, "commands": self.commands,
                 "refused_commands": self.refused_commands}
 

@@ -15,6 +15,18 @@ Two exact solvers, one per structure:
 ``SafeguardProjector.project`` never returns an action outside ``U_safe(x)``: if ``x``
 is not in the invariant set (or, numerically, the QP has no solution) it returns the
 backup action, clipped to the actuator box, with ``fallback=True`` and a reason.
+
+Precision. A projection that is active puts the next state exactly *on* the invariant
+set's boundary. A float64 plant returns it within ~1e-15 of the boundary (``FEAS_TOL``
+covers that); a float32 plant rounds it up to ~1e-7 *outside*, and a 1e-9 membership
+test would then reject the state and fall back to the backup. So the tolerances follow
+the precision of the state handed in (``tolerances_for``): for float32 (or lower)
+states, membership and interval feasibility get a slack of a few dozen float32 ulps,
+and the projection aims ``margin`` *inside* the set (``H x+ <= h - margin``, box rows
+untouched), so that the plant's rounding lands inside. Where that tightened set is
+empty (a state whose safe interval is narrower than the margin) the projection takes the
+middle of the exact interval, the point with the most room for rounding. float64 states
+keep the exact projection.
 """
 from __future__ import annotations
 
@@ -27,9 +39,61 @@ import numpy as np
 from .invariant_set import SafeActionSet
 
 FEAS_TOL = 1e-9
-"""Slack on membership and interval feasibility: the invariant set is a fixed point of
-the pre-set iteration up to ~1e-10, and states on its boundary come back from the
-plant with rounding errors of that order."""
+"""Slack on membership and interval feasibility for float64 states: the invariant set
+is a fixed point of the pre-set iteration up to ~1e-10, and states on its boundary come
+back from a float64 plant with rounding errors far below that."""
+
+ROUNDING_ULPS = 32
+"""Slack and inward margin for lower-precision states, in units of the state dtype's
+epsilon times the set's scale: one step ``A x + B u`` of a float32 plant rounds ``H x+``
+by a few ulps; 32 leaves room without being a visible change of the set (~4e-6 at scale 1)."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """The numerical slack for states of one precision (``tolerances_for``)."""
+
+    member: float
+    """``x`` is in the set when ``H x <= h + member``."""
+    interval: float
+    """An interval (or QP) empty by no more than this in ``b`` units (``G u <= b``) is
+    rounding, not infeasibility."""
+    margin: float
+    """The projection aims this far inside the set (``G u <= b - margin``); 0 for float64."""
+
+
+def tolerances_for(dtype, scale: float = 1.0) -> Tolerances:
+    """Tolerances for states of ``dtype``: exact (``FEAS_TOL``, no margin) for float64,
+    ``ROUNDING_ULPS`` ulps of ``dtype`` times ``scale`` (the set's size) below that."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or dtype.itemsize >= 8:
+        return Tolerances(FEAS_TOL, FEAS_TOL, 0.0)
+    slack = max(FEAS_TOL, ROUNDING_ULPS * float(np.finfo(dtype).eps) * max(1.0, float(scale)))
+    return Tolerances(slack, slack, slack)
+
+
+def qp_shifts(tol: Tolerances) -> tuple[float, ...]:
+    """Right-hand-side shifts tried in turn by the QP path for low-precision states: the
+    first feasible one wins. A QP has no "middle of the interval" to fall back on, so it
+    steps from ``margin`` inside to ``interval`` outside in halvings, ending as close to
+    the most interior feasible level as these steps resolve."""
+    if tol.margin <= 0.0:
+        return (0.0,)
+    inside = tuple(-tol.margin * 2.0 ** -i for i in range(4))
+    outside = tuple(tol.interval * 2.0 ** -i for i in range(3, -1, -1))
+    return inside + (0.0,) + outside
+
+
+def state_dtype(x) -> np.dtype:
+    """The floating dtype of a state (numpy array or torch tensor); float64 for anything else."""
+    dt = getattr(x, "dtype", None)
+    if dt is not None and not isinstance(dt, np.dtype):   # torch.float32 -> "float32"
+        dt = str(dt).rsplit(".", 1)[-1]
+    try:
+        dt = np.dtype(dt) if dt is not None else np.dtype(np.float64)
+    except TypeError:
+        return np.dtype(np.float64)
+    return dt if dt.kind == "f" else np.dtype(np.float64)
 
 
 @dataclass
@@ -74,9 +138,9 @@ class IntervalForm:
         self._cand_hi = [np.concatenate([r, [k + j]]) for j, r in enumerate(self.upper)]
         self._cand_lo = [np.concatenate([r, [k + m + j]]) for j, r in enumerate(self.lower)]
 
-    def bounds(self, b: np.ndarray):
+    def bounds(self, b: np.ndarray, tol: float = FEAS_TOL):
         """Intervals ``lo, hi (..., m)``, the rows attaining them ``lo_row, hi_row``, and
-        whether every constant row holds (``ok (...)``)."""
+        whether every constant row holds within ``tol`` (``ok (...)``)."""
         lead = b.shape[:-1]
         lo = np.empty(lead + (self.m,))
         hi = np.empty(lead + (self.m,))
@@ -92,18 +156,32 @@ class IntervalForm:
             lo[..., j] = np.take_along_axis(lb, il[..., None], -1)[..., 0]
             hi_row[..., j] = self._cand_hi[j][ih]
             lo_row[..., j] = self._cand_lo[j][il]
-        ok = (b[..., self.constant_rows] >= -FEAS_TOL).all(-1) if len(self.constant_rows) else np.ones(lead, bool)
+        ok = (b[..., self.constant_rows] >= -tol).all(-1) if len(self.constant_rows) else np.ones(lead, bool)
         return lo, hi, lo_row, hi_row, ok
 
 
-def project_intervals(form: IntervalForm, u: np.ndarray, b: np.ndarray):
+def project_intervals(form: IntervalForm, u: np.ndarray, b: np.ndarray, tol: Tolerances | None = None):
     """Closed-form projection for batches: ``(ũ, active (..., k + 2m), feasible (...))``.
 
-    Intervals empty by no more than ``FEAS_TOL`` (rounding at the set's boundary) are
-    collapsed to a point; emptier ones make the state infeasible.
+    float64 (``tol`` None): intervals empty by no more than ``FEAS_TOL`` (rounding at the
+    set's boundary) are collapsed to a point; emptier ones make the state infeasible.
+    Lower precision: intervals empty by no more than ``tol.interval`` in ``b`` units
+    count as feasible, and the intervals used are those of ``G ũ <= b - tol.margin``
+    where that is not empty, else the middle of the exact interval (module docstring).
     """
-    lo, hi, lo_row, hi_row, ok = form.bounds(b)
-    feasible = ok & (lo <= hi + FEAS_TOL).all(-1)
+    tol = tol or tolerances_for(np.float64)
+    lo, hi, lo_row, hi_row, ok = form.bounds(b, tol.interval)
+    if tol.margin > 0.0:
+        # an interval empty by at most the slack is (just) non-empty for b + slack
+        lo_s, hi_s, _, _, _ = form.bounds(b + tol.interval, tol.interval)
+        feasible = ok & (lo_s <= hi_s).all(-1)
+        lo_t, hi_t, lo_row_t, hi_row_t, _ = form.bounds(b - tol.margin, tol.interval)
+        inner = lo_t <= hi_t
+        mid = np.clip(0.5 * (lo + hi), -form.u_max, form.u_max)   # the actuator box is exact
+        lo, hi = np.where(inner, lo_t, mid), np.where(inner, hi_t, mid)
+        lo_row, hi_row = np.where(inner, lo_row_t, lo_row), np.where(inner, hi_row_t, hi_row)
+    else:
+        feasible = ok & (lo <= hi + FEAS_TOL).all(-1)
     hi = np.maximum(hi, lo)
     ut = np.clip(u, lo, hi)
     active = np.zeros(u.shape[:-1] + (form.k + 2 * form.m,), dtype=bool)
@@ -122,9 +200,17 @@ class SafeguardProjector:
     ``solver``: ``"auto"`` (closed form when separable, else daqp), ``"closed_form"``
     or ``"daqp"``. The per-step path is a handful of small numpy operations on
     preallocated constants: no per-call setup, no Python loop over constraints.
+    The tolerances follow the dtype of the state passed to ``project`` (float64, or a
+    list: exact; float32: slack and inward margin, see the module docstring).
+    ``margin``: an inward margin (b units) for every state whatever its dtype, for a plant
+    that checks its limits strictly (any rounding beyond the boundary counts there).
     """
 
-    def __init__(self, safe_set: SafeActionSet, backup: Callable | None = None, solver: str = "auto"):
+    def __init__(self, safe_set: SafeActionSet, backup: Callable | None = None, solver: str = "auto",
+                 margin: float = 0.0):
+        if not (math.isfinite(margin) and margin >= 0.0):
+            raise ValueError(f"margin must be finite and >= 0, got {margin}")
+        self.margin = float(margin)
         self.safe_set = safe_set
         self.backup = backup
         self.G = np.ascontiguousarray(safe_set.G)
@@ -137,7 +223,9 @@ class SafeguardProjector:
             raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
         self.solver = solver
         C = safe_set.invariant
-        self._h_member = C.h + FEAS_TOL
+        self._scale = max(1.0, float(np.abs(C.h).max()))
+        self._tolerances: dict[np.dtype, tuple[Tolerances, np.ndarray]] = {}
+        self._tol64, self._h_member = self._tolerances_for(np.dtype(np.float64))
         self._linear = safe_set.drift_matrix is not None
         if solver == "closed_form":
             self._setup_closed_form()
@@ -171,6 +259,8 @@ class SafeguardProjector:
         hfull = np.concatenate([C.h, np.full(m, self.u_max), np.full(m, self.u_max)])
         Gfull = np.concatenate([self.G.sum(axis=1), np.ones(m), -np.ones(m)])  # one nonzero per row
         inv = 1.0 / Gfull[self._cand_rows]
+        # moving row i's bound b_i by s moves its candidate by s / G_ij (box rows never move)
+        self._cand_inv_g = np.where(self._cand_rows < k, inv, 0.0)
         self._cand_H = Hfull[self._cand_rows] * inv[:, None]
         self._cand_c = hfull[self._cand_rows] * inv
         A = self.safe_set.drift_matrix
@@ -190,8 +280,22 @@ class SafeguardProjector:
     def num_rows(self) -> int:
         return self.k + 2 * self.m
 
+    def _tolerances_for(self, dtype: np.dtype) -> tuple[Tolerances, np.ndarray]:
+        """``(Tolerances, h + member slack)`` for states of ``dtype`` (cached)."""
+        if dtype not in self._tolerances:
+            tol = tolerances_for(dtype, self._scale)
+            if self.margin > tol.margin:
+                tol = Tolerances(tol.member, tol.interval, self.margin)
+            self._tolerances[dtype] = (tol, self.safe_set.invariant.h + tol.member)
+        return self._tolerances[dtype]
+
     def project(self, x, u, r=None) -> ProjectionResult:
         """Safe action for state ``x (n,)`` and raw action ``u (m,)``."""
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or dtype == np.float64:   # the common case, without a dict lookup
+            tol, h_member = self._tol64, self._h_member
+        else:
+            tol, h_member = self._tolerances_for(state_dtype(x))
         x = np.asarray(x, dtype=float)
         u_raw = np.asarray(u, dtype=float)
         # x·x + u·u is finite iff every entry is (short of 1e154, far outside any set).
@@ -200,16 +304,23 @@ class SafeguardProjector:
         k = self.k
         if self.solver == "daqp":
             y = self._HS @ x
-            if (y[:k] > self._h_member).any():
+            if (y[:k] > h_member).any():
                 return self.fallback(x, u_raw, r, "outside_invariant_set")
             b = self._h - y[k:] if self._linear else self.safe_set.rhs(x)
-            ut, active, feasible = self._qp.solve(u_raw, b)
+            if tol.margin > 0.0:
+                # aim inside; where that is empty, ever closer to the exact set, then just outside it
+                for shift in qp_shifts(tol):
+                    ut, active, feasible = self._qp.solve(u_raw, b + shift)
+                    if feasible:
+                        break
+            else:
+                ut, active, feasible = self._qp.solve(u_raw, b)
             if not feasible:
                 return self.fallback(x, u_raw, r, "infeasible")
             d = ut - u_raw
             return ProjectionResult(ut, math.sqrt(d @ d), active, False)
         y = self._M @ x
-        if (y[:k] > self._h_member).any():
+        if (y[:k] > h_member).any():
             return self.fallback(x, u_raw, r, "outside_invariant_set")
         if self._linear:
             cand = self._cand_c - y[k:]
@@ -217,9 +328,16 @@ class SafeguardProjector:
             cand = self._cand_c - self._cand_H @ self.safe_set.drift_np(x)
         hi = np.minimum.reduceat(cand, self._starts_hi)[:self.m]
         lo = np.maximum.reduceat(cand, self._starts_lo)[1:]
-        if (lo - hi).max() > FEAS_TOL or (len(self._const) and self._constant_rows_violated(x)):
+        if tol.margin > 0.0:
+            lo, hi, cand, feasible = self._widen_and_tighten(cand, lo, hi, tol)
+            if not feasible or (len(self._const) and self._constant_rows_violated(x, tol.interval)):
+                return self.fallback(x, u_raw, r, "infeasible")
+        elif (lo - hi).max() > FEAS_TOL or (len(self._const) and self._constant_rows_violated(x)):
             return self.fallback(x, u_raw, r, "infeasible")
         ut = np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo))
+        # an interval empty by rounding collapses onto its lower end, which may sit a hair
+        # beyond the actuator box: the box is exact
+        np.clip(ut, -self.u_max, self.u_max, out=ut)
         d = ut - u_raw
         dist = math.sqrt(d @ d)
         active = np.zeros(k + 2 * self.m, dtype=bool)
@@ -227,8 +345,23 @@ class SafeguardProjector:
             self._mark_active(active, u_raw, lo, hi, cand)
         return ProjectionResult(ut, dist, active, False)
 
-    def _constant_rows_violated(self, x) -> bool:
-        return bool((self.safe_set.rhs(x)[self._const] < -FEAS_TOL).any())
+    def _constant_rows_violated(self, x, tol: float = FEAS_TOL) -> bool:
+        return bool((self.safe_set.rhs(x)[self._const] < -tol).any())
+
+    def _widen_and_tighten(self, cand, lo, hi, tol: Tolerances):
+        """Low-precision states: feasible if the intervals widened by ``tol.interval``
+        (b units) are non-empty; the intervals used are those tightened by ``tol.margin``
+        where non-empty, else the middle of the exact interval (most room for rounding).
+        Returns ``(lo, hi, candidates used, feasible)``."""
+        wide = cand + tol.interval * self._cand_inv_g
+        feasible = bool((np.maximum.reduceat(wide, self._starts_lo)[1:]
+                         <= np.minimum.reduceat(wide, self._starts_hi)[:self.m]).all())
+        tight = cand - tol.margin * self._cand_inv_g
+        hi_t = np.minimum.reduceat(tight, self._starts_hi)[:self.m]
+        lo_t = np.maximum.reduceat(tight, self._starts_lo)[1:]
+        inner = lo_t <= hi_t
+        mid = np.clip(0.5 * (lo + hi), -self.u_max, self.u_max)   # the actuator box is exact
+        return np.where(inner, lo_t, mid), np.where(inner, hi_t, mid), tight, feasible
 
     def _mark_active(self, active, u, lo, hi, cand) -> None:
         """The row each clamped coordinate sits on (one per coordinate)."""
@@ -297,13 +430,23 @@ class DaqpProjection:
 def project_batch(safe_set: SafeActionSet, x: np.ndarray, u: np.ndarray):
     """Batched projection (numpy) for states already in the set: ``(ũ, active, feasible)``.
 
-    Closed form when separable; otherwise one daqp solve per row (C calls).
+    Closed form when separable; otherwise one daqp solve per row (C calls). The
+    tolerances follow ``x``'s dtype (float32 states: slack and inward margin).
     """
-    b = safe_set.rhs(x)
+    tol = tolerances_for(state_dtype(x), max(1.0, float(np.abs(safe_set.invariant.h).max())))
+    b = safe_set.rhs(np.asarray(x, dtype=float))
+    u = np.asarray(u, dtype=float)
     if safe_set.separable:
-        return project_intervals(IntervalForm(safe_set.G, safe_set.u_max), u, b)
+        return project_intervals(IntervalForm(safe_set.G, safe_set.u_max), u, b, tol)
     qp = DaqpProjection(safe_set.G, safe_set.u_max)
-    out = [qp.solve(ui, bi) for ui, bi in zip(u.reshape(-1, u.shape[-1]), b.reshape(-1, b.shape[-1]))]
+
+    def solve(ui, bi):
+        for shift in qp_shifts(tol):
+            out = qp.solve(ui, bi + shift)
+            if out[2]:
+                break
+        return out
+    out = [solve(ui, bi) for ui, bi in zip(u.reshape(-1, u.shape[-1]), b.reshape(-1, b.shape[-1]))]
     ut = np.stack([o[0] for o in out]).reshape(u.shape)
     active = np.stack([o[1] for o in out]).reshape(u.shape[:-1] + (-1,))
     feasible = np.array([o[2] for o in out]).reshape(u.shape[:-1])
