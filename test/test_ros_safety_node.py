@@ -288,8 +288,13 @@ def test_folded_policy_equals_backup_plus_mlp(dof):
     theta = rng.standard_normal(layout.size) * 0.3
     folded, alone, mlp = FoldedPolicy(backup.K, layout, theta), FoldedPolicy(backup.K, None, None), \
         NumpyMLP(layout, theta)
+    flat_layout = MLPLayout(3 * dof, dof, ())          # no hidden layer: φ affine
+    theta_flat = rng.standard_normal(flat_layout.size)
+    affine, affine_ref = FoldedPolicy(backup.K, flat_layout, theta_flat), NumpyMLP(flat_layout, theta_flat)
     for _ in range(20):
         x, r = rng.uniform(-1, 1, 2 * dof), rng.uniform(-0.5, 0.5, dof)
         inp = np.concatenate([x, r])
-        assert np.allclose(folded(inp), backup(x, r) + mlp(inp), atol=1e-12)
-        assert np.allclose(alone(inp), backup(x, r), atol=1e-12)
+        z = np.append(inp, 1.0)                            # the augmented input [x, r, 1]
+        assert np.allclose(folded(z), backup(x, r) + mlp(inp), atol=1e-12)
+        assert np.allclose(alone(z), backup(x, r), atol=1e-12)
+        assert np.allclose(affine(z), backup(x, r) + affine_ref(inp), atol=1e-12)
