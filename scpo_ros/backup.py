@@ -85,10 +85,9 @@ class LQRBackup:
         self.A_cl = self.system.A - self.system.B @ self.K
 
     def reference_state(self, r):
-        """``x_ref = [r, 0]`` for references ``r (..., dof)``."""
-        lib_zeros = np.zeros_like(r) if isinstance(r, np.ndarray) else r * 0.0
+        """``x_ref = [r, 0]`` for references ``r (..., dof)`` (numpy or torch)."""
         if isinstance(r, np.ndarray):
-            return np.concatenate([r, lib_zeros], axis=-1)
+            return np.concatenate([r, np.zeros_like(r)], axis=-1)
         import torch
         return torch.cat([r, torch.zeros_like(r)], dim=-1)
 

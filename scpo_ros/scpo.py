@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .qcqp import solve_qcqp
+from .rollout import METRICS, DoubleIntegratorRollout, SafetySpec, state_set, structured_states
 
 ConstraintFn = Callable[[torch.Tensor], torch.Tensor]
 """Flat parameter vectors ``(N, d)`` → safety metrics ``(N, m)``, ≤ 0 safe."""
@@ -84,6 +85,11 @@ def _as_tuple(value) -> tuple[float, ...]:
     if np.isscalar(value):
         return (float(value),)
     return tuple(float(v) for v in value)
+
+
+def _certified(g: torch.Tensor, cert_margins: np.ndarray) -> torch.Tensor:
+    """Which rows of ``g (N, m)`` pass certification: finite and ``g_i <= -c_i`` for all i."""
+    return torch.isfinite(g).all(1) & (g <= -torch.as_tensor(cert_margins, dtype=g.dtype)).all(1)
 
 
 def _broadcast(values: tuple[float, ...], m: int, name: str) -> np.ndarray:
@@ -238,28 +244,25 @@ class SCPOProjector:
         sol = solve_qcqp(z_raw, grad.numpy(), g0n - target, e, L, cfg.sample_radius)
         t3 = time.perf_counter()
         times = {"sample": 1e3 * (t1 - t0), "fit": 1e3 * (t2 - t1), "qcqp": 1e3 * (t3 - t2)}
-        if sol.status != "optimal":
+        if sol.status == "optimal":
+            z_star = torch.as_tensor(sol.delta)
+            decision.predicted = self._named(sol.constraint_values + target)
+            decision.projected_step_norm = float(z_star.norm())
+            if decision.projected_step_norm <= 1e-12 * max(1.0, float(theta.norm())):
+                decision.reason = "projection left no safe step in the proposed direction"
+        else:
             decision.status = "infeasible"
             decision.reason = f"projection {sol.status}: no step keeps the predicted margins"
-            times["certify"] = 0.0
-            times["total"] = 1e3 * (time.perf_counter() - t_start)
+        if decision.reason:  # nothing to certify
+            times.update(certify=0.0, total=1e3 * (time.perf_counter() - t_start))
             decision.times_ms = times
             return theta, decision
-        z_star = torch.as_tensor(sol.delta)
-        decision.predicted = self._named(sol.constraint_values + target)
         step = (U @ z_star).to(theta.dtype)
-        decision.projected_step_norm = float(z_star.norm())
-        if decision.projected_step_norm <= 1e-12 * max(1.0, float(theta.norm())):
-            decision.reason = "projection left no safe step in the proposed direction"
-            times["certify"] = 0.0
-            times["total"] = 1e3 * (time.perf_counter() - t_start)
-            decision.times_ms = times
-            return theta, decision
 
         # 5. certify on fresh states: the full step first, the halvings only if it fails
         new_theta = theta
         g_cert = self.certify_constraints((theta + step).unsqueeze(0)).double().cpu()
-        ok = torch.isfinite(g_cert).all(1) & (g_cert <= -torch.as_tensor(cert_margins)).all(1)
+        ok = _certified(g_cert, cert_margins)
         if bool(ok[0]):
             new_theta, decision.status, decision.backtracks = theta + step, "accepted", 0
             decision.margins_after = self._named(g_cert[0])
@@ -267,7 +270,7 @@ class SCPOProjector:
             scales = 0.5 ** torch.arange(1, cfg.max_backtracks + 1, dtype=theta.dtype)
             cands = theta.unsqueeze(0) + scales.unsqueeze(1) * step.unsqueeze(0)
             g_cert = self.certify_constraints(cands).double().cpu()
-            ok = torch.isfinite(g_cert).all(1) & (g_cert <= -torch.as_tensor(cert_margins)).all(1)
+            ok = _certified(g_cert, cert_margins)
             if bool(ok.any()):
                 j = int(torch.nonzero(ok)[0])
                 new_theta, decision.status, decision.backtracks = cands[j], "backtracked", j + 1
@@ -298,8 +301,6 @@ class DoubleIntegratorSCPO:
     def __init__(self, system, backup, layout, initial_set, config: SCPOConfig = SCPOConfig(),
                  safety=None, n_sample_states: int = 256, n_cert_states: int = 1024, seed: int = 0,
                  device: str = "cpu"):
-        from .rollout import METRICS, DoubleIntegratorRollout, SafetySpec, structured_states
-
         if n_sample_states < 8 or n_cert_states < 8:
             raise ValueError("n_sample_states and n_cert_states must be >= 8")
         self.worst_case_backup = backup.certify(initial_set)   # refuse a backup that is not safe
@@ -317,8 +318,6 @@ class DoubleIntegratorSCPO:
         self.projector = SCPOProjector(self._sample_g, self._certify_g, config, METRICS, seed=seed)
 
     def _g_on_fresh_states(self, params, count, structured):
-        from .rollout import state_set
-
         x0, r = state_set(self.initial_set, self.system.dof, count, self.rng, structured)
         return self.engine.evaluate(params, x0, r).g
 
@@ -350,7 +349,7 @@ class DoubleIntegratorSCPO:
         g = self._certify_g(torch.as_tensor(self.theta).unsqueeze(0))[0].double()
         cert_margins = _broadcast(self.config.cert_margins, g.numel(), "cert_margins")
         names = self.projector._named
-        ok = bool(torch.isfinite(g).all() and (g <= -torch.as_tensor(cert_margins)).all())
+        ok = bool(_certified(g.unsqueeze(0), cert_margins)[0])
         decision = Decision(status="accepted" if ok else "rejected", step=self.projector.steps,
                             margins_after=names(g), reason="re-certification" if ok else
                             "re-certification failed: reverted to the backup")
