@@ -110,8 +110,8 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
     gen = torch.Generator().manual_seed(0)
     params = layout.initial_parameters(0).unsqueeze(0) + 0.1 * torch.randn(3, layout.size, generator=gen)
     x0, r = random_states(InitialSet(), dof, 20, np.random.default_rng(0))
-    res = engine.evaluate(params, x0, r, per_state=True)
-    assert res.g.shape == (3, 4) and res.g_per_state.shape == (3, 20, 4)
+    res = engine.evaluate(params, x0, r, per_state=True, with_cost=True)
+    assert res.g.shape == (3, 4) and res.g_per_state.shape == (3, 20, 4) and res.cost.shape == (3,)
 
     for i in range(3):
         model = ResidualMLP(layout).double()
@@ -123,6 +123,7 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
         V = lambda e: ((e @ P) * e).sum(-1)  # noqa: E731
         ref = torch.cat([rt, torch.zeros_like(rt)], -1)
         worst = torch.full((4,), -np.inf, dtype=torch.float64)
+        cost = torch.zeros(len(x0), dtype=torch.float64)
         a, eps = spec.lyap_alpha, spec.lyap_eps
         for t in range(spec.horizon):
             with torch.no_grad():
@@ -130,12 +131,14 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
             nxt = sys_.step(x, u)
             e, en = x - ref, nxt - ref
             lyap = torch.minimum(V(en) - (1 - a) * V(e), V(en) - eps)
+            cost += ((e[:, :dof] ** 2).sum(-1) + spec.cost_action_weight * (u ** 2).sum(-1)) * sys_.dt
             worst = torch.maximum(worst, torch.stack([
                 x[:, :dof].abs().max() - 1, x[:, dof:].abs().max() - 1, u.abs().max() - 1, lyap.max()]))
             x = nxt
         worst[0] = max(worst[0], x[:, :dof].abs().max() - 1)
         worst[1] = max(worst[1], x[:, dof:].abs().max() - 1)
         np.testing.assert_allclose(res.g[i].double().numpy(), worst.numpy(), atol=2e-4)
+        np.testing.assert_allclose(float(res.cost[i]), float(cost.mean()), rtol=1e-4)
 
 
 def test_zero_residual_is_safe_and_metrics_see_violations():

@@ -10,7 +10,6 @@ violations on held-out initial conditions (fresh rollouts, ≥ 1000 states).
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,7 +23,7 @@ from ..expert import ExpertConfig, expert_action, is_malicious
 from ..policy import MLPLayout, ResidualMLP, policy_inputs
 from ..rollout import METRICS, DoubleIntegratorRollout, random_states, structured_states
 from ..scpo import DoubleIntegratorSCPO, SCPOConfig
-from .report import aggregate, print_table, write_json
+from .report import print_table, run_methods, scpo_experiment_parser, write_json
 
 
 @dataclass
@@ -173,23 +172,12 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scpo_ros.experiments imitation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--updates", type=int, default=250)
+    ap = scpo_experiment_parser("imitation", __doc__)
     ap.add_argument("--dof", type=int, default=1)
-    ap.add_argument("--json", help="write the metrics here")
-    ap.add_argument("--plot", default="imitation.png", help="PNG plot path ('' for none)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is robust when other processes share the cores)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = ImitationSettings(seeds=args.seeds, updates=args.updates, dof=args.dof)
-    results = {}
-    for method in ("scpo", "unconstrained"):
-        per_seed = [run_seed(method, seed, s, progress=not args.no_progress) for seed in range(s.seeds)]
-        results[method] = aggregate(per_seed)
+    results = run_methods(run_seed, s, progress=not args.no_progress)
     print_table(f"imitation, dof={s.dof}, {s.seeds} seeds x {s.updates} updates", results, [
         ("updates", "updates"), ("accepted", "committed"), ("unsafe_committed", "unsafe"),
         ("loss_initial", "loss_initial"), ("loss_final", "loss_final"),

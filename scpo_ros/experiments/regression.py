@@ -10,7 +10,6 @@ learners take the same Adam steps; SCPO projects and certifies each one.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from ..policy import MLPLayout, ResidualMLP
 from ..scpo import SCPOConfig, SCPOProjector
-from .report import aggregate, print_table, write_json
+from .report import print_table, run_methods, scpo_experiment_parser, write_json
 
 X_MIN, X_MAX = -2.0, 2.0
 HARM_LO, HARM_HI, HARM_LABEL = 0.4, 1.4, 1.5
@@ -167,22 +166,10 @@ def plot(results: dict, s: RegressionSettings, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scpo_ros.experiments regression", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--updates", type=int, default=250)
-    ap.add_argument("--json", help="write the metrics here")
-    ap.add_argument("--plot", default="regression.png", help="PNG plot path ('' for none)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is robust when other processes share the cores)")
-    args = ap.parse_args(argv)
+    args = scpo_experiment_parser("regression", __doc__).parse_args(argv)
     torch.set_num_threads(args.threads)
     s = RegressionSettings(seeds=args.seeds, updates=args.updates)
-    results = {}
-    for method in ("scpo", "unconstrained"):
-        results[method] = aggregate([run_seed(method, seed, s, progress=not args.no_progress)
-                                     for seed in range(s.seeds)])
+    results = run_methods(run_seed, s, progress=not args.no_progress)
     print_table(f"regression with harmful supervision, {s.seeds} seeds x {s.updates} updates", results, [
         ("updates", "updates"), ("accepted", "committed"), ("unsafe_committed", "unsafe"),
         ("loss_initial", "loss_initial"), ("loss_final", "loss_final"), ("step_ms_median", "step_ms")])

@@ -1,12 +1,35 @@
 """Small helpers the experiments share: aggregate per-seed results, print a table, write JSON."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 SUMMED = ("updates", "accepted", "unsafe_committed")
+METHODS = ("scpo", "unconstrained")
+
+
+def scpo_experiment_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The options every SCPO-vs-unconstrained experiment shares."""
+    ap = argparse.ArgumentParser(prog=f"python -m scpo_ros.experiments {name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--updates", type=int, default=250)
+    ap.add_argument("--json", help="write the metrics here")
+    ap.add_argument("--plot", default=f"{name}.png", help="PNG plot path ('' for none)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is robust when other processes share the cores)")
+    return ap
+
+
+def run_methods(run_seed: Callable[..., dict], settings, progress: bool) -> dict:
+    """``run_seed(method, seed, settings, progress=...)`` for both methods and every seed, aggregated."""
+    return {method: aggregate([run_seed(method, seed, settings, progress=progress)
+                               for seed in range(settings.seeds)]) for method in METHODS}
 
 
 def aggregate(per_seed: list[dict]) -> dict:
