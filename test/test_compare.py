@@ -258,9 +258,11 @@ def test_compare_demo_both_pipelines_safe_and_one_table(tmp_path):
     pytest.importorskip("rclpy")
     from scpo_ros.demo import format_compare_summary, merged_params_file, run_graph
 
-    # malicious phases every 4 s (2 s each) so a short run sees both kinds of demonstration
-    params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0}},
-                                tmp_path / "params.yaml")
+    # malicious phases every 4 s (2 s each) so a short run sees both kinds of demonstration.
+    # One proposal every 2 s: SCPO's worker busy all the time takes a whole core of the two,
+    # and the safeguard pipeline (9 processes share the other) then misses command deadlines.
+    params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
+                                         "learner": {"publish_rate_hz": 0.5}}, tmp_path / "params.yaml")
     args = types.SimpleNamespace(compare=True, params=params, safeguard_params=None, bag=str(tmp_path / "bag"),
                                  no_record=False, overwrite=False, no_malicious=False, dof=None, namespace="",
                                  duration=10.0, startup_timeout=120.0, plots=None)
