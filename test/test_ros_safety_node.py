@@ -3,6 +3,7 @@ malformed and valid proposals, runtime parameters. One node process for the modu
 import contextlib
 import json
 import math
+import os
 import threading
 import time
 
@@ -279,7 +280,7 @@ def test_lifecycle_deactivate_cleanup(graph):
 
 @pytest.mark.parametrize("dof", [1, 2])
 def test_folded_policy_equals_backup_plus_mlp(dof):
-    from scpo_ros.nodes.scpo_safety_node import FoldedPolicy
+    from scpo_ros.nodes.scpo_safety_node import FoldedPolicy, command_view
     from scpo_ros.policy import NumpyMLP
     system = DoubleIntegrator(dof=dof, dt=0.05)
     backup = LQRBackup(system)
@@ -291,10 +292,29 @@ def test_folded_policy_equals_backup_plus_mlp(dof):
     flat_layout = MLPLayout(3 * dof, dof, ())          # no hidden layer: φ affine
     theta_flat = rng.standard_normal(flat_layout.size)
     affine, affine_ref = FoldedPolicy(backup.K, flat_layout, theta_flat), NumpyMLP(flat_layout, theta_flat)
+    # the node writes the command straight into the storage of the message it publishes
+    msg = Float64MultiArray(data=[0.0] * dof)
+    out = command_view(msg)
     for _ in range(20):
         x, r = rng.uniform(-1, 1, 2 * dof), rng.uniform(-0.5, 0.5, dof)
         inp = np.concatenate([x, r])
         z = np.append(inp, 1.0)                            # the augmented input [x, r, 1]
-        assert np.allclose(folded(z), backup(x, r) + mlp(inp), atol=1e-12)
-        assert np.allclose(alone(z), backup(x, r), atol=1e-12)
-        assert np.allclose(affine(z), backup(x, r) + affine_ref(inp), atol=1e-12)
+        folded(z, out)
+        assert np.allclose(list(msg.data), backup(x, r) + mlp(inp), atol=1e-12)
+        assert np.allclose(alone(z, out), backup(x, r), atol=1e-12)
+        assert np.allclose(list(msg.data), backup(x, r), atol=1e-12)
+        assert np.allclose(affine(z, out), backup(x, r) + affine_ref(inp), atol=1e-12)
+
+
+def test_scpo_worker_runs_below_the_control_path_priority():
+    from scpo_ros.nodes.scpo_safety_node import SCPOWorker
+    worker = SCPOWorker(niceness=7)
+    worker.start()
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        pid = worker._proc.pid
+        # the worker lowers its priority as its first action; wait for it, not a fixed time
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == min(19, own + 7), 60.0, "the worker's niceness")
+    finally:
+        worker.stop()
+    assert not worker.alive()
