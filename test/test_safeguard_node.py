@@ -1,5 +1,6 @@
 """action_safeguard over real DDS: malicious raw actions are projected (zero violations),
-bad and stale inputs fall back to the backup with a record and a diagnostic."""
+bad and stale inputs fall back to the (projected) backup, states outside the invariant set are
+projected back or recovered, each with a record and a diagnostic."""
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
 from scpo_ros.nodes.action_safeguard import ActionSafeguard  # noqa: E402
 from scpo_ros.ros_common import ERROR, WARN  # noqa: E402
 from scpo_ros.safeguard.invariant_set import safe_set_for  # noqa: E402
+from scpo_ros.safeguard.projection import SafeguardProjector  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -133,13 +135,30 @@ def test_bad_and_stale_inputs_fall_back_to_the_backup(harness):
     harness.state_pub.publish(JointState(position=[0.1, 0.2], velocity=[0.0, 0.0]))
     assert wait_for(lambda: harness.node.counts["bad_state"] == 2)
     np.testing.assert_allclose(harness.node.x, x)
-    # A state outside the invariant set: backup, ERROR diagnostic.
-    outside = np.array([0.98, 0.9])
+    # A state outside the invariant set from which one admissible action still returns into it:
+    # projected (no fallback), the record says so, WARN diagnostic.
+    S = safe_set_for(sysm)
+    offline = SafeguardProjector(S)
+    back = np.array([1.02, -0.6])
+    assert not S.invariant.contains(back) and not offline.project(back, [0.5]).fallback
+    harness.send_state(back)
+    cmd = harness.send_raw([0.5])
+    np.testing.assert_allclose(cmd, offline.project(back, [0.5]).u)
+    assert S.invariant.contains(sysm.step(back, cmd), tol=1e-9)
+    assert wait_for(lambda: harness.records[-1]["in_set"] is False and not harness.records[-1]["fallback"])
+    assert wait_for(lambda: any(s.level == WARN and "outside the invariant set" in s.message for s in harness.diags))
+    assert harness.node.counts["outside_set_projections"] == 1
+    # Outside, and no admissible action returns: the recovery action (hardest braking; the
+    # LQR backup would brake with -0.70 only), ERROR diagnostic.
+    outside = np.array([0.9, 0.5])
+    assert np.clip(backup(outside, np.zeros(1)), -1, 1)[0] > -0.8
     harness.send_state(outside)
     cmd = harness.send_raw([0.5])
-    np.testing.assert_allclose(cmd, np.clip(backup(outside, np.zeros(1)), -1, 1))
+    np.testing.assert_allclose(cmd, [-1.0])
     assert wait_for(lambda: harness.records[-1]["reason"] == "outside_invariant_set")
-    assert wait_for(lambda: any(s.level == ERROR and "outside_invariant_set" in s.message for s in harness.diags))
+    assert harness.records[-1]["fallback"] and harness.records[-1]["violation"] > 0
+    assert wait_for(lambda: any(s.level == ERROR and "fallback to recovery action: outside_invariant_set" in s.message
+                                for s in harness.diags))
     # The node is still alive and projecting.
     harness.send_state(np.array([0.0, 0.0]))
     assert abs(harness.send_raw([5.0])[0]) <= 1.0

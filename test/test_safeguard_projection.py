@@ -96,3 +96,88 @@ def test_warm_started_qp_agrees_with_closed_form_over_a_trajectory():
         assert np.array_equal(a.active, b.active)
         x = sysm.step(x, a.u)
         assert S.invariant.contains(x, tol=1e-9)
+
+
+def least_violation(S, x):
+    """Reference for the recovery: ``min_u max_i (G u - b(x))_i`` over the actuator box (an LP)."""
+    from scipy.optimize import linprog
+    k, m = S.G.shape
+    c = np.zeros(m + 1)
+    c[-1] = 1.0
+    lp = linprog(c, A_ub=np.hstack([S.G, -np.ones((k, 1))]), b_ub=S.rhs(x),
+                 bounds=[(-S.u_max, S.u_max)] * m + [(None, None)], method="highs")
+    assert lp.status == 0
+    return lp.fun
+
+
+def facet_violation(S, x, u):
+    return float((S.G @ u - S.rhs(x)).max())
+
+
+@pytest.mark.parametrize("name,make,limits", CASES, ids=[c[0] for c in CASES])
+def test_states_outside_the_set_are_projected_or_recovered(name, make, limits):
+    """Outside the invariant set: where ``U_safe(x)`` is not empty the result is still the exact
+    projection (next state back in the set, no fallback); where it is empty, the recovery
+    action, whose next state is as close to the set as any admissible action can bring it
+    (the LP optimum), and never farther than the backup's."""
+    S = make()
+    solvers = ["closed_form", "daqp"] if S.separable else ["daqp"]
+    backup = lambda x, r: -0.5 * x[: S.action_dim]   # noqa: E731  (any stabilising-looking law)
+    projectors = [SafeguardProjector(S, backup=backup, solver=s) for s in solvers]
+    old = SafeguardProjector(S, backup=backup, solver=solvers[0], recovery=False)
+    ref = ReferenceProjection(S)
+    rng = np.random.default_rng(11)
+    limits = np.asarray(limits)
+    x = rng.uniform(-1.3, 1.3, (3000, len(limits))) * limits
+    x = x[~S.invariant.contains(x, tol=1e-6)][:300]
+    n_projected = n_recovered = 0
+    for xi in x:
+        u = rng.uniform(-2.0, 2.0, S.action_dim) * S.u_max
+        best = least_violation(S, xi)
+        for p in projectors:
+            res = p.project(xi, u)
+            assert not res.in_set
+            assert np.all(np.abs(res.u) <= S.u_max + 1e-12)
+            if best <= -1e-7:                                # U_safe(x) has an interior
+                assert not res.fallback, (p.solver, xi, u)
+                np.testing.assert_allclose(res.u, ref(xi, u), atol=1e-6)
+                assert S.invariant.contains(S.next_state(xi, res.u), tol=1e-9)
+                n_projected += p is projectors[0]
+            elif best >= 1e-7:                               # U_safe(x) empty
+                assert res.fallback and res.reason == "outside_invariant_set"
+                assert res.violation == pytest.approx(best, abs=1e-7)
+                assert facet_violation(S, xi, res.u) <= best + 1e-7
+                assert facet_violation(S, xi, res.u) <= facet_violation(S, xi, old.project(xi, u).u) + 1e-9
+                n_recovered += p is projectors[0]
+        if len(projectors) == 2 and abs(best) >= 1e-7:
+            np.testing.assert_allclose(projectors[0].project(xi, u).u, projectors[1].project(xi, u).u, atol=1e-6)
+    assert n_projected > 10 and n_recovered > 10, (n_projected, n_recovered)
+
+
+def test_recovery_keeps_a_plant_with_late_commands_inside_its_limits():
+    """The failure the recovery action exists for: the safeguard uses an invariant set for
+    tightened limits, the plant applies the previous command instead of the new one at
+    random steps (20 %), and the raw policy drives into the walls. Recovery (hardest
+    admissible braking once U_safe is empty) keeps every true limit; the LQR backup as the
+    fallback (the former behaviour) does not."""
+    from scpo_ros.backup import LQRBackup
+    true = DoubleIntegrator()
+    tight = DoubleIntegrator(p_max=0.95, v_max=0.9)
+    S = safe_set_for(tight)
+    lqr = LQRBackup(tight)
+    violations = {}
+    for recovery in (True, False):
+        P = SafeguardProjector(S, backup=lambda x, r: lqr(x, np.zeros(1)), recovery=recovery)
+        rng = np.random.default_rng(0)
+        violations[recovery] = 0
+        for _ in range(20):
+            x = np.array([rng.uniform(-0.5, 0.5), rng.uniform(-0.3, 0.3)])
+            u_prev, sign = np.zeros(1), 1.0
+            for t in range(200):
+                sign = -sign if t % 50 == 0 else sign
+                res = P.project(x, np.array([3.0 * sign]))
+                x = true.step(x, u_prev if rng.random() < 0.2 else res.u)
+                u_prev = res.u
+                violations[recovery] += bool(true.violation(x))
+    assert violations[True] == 0
+    assert violations[False] > 100, "the scenario must break the backup fallback, or it tests nothing"

@@ -8,23 +8,28 @@ backup, a JSON record goes out on ``intervention`` (``std_msgs/String``: raw and
 action, projection distance, active constraint rows, fallback and its reason).
 ``/diagnostics`` carries counts and the current condition.
 
-Input rules (the same as the SCPO safety node's):
+Input rules (the same as the SCPO safety node's). "The safe backup" below is the LQR
+backup action for the state, projected onto ``U_safe(x)`` (``SafeguardProjector.fallback``):
 - a JointState without ``dof`` finite positions and velocities, or a raw action of the
   wrong size or with NaN/Inf, is dropped with a log line and a WARN diagnostic; a bad
-  raw action is answered with the backup action for the current state (the plant
-  always gets a certified command);
+  raw action is answered with the safe backup for the current state (the plant always
+  gets a safeguarded command);
 - stale raw action (none for ``action_timeout`` s): every new state is answered with the
-  backup action (``fallback``, reason ``stale_action``);
-- stale state (none for ``state_timeout`` s when a raw action arrives): the backup
-  action for the last known state, reason ``stale_state``, ERROR diagnostic;
-- a state outside the invariant set: the backup action, reason
+  safe backup (``fallback``, reason ``stale_action``);
+- stale state (none for ``state_timeout`` s when a raw action arrives): the safe backup
+  for the last known state, reason ``stale_state``, ERROR diagnostic;
+- a state outside the invariant set: still the projection where ``U_safe(x)`` is not
+  empty (the record says ``in_set: false``, WARN diagnostic); where it is empty the
+  recovery action (``fallback_action``, default ``recovery``: the admissible action whose
+  next state is closest to the set; ``backup``: the clipped LQR backup), reason
   ``outside_invariant_set``, ERROR diagnostic.
 
-Nothing else is ever published on ``cmd``: projections, or the clipped backup. The
-command's source goes into ``layout.dim[0].label`` (as the SCPO safety node does):
-``safeguard`` for a projection (changed or not), ``backup`` for a fallback; a forward
-command controller ignores it, ``scpo-ros analyze`` counts with it. On shutdown the node
-prints one ``SUMMARY {json}`` line with its counts (read by ``scpo-ros demo --compare``).
+Nothing else is ever published on ``cmd``: projections, the safe backup, or the recovery
+action. The command's source goes into ``layout.dim[0].label`` (as the SCPO safety node
+does): ``safeguard`` for a projection (changed or not), ``backup`` for a fallback; a
+forward command controller ignores it, ``scpo-ros analyze`` counts with it. On shutdown
+the node prints one ``SUMMARY {json}`` line with its counts (read by
+``scpo-ros demo --compare``).
 
 Command delay (``command_delay_steps``): the projection keeps ``x+`` in the invariant set
 only if the command acts on the state it was computed for. A plant that applies each
@@ -32,7 +37,8 @@ command one control period late (``x_{k+1} = A x_k + B u_{k-1}``) needs the proj
 ``x̂_{k+1} = A x_k + B u_{k-1}`` with the command last sent. ``1`` does that; ``0``
 projects for the measured state (a plant that integrates a command before publishing
 the next state, like ``double_integrator_sim``). A command later than that (a slow transport) breaks the assumption
-either way; the membership check then falls back to the backup.
+either way; the recovery action then brings the state back (the margins ``p_margin``,
+``v_margin`` give it room).
 
 Lifecycle: ``configure`` builds the invariant set and the projector from the plant
 parameters and creates the publishers; ``activate`` starts the subscriptions;
@@ -86,6 +92,9 @@ PARAMS = (
               read_only=True),
     ParamSpec("command_delay_steps", 0, "control periods between a state and the plant applying its command "
               "(1: project for the state predicted with the last command sent)", min=0, max=1, read_only=True),
+    ParamSpec("fallback_action", "recovery", "action where U_safe(x) is empty: recovery (the admissible action "
+              "bringing the next state closest to the invariant set: hardest braking at a wall) or backup (the "
+              "clipped LQR backup)", choices=("recovery", "backup"), read_only=True),
     ParamSpec("autostart", True, "configure and activate on startup", read_only=True),
 )
 
@@ -136,7 +145,8 @@ class ActionSafeguard(LifecycleNode):
         self.u_time = -np.inf
         self.reference = None
         self.u_sent = None   # the last command published (the one a delayed plant applies next)
-        self.counts = {"commands": 0, "interventions": 0, "fallbacks": 0, "bad_state": 0, "bad_action": 0}
+        self.counts = {"commands": 0, "interventions": 0, "fallbacks": 0, "outside_set_projections": 0,
+                       "bad_state": 0, "bad_action": 0}
         self._proj_us = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -148,7 +158,8 @@ class ActionSafeguard(LifecycleNode):
             self.state_dim = 2 * self.dof
             safe_set = safe_set_for(plant)
             self.projector = SafeguardProjector(safe_set, backup=make_backup(plant, self.values),
-                                                solver=self.values["solver"], margin=self.values["boundary_margin"])
+                                                solver=self.values["solver"], margin=self.values["boundary_margin"],
+                                                recovery=self.values["fallback_action"] == "recovery")
         except (ValueError, RuntimeError) as exc:
             self.get_logger().error(f"cannot build the safeguard: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -265,23 +276,32 @@ class ActionSafeguard(LifecycleNode):
         self.cmd_pub.publish(float64_msg(res.u, "backup" if res.fallback else "safeguard"))
         self.u_sent = res.u
         self.counts["commands"] += 1
-        if not res.intervened:
+        if not res.intervened and res.in_set:
             if self.counts["commands"] % 200 == 0:
                 self._report_ok()
             return
-        self.counts["interventions"] += 1
+        # a record for every changed action, and for every state outside the set
+        self.counts["interventions"] += int(res.intervened)
         self.counts["fallbacks"] += int(res.fallback)
         record = {"stamp": self.get_clock().now().nanoseconds * 1e-9,
                   "raw": None if raw is None else [float(v) for v in raw],
                   "safe": [float(v) for v in res.u],
                   "distance": None if not np.isfinite(res.distance) else float(res.distance),
                   "active": np.flatnonzero(res.active).tolist(),
-                  "fallback": bool(res.fallback), "reason": res.reason}
+                  "fallback": bool(res.fallback), "reason": res.reason, "in_set": bool(res.in_set)}
+        if res.violation > 0.0:
+            record["violation"] = float(res.violation)
         self.record_pub.publish(String(data=json.dumps(record)))
         if res.fallback:
             level = WARN if res.reason in ("stale_action", "bad_action") else ERROR
             prefix = "bad raw_action: " if res.reason == "bad_action" else ""
-            self.diag.update("safeguard", level, f"{prefix}fallback to backup: {res.reason}", **self.counts)
+            recovered = res.reason in ("outside_invariant_set", "infeasible") and self.projector.recovery
+            what = "recovery action" if recovered else "backup"
+            self.diag.update("safeguard", level, f"{prefix}fallback to {what}: {res.reason}", **self.counts)
+        elif not res.in_set:
+            self.counts["outside_set_projections"] += 1
+            self.diag.update("safeguard", WARN, "state outside the invariant set: projected back into it",
+                             **self.counts)
         elif self.counts["commands"] % 200 == 0:
             self._report_ok()
 

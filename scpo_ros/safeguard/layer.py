@@ -23,15 +23,28 @@ import torch
 from torch import nn
 
 from .invariant_set import SafeActionSet
-from .projection import FEAS_TOL, DaqpProjection, IntervalForm
+from .projection import DaqpProjection, IntervalForm, qp_shifts, tolerances_for
 
 EIG_TOL = 1e-9
+"""Relative eigenvalue cut of ``A_Wᵀ A_W`` for float64; lower precisions use ``eig_tol``."""
+
+
+def eig_tol(dtype: torch.dtype) -> float:
+    """Eigenvalues below this (relative) are rounding: a float32 Gram matrix of dependent rows
+    has ~1e-7 relative eigenvalues that a 1e-9 cut would invert into huge gradients."""
+    return max(EIG_TOL, 100.0 * torch.finfo(dtype).eps)
+
+
+def interval_slack(dtype: torch.dtype, scale: float) -> float:
+    """Feasibility slack (b units) for right-hand sides of ``dtype``: the projector's."""
+    return tolerances_for(str(dtype).rsplit(".", 1)[-1], scale).interval
 
 
 class _ClosedForm:
     """Batched torch version of the interval projection (separable constraints)."""
 
-    def __init__(self, G: np.ndarray, u_max: float):
+    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
+        self.scale = scale
         form = IntervalForm(G, u_max)
         k, m = G.shape
         self.k, self.m, self.u_max = k, m, float(u_max)
@@ -55,9 +68,15 @@ class _ClosedForm:
         lo_g, lo_idx = torch.where(self.lo, ratio, -inf).max(-1)
         hi = hi_g.clamp(max=self.u_max)
         lo = lo_g.clamp(min=-self.u_max)
-        feasible = (lo <= hi + FEAS_TOL).all(-1)
+        # feasible: the intervals of G ũ <= b + slack are non-empty (slack in b units: a rounding
+        # error of b(x) is amplified by 1/G_ij in u units, ~1e3 for the double integrator)
+        slack = interval_slack(b.dtype, self.scale)
+        ratio_w = ((b + slack) * torch.as_tensor(self.inv, dtype=b.dtype)).unsqueeze(1)
+        hi_w = torch.where(self.up, ratio_w, inf).min(-1).values.clamp(max=self.u_max)
+        lo_w = torch.where(self.lo, ratio_w, -inf).max(-1).values.clamp(min=-self.u_max)
+        feasible = (lo_w <= hi_w).all(-1)
         if len(self.const):
-            feasible &= (b[:, self.const] >= -FEAS_TOL).all(-1)
+            feasible &= (b[:, self.const] >= -slack).all(-1)
         hi = torch.maximum(hi, lo)
         ut = torch.minimum(torch.maximum(u, lo), hi)
         cols = torch.arange(m)
@@ -72,14 +91,25 @@ class _ClosedForm:
 class _DaqpBatch:
     """One warm-started daqp solve per row of the batch (C calls; general ``G``)."""
 
-    def __init__(self, G: np.ndarray, u_max: float):
+    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
         self.qp = DaqpProjection(G, u_max)
         self.k, self.m = G.shape
+        self.scale = scale
+
+    def solve(self, u: np.ndarray, b: np.ndarray, shifts):
+        for shift in shifts:
+            out = self.qp.solve(u, b + shift)
+            if out[2]:
+                break
+        return out
 
     def __call__(self, u: torch.Tensor, b: torch.Tensor):
+        # exact first, then outward within the dtype's slack, as the closed form's feasibility
+        # test (the layer does not aim inside: its output must be the projection, for its gradients)
+        shifts = [s for s in qp_shifts(tolerances_for(str(b.dtype).rsplit(".", 1)[-1], self.scale)) if s >= 0.0]
         un = u.detach().to(torch.float64).numpy()
         bn = b.detach().to(torch.float64).numpy()
-        out = [self.qp.solve(ui, bi) for ui, bi in zip(un, bn)]
+        out = [self.solve(ui, bi, shifts) for ui, bi in zip(un, bn)]
         ut = torch.as_tensor(np.stack([o[0] for o in out]), dtype=u.dtype)
         active = torch.as_tensor(np.stack([o[1] for o in out]))
         feasible = torch.as_tensor(np.array([o[2] for o in out]))
@@ -87,15 +117,20 @@ class _DaqpBatch:
 
 
 def _active_rows_solve(A_full: torch.Tensor, active: torch.Tensor):
-    """``A_W (B, K, m)``, ``N⁺ = (A_Wᵀ A_W)⁺`` and the range projector ``A_W⁺ A_W`` (B, m, m)."""
-    A_W = A_full.unsqueeze(0) * active.unsqueeze(-1).to(A_full.dtype)
-    N = A_W.transpose(1, 2) @ A_W
+    """The active rows ``A_W = D Â`` (``D``: row norms, ``Â``: unit rows) of each sample:
+    returns ``Â / D`` and ``N̂⁺ = (Âᵀ Â)⁺`` (so ``(A_W⁺)ᵀ g = (Â / D) N̂⁺ g``, the b-gradient),
+    the range projector ``Â⁺ Â = A_W⁺ A_W`` (B, m, m) and the rank of ``A_W``. Rows are
+    normalised first: the double integrator's rows of ``G`` have norm ~1e-3 beside the box
+    rows' 1, and an eigenvalue cut relative to the largest would drop them in float32."""
+    norms = A_full.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(A_full.dtype).tiny)
+    A_hat = (A_full / norms).unsqueeze(0) * active.unsqueeze(-1).to(A_full.dtype)     # (B, K, m)
+    N = A_hat.transpose(1, 2) @ A_hat
     e, V = torch.linalg.eigh(N)
-    keep = e > EIG_TOL * e.abs().amax(-1, keepdim=True).clamp(min=1.0)
+    keep = e > eig_tol(e.dtype) * e.abs().amax(-1, keepdim=True).clamp(min=1.0)
     inv_e = torch.where(keep, 1.0 / torch.where(keep, e, torch.ones_like(e)), torch.zeros_like(e))
     Np = (V * inv_e.unsqueeze(1)) @ V.transpose(1, 2)
     P_range = (V * keep.to(V.dtype).unsqueeze(1)) @ V.transpose(1, 2)
-    return A_W, Np, P_range, keep.sum(-1)
+    return A_hat / norms.unsqueeze(0), Np, P_range, keep.sum(-1)
 
 
 class _ProjectQP(torch.autograd.Function):
@@ -110,10 +145,10 @@ class _ProjectQP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ut, _grad_active, _grad_feasible):
         active, A_full = ctx.saved_tensors
-        A_W, Np, P_range, _ = _active_rows_solve(A_full.to(grad_ut.dtype), active)
+        A_b, Np, P_range, _ = _active_rows_solve(A_full.to(grad_ut.dtype), active)
         g = grad_ut.unsqueeze(-1)
         grad_u = (g - P_range @ g).squeeze(-1)
-        grad_b = (A_W @ (Np @ g)).squeeze(-1)[:, :ctx.k]
+        grad_b = (A_b @ (Np @ g)).squeeze(-1)[:, :ctx.k]      # (A_W⁺)ᵀ g
         return grad_u, grad_b, None, None, None
 
 
@@ -134,10 +169,11 @@ class ProjectionLayer(nn.Module):
         self.k, self.m = G.shape
         if solver == "auto":
             solver = "closed_form" if safe_set.separable else "daqp"
+        scale = max(1.0, float(np.abs(safe_set.invariant.h).max()))   # the projector's tolerance scale
         if solver == "closed_form":
-            self._solver = _ClosedForm(G, safe_set.u_max)
+            self._solver = _ClosedForm(G, safe_set.u_max, scale)
         elif solver == "daqp":
-            self._solver = _DaqpBatch(G, safe_set.u_max)
+            self._solver = _DaqpBatch(G, safe_set.u_max, scale)
         else:
             raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
         self.solver = solver

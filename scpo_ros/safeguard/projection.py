@@ -12,9 +12,20 @@ Two exact solvers, one per structure:
   updated per step with the new linear term and right-hand side; daqp starts from the
   previous step's active set (warm start).
 
-``SafeguardProjector.project`` never returns an action outside ``U_safe(x)``: if ``x``
-is not in the invariant set (or, numerically, the QP has no solution) it returns the
-backup action, clipped to the actuator box, with ``fallback=True`` and a reason.
+``SafeguardProjector.project`` returns the projection whenever ``U_safe(x)`` is not
+empty, also for a state outside the invariant set ``C`` (a state the plant left ``C``
+from, e.g. after a late command, from which one admissible action still brings it back:
+the result says ``in_set=False``). Only when ``U_safe(x)`` is empty does it fall back
+(``fallback=True``, reason ``outside_invariant_set``, or ``infeasible`` for a state in
+``C`` whose QP has no solution numerically), with the **recovery action**: the action
+whose next state is closest to ``C``, i.e. the ``u`` in the actuator box minimising the
+largest facet violation ``max_i (H_i x+ - h_i)`` (the facets have unit normals, so this is
+a distance), projected from the raw action where that minimiser is not unique. For a
+double integrator running at a wall this is the hardest admissible braking, where the
+backup LQR (the former fallback, still available with ``recovery=False``) brakes gently
+and lets a late command turn into a run of violations. Fallbacks for the caller's own
+reasons (``fallback(x, u, r, reason)``: stale or bad input) apply the backup action
+projected onto ``U_safe(x)`` (the recovery action where that set is empty).
 
 Precision. A projection that is active puts the next state exactly *on* the invariant
 set's boundary. A float64 plant returns it within ~1e-15 of the boundary (``FEAS_TOL``
@@ -105,9 +116,15 @@ class ProjectionResult:
     active: np.ndarray
     """Boolean mask over the rows ``[G; I; -I]``: the constraints the projection sits on."""
     fallback: bool
-    """True when the backup action was used instead of a projection."""
+    """True when the action is not the projection of the raw action (recovery or backup)."""
     reason: str = ""
-    """Why it fell back: ``outside_invariant_set``, ``infeasible`` or ``bad_input``."""
+    """Why it fell back: ``outside_invariant_set``, ``infeasible``, ``bad_input``, or the
+    caller's reason passed to ``fallback``."""
+    in_set: bool = True
+    """Whether ``x`` was in the invariant set (within the dtype's tolerance)."""
+    violation: float = 0.0
+    """``max_i (H_i x+ - h_i)`` the action leaves for the model's next state when ``U_safe(x)``
+    is empty (the recovery's optimum; > 0), else 0."""
 
     @property
     def intervened(self) -> bool:
@@ -204,13 +221,16 @@ class SafeguardProjector:
     list: exact; float32: slack and inward margin, see the module docstring).
     ``margin``: an inward margin (b units) for every state whatever its dtype, for a plant
     that checks its limits strictly (any rounding beyond the boundary counts there).
+    ``recovery``: where ``U_safe(x)`` is empty, apply the recovery action (default) or
+    the clipped backup action (the behaviour before the recovery action existed).
     """
 
     def __init__(self, safe_set: SafeActionSet, backup: Callable | None = None, solver: str = "auto",
-                 margin: float = 0.0):
+                 margin: float = 0.0, recovery: bool = True):
         if not (math.isfinite(margin) and margin >= 0.0):
             raise ValueError(f"margin must be finite and >= 0, got {margin}")
         self.margin = float(margin)
+        self.recovery = bool(recovery)
         self.safe_set = safe_set
         self.backup = backup
         self.G = np.ascontiguousarray(safe_set.G)
@@ -275,6 +295,19 @@ class SafeguardProjector:
         # spare segment); over [0, n_upper, ...] the lower maxima after one spare.
         self._starts_hi = np.append(self._seg_starts[:m], self._n_upper)
         self._starts_lo = np.concatenate([[0], self._seg_starts[m:]])
+        # Recovery: every (upper, lower) candidate pair of a coordinate. Relaxing every G row
+        # by s moves candidate c to c + s / G_ij; the pair stays ordered for
+        # s >= (c_lo - c_hi) / (1/G_hi - 1/G_lo) (the denominator is > 0 unless both are box rows).
+        pairs_hi, pairs_lo = [], []
+        for j in range(m):
+            hi_idx = np.arange(self._seg_starts[j], self._seg_ends[j])
+            lo_idx = np.arange(self._seg_starts[m + j], self._seg_ends[m + j])
+            pairs_hi.append(np.repeat(hi_idx, len(lo_idx)))
+            pairs_lo.append(np.tile(lo_idx, len(hi_idx)))
+        pairs_hi, pairs_lo = np.concatenate(pairs_hi), np.concatenate(pairs_lo)
+        denom = self._cand_inv_g[pairs_hi] - self._cand_inv_g[pairs_lo]
+        keep = denom > 0.0
+        self._pair_hi, self._pair_lo, self._pair_inv_den = pairs_hi[keep], pairs_lo[keep], 1.0 / denom[keep]
 
     @property
     def num_rows(self) -> int:
@@ -289,10 +322,17 @@ class SafeguardProjector:
             self._tolerances[dtype] = (tol, self.safe_set.invariant.h + tol.member)
         return self._tolerances[dtype]
 
-    def project(self, x, u, r=None) -> ProjectionResult:
-        """Safe action for state ``x (n,)`` and raw action ``u (m,)``."""
+    def _tol_for(self, x) -> tuple[Tolerances, np.ndarray]:
         dtype = getattr(x, "dtype", None)
         if dtype is None or dtype == np.float64:   # the common case, without a dict lookup
+            return self._tol64, self._h_member
+        return self._tolerances_for(state_dtype(x))
+
+    def project(self, x, u, r=None) -> ProjectionResult:
+        """Safe action for state ``x (n,)`` and raw action ``u (m,)``: the projection onto
+        ``U_safe(x)``, or where that is empty the recovery action (``fallback=True``)."""
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or dtype == np.float64:   # the common case, without a call or a dict lookup
             tol, h_member = self._tol64, self._h_member
         else:
             tol, h_member = self._tolerances_for(state_dtype(x))
@@ -301,11 +341,32 @@ class SafeguardProjector:
         # x·x + u·u is finite iff every entry is (short of 1e154, far outside any set).
         if x.shape != (self.n,) or u_raw.shape != (self.m,) or not math.isfinite(x @ x + u_raw @ u_raw):
             return self.fallback(x, u_raw, r, "bad_input")
+        res = self._project(x, u_raw, tol, h_member)
+        if res.fallback and not self.recovery:
+            return self._backup_result(x, u_raw, r, res.reason, res.in_set)
+        return res
+
+    def fallback(self, x, u_raw, r, reason: str) -> ProjectionResult:
+        """The caller's fallback (stale or bad input) for state ``x``, flagged with ``reason``:
+        the backup action (clipped to the box; zero if there is none or ``x`` is unusable),
+        projected onto ``U_safe(x)``, or the recovery action where that set is empty."""
+        x = np.asarray(x, dtype=float)
+        u_raw = np.asarray(u_raw, dtype=float)
+        valid = x.shape == (self.n,) and bool(np.isfinite(x).all())
+        if not (valid and self.recovery):
+            return self._backup_result(x, u_raw, r, reason, None)
+        tol, h_member = self._tol_for(x)
+        res = self._project(x, self._backup_action(x, r), tol, h_member)
+        return ProjectionResult(res.u, self._distance(res.u, u_raw), res.active, True, reason, res.in_set,
+                                res.violation)
+
+    # ------------------------------------------------------------------ internals
+    def _project(self, x: np.ndarray, u_raw: np.ndarray, tol: Tolerances, h_member: np.ndarray) -> ProjectionResult:
+        """Projection of a valid ``(x, u_raw)``, or the recovery action where ``U_safe(x)`` is empty."""
         k = self.k
         if self.solver == "daqp":
             y = self._HS @ x
-            if (y[:k] > h_member).any():
-                return self.fallback(x, u_raw, r, "outside_invariant_set")
+            in_set = not (y[:k] > h_member).any()
             b = self._h - y[k:] if self._linear else self.safe_set.rhs(x)
             if tol.margin > 0.0:
                 # aim inside; where that is empty, ever closer to the exact set, then just outside it
@@ -316,12 +377,11 @@ class SafeguardProjector:
             else:
                 ut, active, feasible = self._qp.solve(u_raw, b)
             if not feasible:
-                return self.fallback(x, u_raw, r, "infeasible")
+                return self._recover_qp(x, u_raw, b, in_set)
             d = ut - u_raw
-            return ProjectionResult(ut, math.sqrt(d @ d), active, False)
+            return ProjectionResult(ut, math.sqrt(d @ d), active, False, in_set=in_set)
         y = self._M @ x
-        if (y[:k] > h_member).any():
-            return self.fallback(x, u_raw, r, "outside_invariant_set")
+        in_set = not (y[:k] > h_member).any()
         if self._linear:
             cand = self._cand_c - y[k:]
         else:
@@ -329,11 +389,12 @@ class SafeguardProjector:
         hi = np.minimum.reduceat(cand, self._starts_hi)[:self.m]
         lo = np.maximum.reduceat(cand, self._starts_lo)[1:]
         if tol.margin > 0.0:
-            lo, hi, cand, feasible = self._widen_and_tighten(cand, lo, hi, tol)
+            lo_t, hi_t, cand_t, feasible = self._widen_and_tighten(cand, lo, hi, tol)
             if not feasible or (len(self._const) and self._constant_rows_violated(x, tol.interval)):
-                return self.fallback(x, u_raw, r, "infeasible")
+                return self._recover_intervals(x, u_raw, cand, in_set)
+            lo, hi, cand = lo_t, hi_t, cand_t
         elif (lo - hi).max() > FEAS_TOL or (len(self._const) and self._constant_rows_violated(x)):
-            return self.fallback(x, u_raw, r, "infeasible")
+            return self._recover_intervals(x, u_raw, cand, in_set)
         ut = np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo))
         # an interval empty by rounding collapses onto its lower end, which may sit a hair
         # beyond the actuator box: the box is exact
@@ -343,7 +404,72 @@ class SafeguardProjector:
         active = np.zeros(k + 2 * self.m, dtype=bool)
         if dist > 0.0:
             self._mark_active(active, u_raw, lo, hi, cand)
-        return ProjectionResult(ut, dist, active, False)
+        return ProjectionResult(ut, dist, active, False, in_set=in_set)
+
+    def _recover_intervals(self, x, u_raw, cand, in_set: bool) -> ProjectionResult:
+        """Recovery, closed form: the smallest relaxation ``s`` of every facet that makes all
+        intervals non-empty (one vectorised max over candidate pairs), then the clip."""
+        s = (cand[self._pair_lo] - cand[self._pair_hi]) * self._pair_inv_den
+        s_star = max(0.0, float(s.max()) if s.size else 0.0)
+        if len(self._const):
+            s_star = max(s_star, float(-self.safe_set.rhs(x)[self._const].min()))
+        relaxed = cand + s_star * self._cand_inv_g
+        hi = np.minimum.reduceat(relaxed, self._starts_hi)[:self.m]
+        lo = np.maximum.reduceat(relaxed, self._starts_lo)[1:]
+        ut = np.clip(np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo)), -self.u_max, self.u_max)
+        active = np.zeros(self.num_rows, dtype=bool)
+        self._mark_active(active, u_raw, lo, hi, relaxed)
+        return ProjectionResult(ut, self._distance(ut, u_raw), active, True,
+                                "infeasible" if in_set else "outside_invariant_set", in_set, s_star)
+
+    def _recover_qp(self, x, u_raw, b, in_set: bool) -> ProjectionResult:
+        """Recovery, general ``G``: ``min s  s.t.  G u <= b + s, |u| <= u_max`` (an LP, HiGHS;
+        this path runs only where ``U_safe(x)`` is empty), then the projection onto the
+        relaxed set by the same warm QP."""
+        from scipy.optimize import linprog
+        k, m = self.k, self.m
+        c = np.zeros(m + 1)
+        c[-1] = 1.0
+        lp = linprog(c, A_ub=np.hstack([self.G, -np.ones((k, 1))]), b_ub=b,
+                     bounds=[(-self.u_max, self.u_max)] * m + [(0.0, None)], method="highs")
+        reason = "infeasible" if in_set else "outside_invariant_set"
+        if lp.status != 0:   # cannot happen for a bounded box and finite b; never leave without an action
+            return self._backup_result(x, u_raw, None, reason, in_set)
+        s_star = float(lp.x[-1])
+        for slack in (0.0, 1e-12, 1e-10, 1e-8):
+            ut, active, feasible = self._qp.solve(u_raw, b + s_star + slack * self._scale)
+            if feasible:
+                break
+        else:
+            ut, active = np.clip(lp.x[:m], -self.u_max, self.u_max), np.zeros(self.num_rows, dtype=bool)
+        return ProjectionResult(ut, self._distance(ut, u_raw), active, True, reason, in_set, s_star)
+
+    def _backup_action(self, x, r) -> np.ndarray:
+        """The backup action for ``x``, clipped to the box; zero if ``x`` is unusable or the
+        backup cannot give a finite action of the right size."""
+        u = np.zeros(self.m)
+        if self.backup is not None and x.shape == (self.n,) and np.isfinite(x).all():
+            try:
+                ub = np.asarray(self.backup(x, r), dtype=float)
+            except (ValueError, TypeError):   # a backup that cannot handle this input: zero action
+                ub = u
+            if ub.shape == (self.m,) and np.isfinite(ub).all():
+                u = np.clip(ub, -self.u_max, self.u_max)
+        return u
+
+    def _backup_result(self, x, u_raw, r, reason: str, in_set) -> ProjectionResult:
+        """The clipped backup action itself, flagged (``recovery=False``, unusable ``x``)."""
+        u = self._backup_action(x, r)
+        if in_set is None:
+            in_set = bool(x.shape == (self.n,) and np.isfinite(x).all()
+                          and (self.safe_set.invariant.H @ x <= self._h_member).all())
+        return ProjectionResult(u, self._distance(u, u_raw), np.zeros(self.num_rows, dtype=bool), True, reason,
+                                in_set)
+
+    @staticmethod
+    def _distance(u, u_raw) -> float:
+        ok = u_raw.shape == u.shape and np.isfinite(u_raw).all()
+        return float(np.linalg.norm(u - u_raw)) if ok else float("nan")
 
     def _constant_rows_violated(self, x, tol: float = FEAS_TOL) -> bool:
         return bool((self.safe_set.rhs(x)[self._const] < -tol).any())
@@ -373,21 +499,6 @@ class SafeguardProjector:
             elif u[j] < lo[j]:
                 s, e = starts[m + j], ends[m + j]
                 active[self._cand_rows[s + cand[s:e].argmax()]] = True
-
-    def fallback(self, x, u_raw, r, reason: str) -> ProjectionResult:
-        """The backup action for ``x`` (clipped to the box; zero if ``x`` is unusable),
-        flagged as a fallback with ``reason``."""
-        u = np.zeros(self.m)
-        if self.backup is not None and x.shape == (self.n,) and np.isfinite(x).all():
-            try:
-                ub = np.asarray(self.backup(x, r), dtype=float)
-            except (ValueError, TypeError):   # a backup that cannot handle this input: zero action
-                ub = u
-            if ub.shape == (self.m,) and np.isfinite(ub).all():
-                u = np.clip(ub, -self.u_max, self.u_max)
-        ok = u_raw.shape == u.shape and np.isfinite(u_raw).all()
-        dist = float(np.linalg.norm(u - u_raw)) if ok else float("nan")
-        return ProjectionResult(u, dist, np.zeros(self.num_rows, dtype=bool), True, reason)
 
 
 class DaqpProjection:
