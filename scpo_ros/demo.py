@@ -5,7 +5,7 @@ process (``python -m scpo_ros.nodes.<name>``), over real DDS on ``ROS_DOMAIN_ID`
 bag_recorder, scpo_safety_node, expert, learner, then the simulator, which waits until
 every subscriber of ``joint_states`` is matched so that no node (and not the bag)
 misses the first state. After ``--duration`` s of simulation it stops the simulator
-first, then the other nodes, the recorder last, analyses the bag and prints a summary:
+first, then the other nodes together, the recorder last, analyses the bag and prints a summary:
 the nodes' own counts (their ``SUMMARY`` lines) beside the numbers read back from the
 bag. Exit code 0 when the run was clean, 1 when the simulator reported a constraint
 violation, 2 when a node failed.
@@ -29,7 +29,11 @@ from pathlib import Path
 
 NODE_ORDER = ("bag_recorder", "scpo_safety_node", "expert", "learner", "double_integrator_sim")
 FIRST_STATE_TOPICS = ("cmd", "expert_action", "reference", "malicious")
-STOP_ORDER = ("double_integrator_sim", "learner", "expert", "scpo_safety_node", "action_safeguard", "bag_recorder")
+STOP_ORDER = (("double_integrator_sim",), ("learner", "expert", "scpo_safety_node", "action_safeguard"),
+              ("bag_recorder",))
+"""Stop ranks: the simulators first (the last state gets its command), then every other node
+at once (one after the other, the safety node's stale-state holds would fill the seconds a
+learner takes to exit), the recorder last."""
 
 # --compare: the two pipelines (namespace -> nodes in start order, the simulator last)
 COMPARE_PIPELINES = {
@@ -210,7 +214,9 @@ class Graph:
     def stop_all(self) -> dict[str, int | None]:
         """Stop every process: simulators first, the recorder last (``STOP_ORDER`` by node name;
         process keys are ``<node>`` or ``<namespace>.<node>``)."""
-        rank = lambda key: STOP_ORDER.index(key.rsplit(".", 1)[-1])  # noqa: E731
+        def rank(key: str) -> int:
+            name = key.rsplit(".", 1)[-1]
+            return next(i for i, group in enumerate(STOP_ORDER) if name in group)
         codes = {}
         for r in sorted({rank(k) for k in self.procs}):
             group = [k for k in self.procs if rank(k) == r]
