@@ -53,6 +53,14 @@ def test_sim_publishes_state_and_resets(nodes):
     wait_for(lambda: abs(nodes.messages("joint_states")[-1].position[0] - 0.3) < 1e-9, what="state back to 0.3")
 
 
+def test_diagnostics_name_each_node_by_its_fully_qualified_name(nodes):
+    """``hardware_id`` tells two namespaced copies of a node apart (the compare graph runs two
+    simulators and two experts)."""
+    for name in ("double_integrator_sim", "expert", "learner"):
+        st = wait_for(lambda: nodes.statuses(f"{name}: "), what=f"{name}'s diagnostics")[-1]
+        assert st.hardware_id == f"/{name}"
+
+
 def test_sim_refuses_bad_commands_and_params(nodes):
     nodes.cmd_pub.publish(Float64MultiArray(data=[float("nan")]))
     nodes.cmd_pub.publish(Float64MultiArray(data=[0.1, 0.2]))

@@ -68,7 +68,7 @@ class BagRecorder(Node):
         self.p = declare_parameters(self, PARAMS)
         output = self.p["output"] or time.strftime("runs/bag_%Y%m%d_%H%M%S")
         self.writer = BagWriter(output, storage=self.p["storage"])
-        self.diag = Diagnostics(self, hardware_id="bag_recorder")
+        self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, apply=lambda values, changed: self._restart_discovery(values))
         self.pending: dict[str, str] = {}  # resolved name -> base name, waiting for a type
         self.subs = {}
@@ -128,9 +128,11 @@ class BagRecorder(Node):
         self.diag.update("recording", level, msg, path=str(self.writer.path), counts=self.writer.counts)
 
     def destroy_node(self):
-        self.writer.close()
-        print("SUMMARY " + json.dumps({"node": "bag_recorder", "path": str(self.writer.path),
-                                       "counts": self.writer.counts}), flush=True)
+        writer = getattr(self, "writer", None)   # None: __init__ failed (the bag exists, say)
+        if writer is not None:
+            writer.close()
+            print("SUMMARY " + json.dumps({"node": "bag_recorder", "path": str(writer.path),
+                                           "counts": writer.counts}), flush=True)
         return super().destroy_node()
 
 

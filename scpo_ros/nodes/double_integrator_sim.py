@@ -89,7 +89,7 @@ class DoubleIntegratorSim(Node):
         self.violation_pub = self.create_publisher(String, "constraint_violation", EVENT_QOS)
         self.create_subscription(Float64MultiArray, "cmd", self._on_cmd, CONTROL_QOS)
         self.create_service(Trigger, "reset", self._on_reset)
-        self.diag = Diagnostics(self, hardware_id="double_integrator_sim")
+        self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self.timer = self.create_timer(1.0 / self.p["rate_hz"], self._step)
         self._update_diagnostics()

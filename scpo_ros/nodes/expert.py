@@ -70,7 +70,7 @@ class ExpertNode(Node):
         self.ref_pub = self.create_publisher(Float64MultiArray, "reference", CONTROL_QOS)
         self.mal_pub = self.create_publisher(Bool, "malicious", CONTROL_QOS)
         self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS)
-        self.diag = Diagnostics(self, hardware_id="expert")
+        self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._update_diagnostics(False)
         self.get_logger().info(f"expert: malicious={self.cfg.malicious}, references={list(self.cfg.references)}")

@@ -154,7 +154,7 @@ class LearnerNode(Node):
             self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS)
             self.create_subscription(Float64MultiArray, "expert_action", self._on_expert, CONTROL_QOS)
         self.create_subscription(Float64MultiArray, "certified_weights", self._on_certified, LATCHED_QOS)
-        self.diag = Diagnostics(self, hardware_id="learner")
+        self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, apply=self._apply)
         self.timer = self.create_timer(1.0 / self.p["publish_rate_hz"], self._propose)
         self._update_diagnostics()

@@ -401,7 +401,7 @@ class SCPOSafetyNode(LifecycleNode):
         self.p = declare_parameters(self, PARAMS)
         self.dof = int(self.p["dof"])
         self.model = build_model(self.p)   # fail at start-up, with the reason, if unusable
-        self.diag = Diagnostics(self, hardware_id="scpo_safety_node")
+        self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._reset_counters()
         self.mode = "inactive"
