@@ -20,7 +20,10 @@ invariant set is computed for the plant it guards. Each simulator waits until it
 subscribers (and the recorder) are matched before its first step.
 
 With ``record:=true`` one ``bag_recorder`` (no namespace) writes both namespaces into one
-bag; ``scpo-ros analyze BAG`` prints one table with a column per pipeline.
+bag; ``scpo-ros analyze BAG`` prints one table with a column per pipeline. As in
+``scpo-ros demo --compare``, each simulator then starts only once the recorder has matched
+the publishers of the topics its first state triggers, so the bag holds both runs from
+their first command; if the recorder exits before that, the launch shuts down.
 ``scpo-ros demo --compare`` starts the same processes from the same files without ROS
 tooling.
 
@@ -40,13 +43,16 @@ def _truthy(text: str) -> bool:
 
 
 def _nodes(context):
-    from scpo_ros.demo import (COMPARE_PIPELINES, COMPARE_TOPICS, SAFEGUARD_REMAPS, compare_params_file,
-                               merged_params_file)
+    from scpo_ros.demo import (COMPARE_FIRST_STATE_TOPICS, COMPARE_PIPELINES, COMPARE_TOPICS, SAFEGUARD_REMAPS,
+                               compare_params_file, merged_params_file)
+    from scpo_ros.launch_support import start_after_recorder
 
     get = lambda name: context.launch_configurations[name]  # noqa: E731
     dof = int(get("dof"))
     record = _truthy(get("record"))
     recorder = 1 if record else 0
+    if record and os.path.exists(get("bag")):
+        raise RuntimeError(f"bag directory {get('bag')} exists: remove it or pass another bag:=DIR")
     names = {name for nodes in COMPARE_PIPELINES.values() for name in nodes}
     overrides = {name: {"dof": dof} for name in names}
     overrides["expert"]["malicious"] = _truthy(get("malicious"))
@@ -61,17 +67,26 @@ def _nodes(context):
     # the safeguard namespace's simulator has no learner among its subscribers
     params_safeguard = merged_params_file(params, {"double_integrator_sim": {"wait_for_subscribers": 2 + recorder}},
                                           os.path.join(tmp, "params_safeguard.yaml"))
-    actions = []
+    actions, simulators = [], {}
     for ns, nodes in COMPARE_PIPELINES.items():
         for name in nodes:
-            actions.append(Node(package="scpo_ros", executable=name, name=name, namespace=ns,
-                                parameters=[params_safeguard if ns == "safeguard" else params],
-                                remappings=list(SAFEGUARD_REMAPS) if name == "action_safeguard" else [],
-                                output="screen", emulate_tty=True))
-    if record:
-        actions.append(Node(package="scpo_ros", executable="bag_recorder", name="bag_recorder", parameters=[params],
-                            output="screen", emulate_tty=True))
-    return actions
+            node = Node(package="scpo_ros", executable=name, name=name, namespace=ns,
+                        parameters=[params_safeguard if ns == "safeguard" else params],
+                        remappings=list(SAFEGUARD_REMAPS) if name == "action_safeguard" else [],
+                        output="screen", emulate_tty=True)
+            if record and name == "double_integrator_sim":
+                simulators[ns] = node
+            else:
+                actions.append(node)
+    if not record:
+        return actions
+    bag_recorder = Node(package="scpo_ros", executable="bag_recorder", name="bag_recorder", parameters=[params],
+                        output="screen", emulate_tty=True)
+    handlers = []
+    for ns, sim in simulators.items():
+        handlers += start_after_recorder(bag_recorder, [f"/{ns}/{t}" for t in COMPARE_FIRST_STATE_TOPICS[ns]], [sim],
+                                         f"/{ns}/double_integrator_sim")
+    return handlers + [bag_recorder] + actions
 
 
 def generate_launch_description():

@@ -12,6 +12,13 @@ from the same file without ROS tooling.
 
 The safety node configures and activates itself (``autostart: true``); with
 ``autostart: false`` a lifecycle manager (or ``ros2 lifecycle set``) drives it.
+
+As in ``scpo-ros demo``, the simulator's first step waits until the safety node, the
+expert, the learner (and the recorder) subscribe to its states; with ``record:=true`` the
+simulator starts only once the recorder has matched the publishers of the topics the first
+state triggers (``cmd``, ``expert_action``, ``reference``, ``malicious``), so the bag holds
+the run from its first command. If the recorder exits before that (the bag directory
+exists, say), the launch shuts down instead of running without its bag.
 """
 import os
 import tempfile
@@ -25,7 +32,8 @@ NODES = ("double_integrator_sim", "expert", "learner", "scpo_safety_node")
 
 
 def _nodes(context):
-    from scpo_ros.demo import merged_params_file
+    from scpo_ros.demo import FIRST_STATE_TOPICS, merged_params_file
+    from scpo_ros.launch_support import start_after_recorder
 
     get = lambda name: context.launch_configurations[name]  # noqa: E731
     namespace = get("namespace").strip("/")
@@ -34,13 +42,24 @@ def _nodes(context):
     record = get("record").lower() in ("true", "1", "yes")
     overrides = {name: {"dof": dof} for name in NODES}
     overrides["expert"]["malicious"] = malicious
-    overrides["double_integrator_sim"].update({"initial_position": [0.0], "initial_velocity": [0.0]})
+    # the simulator's first step waits for its subscribers (safety node, expert, learner, the
+    # recorder), as in ``scpo-ros demo``: none of them, and not the bag, misses the first state
+    overrides["double_integrator_sim"].update({"initial_position": [0.0], "initial_velocity": [0.0],
+                                               "wait_for_subscribers": 3 + (1 if record else 0)})
+    if record and os.path.exists(get("bag")):
+        raise RuntimeError(f"bag directory {get('bag')} exists: remove it or pass another bag:=DIR")
     overrides["bag_recorder"] = {"output": get("bag")}
     out = tempfile.NamedTemporaryFile(prefix="scpo_params_", suffix=".yaml", delete=False).name
     params = merged_params_file(get("params_file"), overrides, out)
     names = NODES + (("bag_recorder",) if record else ())
-    return [Node(package="scpo_ros", executable=name, name=name, namespace=namespace, parameters=[params],
-                 output="screen", emulate_tty=True) for name in names]
+    nodes = {name: Node(package="scpo_ros", executable=name, name=name, namespace=namespace, parameters=[params],
+                        output="screen", emulate_tty=True) for name in names}
+    if not record:
+        return list(nodes.values())
+    sim, recorder = nodes.pop("double_integrator_sim"), nodes.pop("bag_recorder")
+    prefix = f"/{namespace}" if namespace else ""
+    return start_after_recorder(recorder, [f"{prefix}/{t}" for t in FIRST_STATE_TOPICS], [sim],
+                                "double_integrator_sim") + [recorder, *nodes.values()]
 
 
 def generate_launch_description():

@@ -16,7 +16,8 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from scpo_ros.analysis import analyze_pipelines, format_comparison
 from scpo_ros.bag import typestore
 from scpo_ros.cli import main as cli_main
-from scpo_ros.demo import COMPARE_PIPELINES, SAFEGUARD_PLANT_PARAMS, compare_params_file, node_parameters
+from scpo_ros.demo import (COMPARE_FIRST_STATE_TOPICS, COMPARE_PIPELINES, SAFEGUARD_PLANT_PARAMS, compare_params_file,
+                           node_parameters)
 from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.safeguard.invariant_set import safe_set_for
 from scpo_ros.safeguard.projection import SafeguardProjector, project_batch
@@ -210,13 +211,18 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
     parameter files checked against the demo's pipelines and the nodes' declared parameters."""
     pytest.importorskip("rclpy")
     path = REPO / "launch" / "compare_scpo_vs_safeguard.launch.py"
-    stubs = {"launch": types.ModuleType("launch"), "launch.actions": types.ModuleType("launch.actions"),
-             "launch_ros": types.ModuleType("launch_ros"), "launch_ros.actions": types.ModuleType("launch_ros.actions"),
-             "ament_index_python": types.ModuleType("ament_index_python"),
-             "ament_index_python.packages": types.ModuleType("ament_index_python.packages")}
+    stubs = {name: types.ModuleType(name) for name in (
+        "launch", "launch.actions", "launch.event_handlers", "launch.events", "launch_ros", "launch_ros.actions",
+        "ament_index_python", "ament_index_python.packages")}
     stubs["launch"].LaunchDescription = list
     stubs["launch.actions"].DeclareLaunchArgument = lambda name, **kw: ("arg", name, kw)
     stubs["launch.actions"].OpaqueFunction = lambda function: ("opaque", function)
+    stubs["launch.actions"].RegisterEventHandler = lambda handler: handler
+    stubs["launch.actions"].LogInfo = lambda msg: ("log", msg)
+    stubs["launch.actions"].EmitEvent = lambda event: ("emit", event)
+    stubs["launch.event_handlers"].OnProcessIO = lambda **kw: ("io", kw)
+    stubs["launch.event_handlers"].OnProcessExit = lambda **kw: ("exit", kw)
+    stubs["launch.events"].Shutdown = lambda reason: ("shutdown", reason)
     stubs["launch_ros.actions"].Node = _FakeNode
     stubs["ament_index_python.packages"].get_package_share_directory = lambda pkg: str(REPO)
     for name, mod in stubs.items():
@@ -229,7 +235,25 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
     assert Path(args["params_file"]) == PARAMS and Path(args["safeguard_params"]) == SAFEGUARD_PARAMS
     context = types.SimpleNamespace(launch_configurations={**args, "record": "true", "bag": str(tmp_path / "bag"),
                                                            "dof": "2", "malicious": "false"})
-    nodes = [n.kwargs for n in description[-1][1](context)]
+    actions = description[-1][1](context)
+    # with record:=true each simulator starts once the recorder logged a matched publisher of
+    # each topic its first state triggers (as the demo waits): feed the handlers those lines
+    io = [a[1] for a in actions if isinstance(a, tuple) and a[0] == "io"]
+    assert len(io) == len(COMPARE_PIPELINES)
+    sims = []
+    for handler in io:
+        line = lambda text: types.SimpleNamespace(text=text.encode(), from_stdout=False)  # noqa: E731
+        assert handler["on_stderr"](line("[INFO] [bag_recorder]: publisher matched: /diagnostics\n")) is None
+        for ns, topics in COMPARE_FIRST_STATE_TOPICS.items():
+            for t in topics:
+                started = handler["on_stderr"](line(f"\x1b[0m[INFO] [1.0] [bag_recorder]: publisher matched: /{ns}/{t}"
+                                                    "\x1b[0m\r\n"))
+                if started:
+                    sims += [a for a in started if isinstance(a, _FakeNode)]
+    assert [s.kwargs["name"] for s in sims] == ["double_integrator_sim"] * len(COMPARE_PIPELINES)
+    exits = [a[1] for a in actions if isinstance(a, tuple) and a[0] == "exit"]
+    assert all(e["on_exit"](types.SimpleNamespace(returncode=1), None) is None for e in exits)  # all started
+    nodes = [n.kwargs for n in [a for a in actions if isinstance(a, _FakeNode)] + sims]
     started = {(n["namespace"], n["name"]) for n in nodes if "namespace" in n}
     assert started == {(ns, name) for ns, names in COMPARE_PIPELINES.items() for name in names}
     assert any(n["executable"] == "bag_recorder" and "namespace" not in n for n in nodes)

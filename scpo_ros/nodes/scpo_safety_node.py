@@ -434,6 +434,8 @@ class SCPOSafetyNode(LifecycleNode):
 
     def _autostart(self) -> None:
         self.destroy_timer(self._autostart_timer)
+        if self.configured:   # a 0 s timer can fire again before its destruction takes effect
+            return
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
