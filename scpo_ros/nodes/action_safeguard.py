@@ -25,8 +25,9 @@ backup action for the state, projected onto ``U_safe(x)`` (``SafeguardProjector.
   ``outside_invariant_set``, ERROR diagnostic.
 
 Nothing else is ever published on ``cmd``: projections, the safe backup, or the recovery
-action. The command's source goes into ``layout.dim[0].label`` (as the SCPO safety node
-does): ``safeguard`` for a projection (changed or not), ``backup`` for a fallback; a
+action (with ``fallback_action: backup``, the clipped backup instead). The command's source goes into ``layout.dim[0].label`` (as the SCPO safety node
+does): ``safeguard`` for a projection (changed or not), ``backup`` for a fallback (the
+safe backup or the recovery action; the intervention record gives the reason); a
 forward command controller ignores it, ``scpo-ros analyze`` counts with it. On shutdown
 the node prints one ``SUMMARY {json}`` line with its counts (read by
 ``scpo-ros demo --compare``).
