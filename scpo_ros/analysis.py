@@ -20,8 +20,10 @@ Metrics (keys of the JSON):
 - ``fallbacks``: switches of the safety node to the backup alone or to the hold command.
 - ``tracking_cost``: mean over states of ``Σ_axes (p - r)²`` (r: the expert's reference).
 - ``latency_ms``: state -> command latency, ``median``/``p99``/``mean``/``max``: for every
-  command, its log time minus the log time of the last state before it, both stamped by the
-  recorder on receipt (so it includes the safety node and one transport hop).
+  command (hold commands excluded), its log time (the recorder's receipt) minus the header
+  stamp of the last state stamped before it (the simulator stamps a state as it publishes
+  it), so it includes both transport hops and the safety node. Bags whose stamps are not on
+  the recorder's clock (zero, sim time, another machine) use the states' log times instead.
 - ``pipeline``: ``scpo`` (the bag has SCPO decisions / safety modes), ``safeguard`` (it has
   ``intervention`` records of ``action_safeguard``) or ``unknown``.
 - ``interventions``: safeguard commands that differ from the raw action (projections that
@@ -57,6 +59,7 @@ class Series:
 
     t0: float = 0.0
     state_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    state_stamp: np.ndarray = field(default_factory=lambda: np.zeros(0))   # header stamps, same time base
     state: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     cmd_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
     cmd: list = field(default_factory=list)
@@ -122,6 +125,7 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
 
     states = get("joint_states")
     s.state_t = np.array([T(m) for m in states])
+    s.state_stamp = np.array([m.msg.header.stamp.sec + 1e-9 * m.msg.header.stamp.nanosec - s.t0 for m in states])
     s.state = _stack([list(m.msg.position) + list(m.msg.velocity) for m in states])
     if states:  # position and velocity halves of equal length
         dof = min(min(len(m.msg.position), len(m.msg.velocity)) for m in states)
@@ -151,6 +155,19 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
                 if prefix is None or st.hardware_id.startswith(prefix) or "/" not in st.hardware_id:
                     s.sim_diag = {kv.key: kv.value for kv in st.values}
     return s
+
+
+def _state_times(s: Series) -> np.ndarray:
+    """When each state left the simulator: its header stamp where the stamps run on the
+    recorder's clock (ordered, within 1 s of the log times), else its log time. A recorder
+    may log a command a hair before the state it answers (two topics, two subscriptions):
+    matched by log time, that command would count against the previous state (~one period
+    of latency); matched by stamp, it counts against its own."""
+    st = s.state_stamp
+    if (len(st) == len(s.state_t) and np.isfinite(st).all() and (np.diff(st) >= 0).all()
+            and np.all(np.abs(st - s.state_t) < 1.0)):
+        return st
+    return s.state_t
 
 
 def _percentiles(values: np.ndarray) -> dict:
@@ -191,9 +208,10 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
 
     latency = np.zeros(0)
     if len(s.cmd_t) and len(s.state_t):
-        idx = np.searchsorted(s.state_t, s.cmd_t, side="right") - 1
+        ref = _state_times(s)
+        idx = np.searchsorted(ref, s.cmd_t, side="right") - 1
         ok = (idx >= 0) & control
-        latency = 1e3 * (s.cmd_t[ok] - s.state_t[idx[ok]])
+        latency = 1e3 * (s.cmd_t[ok] - ref[idx[ok]])
 
     tracking = None
     if len(s.state) and len(s.ref):

@@ -50,6 +50,37 @@ def write_sqlite_bag(path: Path) -> dict:
     return {"states": len(positions)}
 
 
+def test_latency_is_measured_from_the_state_stamp_when_a_command_is_logged_before_its_state(tmp_path):
+    """Two topics, two subscriptions in the recorder: a command can be logged before the state it
+    answers. Matched by log time it would count against the previous state (~one period);
+    matched by the simulator's stamp it counts against its own. Stamps off the recorder's
+    clock (sim time here: 0 s) fall back to the log times."""
+    ts = typestore()
+    JointState, Header, Time = (ts.types[n] for n in ("sensor_msgs/msg/JointState", "std_msgs/msg/Header",
+                                                       "builtin_interfaces/msg/Time"))
+    F64, Layout, Dim = (ts.types[n] for n in ("std_msgs/msg/Float64MultiArray", "std_msgs/msg/MultiArrayLayout",
+                                              "std_msgs/msg/MultiArrayDimension"))
+    ms = 1_000_000
+    t0 = 1_000_000_000_000
+    for name, stamp_offset, expected in (("on_clock", 0, 2.0), ("sim_time", -t0, 49.0)):
+        bag = tmp_path / name
+        with Writer(bag, version=8, storage_plugin=StoragePlugin.SQLITE3) as w:
+            c_state = w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
+            c_cmd = w.add_connection("/cmd", "std_msgs/msg/Float64MultiArray", typestore=ts)
+            for k in range(5):
+                t = t0 + k * 50 * ms                               # published (stamped) at t
+                st = t + stamp_offset
+                msg = JointState(header=Header(stamp=Time(sec=st // 10**9, nanosec=st % 10**9), frame_id=""),
+                                 name=["axis_0"], position=np.array([0.1]), velocity=np.array([0.0]),
+                                 effort=np.array([], dtype=float))
+                w.write(c_state, t + 3 * ms, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))   # logged late
+                cmd = F64(layout=Layout(dim=[Dim(label="policy", size=1, stride=1)], data_offset=0),
+                          data=np.array([0.0]))
+                w.write(c_cmd, t + 2 * ms, ts.serialize_cdr(cmd, "std_msgs/msg/Float64MultiArray"))
+        metrics, _ = analyze(bag)
+        assert metrics["latency_ms"]["median"] == pytest.approx(expected), name
+
+
 def test_sqlite3_bag_metrics_and_cli(tmp_path):
     bag = tmp_path / "sqlite_bag"
     write_sqlite_bag(bag)
