@@ -164,9 +164,9 @@ def _committed_policy(env, layout, theta):
 def run_scpo_imitation(seed: int, s: CompareSettings) -> RunResult:
     """SCPO imitation of the malicious expert (as in ``experiments.imitation``); the committed
     policy is deployed for one epoch of episodes after every ``scpo_updates_per_epoch`` steps."""
-    from ..expert import ExpertConfig, expert_action, is_malicious
-    from ..policy import ResidualMLP, policy_inputs
-    from ..rollout import random_states
+    from ..expert import ExpertConfig
+    from ..policy import ResidualMLP
+    from .imitation import imitation_step
 
     torch.manual_seed(seed)
     system, backup, initial_set, layout, im, scpo = _scpo_parts(s, seed)
@@ -181,15 +181,8 @@ def run_scpo_imitation(seed: int, s: CompareSettings) -> RunResult:
     t0 = time.perf_counter()
     for epoch in range(s.epochs):
         for _ in range(s.scpo_updates_per_epoch):
-            mal = is_malicious(k * im.update_period_s, expert)
-            x, r = random_states(demo_region, system.dof, im.batch, rng)
-            target = torch.as_tensor(expert_action(x, r, mal, expert, system) - backup(x, r), dtype=torch.float32)
-            inputs = torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)
-            before = model.flat().detach().clone()
-            opt.zero_grad()
-            ((model(inputs) - target) ** 2).sum(-1).mean().backward()
-            opt.step()
-            decision = scpo.propose_step((model.flat().detach() - before).numpy())
+            delta, _ = imitation_step(model, opt, k, im, demo_region, expert, system, backup, rng)
+            decision = scpo.propose_step(delta.numpy())
             model.load_flat(scpo.theta)
             statuses.append(decision.status)
             k += 1

@@ -46,6 +46,23 @@ class ImitationSettings:
     closed loop actually goes from the initial set, not just the initial set itself."""
 
 
+def imitation_step(model: ResidualMLP, opt: torch.optim.Optimizer, k: int, s: ImitationSettings,
+                   demo_region: InitialSet, expert: ExpertConfig, system: DoubleIntegrator, backup: LQRBackup,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+    """One Adam step of the residual on a fresh batch of demonstrations, malicious or not by
+    the expert's schedule at update ``k``. Returns ``(raw weight change, malicious)``; the
+    model is left at the stepped weights (SCPO then decides what is committed)."""
+    mal = is_malicious(k * s.update_period_s, expert)
+    x, r = random_states(demo_region, system.dof, s.batch, rng)
+    target = torch.as_tensor(expert_action(x, r, mal, expert, system) - backup(x, r), dtype=torch.float32)
+    inputs = torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)
+    before = model.flat().detach().clone()
+    opt.zero_grad()
+    ((model(inputs) - target) ** 2).sum(-1).mean().backward()
+    opt.step()
+    return model.flat().detach() - before, mal
+
+
 def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True) -> dict:
     torch.manual_seed(seed)
     system = DoubleIntegrator(dof=s.dof)
@@ -86,17 +103,8 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
     unsafe_now = bool((held_out_g(model.flat().detach()) > 0).any())
     bar = tqdm(range(s.updates), desc=f"imitation {method} seed {seed}", disable=not progress, leave=False)
     for k in bar:
-        mal = is_malicious(k * s.update_period_s, expert)
-        x, r = random_states(demo_region, s.dof, s.batch, rng)
-        target = torch.as_tensor(expert_action(x, r, mal, expert, system) - backup(x, r), dtype=torch.float32)
-        inputs = torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)
-        theta_before = model.flat().detach().clone()
-        opt.zero_grad()
-        loss = ((model(inputs) - target) ** 2).sum(-1).mean()
-        loss.backward()
-        opt.step()
+        delta, mal = imitation_step(model, opt, k, s, demo_region, expert, system, backup, rng)
         if method == "scpo":
-            delta = model.flat().detach() - theta_before
             t0 = time.perf_counter()
             decision = scpo.propose_step(delta.numpy())
             step_ms.append(1e3 * (time.perf_counter() - t0))

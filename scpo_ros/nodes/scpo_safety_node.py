@@ -182,7 +182,7 @@ class FoldedPolicy:
         d = K.shape[0]
         Wb = np.hstack([-K, K[:, :d], np.zeros((d, 1))])             # (d, 3d + 1)
         self.d = d
-        self.layers: list[np.ndarray] = []
+        self._last = None                     # None: the law is the single affine map ``first``
         if theta is None:                                            # the backup alone
             self.first = np.ascontiguousarray(Wb)
             return
@@ -210,15 +210,15 @@ class FoldedPolicy:
         first = np.zeros((h0 + 1 + d, W0.shape[1] + 1))
         first[:h0, :-1], first[:h0, -1], first[h0, -1], first[h0 + 1:] = W0, b0, 1.0, Wb
         self.first = first
-        self.layers = [carry(W, b, False) for W, b in layers[1:-1]] + [carry(*layers[-1], True)]
-        self._bufs = [np.zeros(M.shape[0]) for M in [first] + self.layers[:-1]]
-        acts = [buf[:buf.size - 1 - d] for buf in self._bufs]          # the tanh part of each
-        self._steps = list(zip([first] + self.layers[:-1], self._bufs, acts))
-        self._last = self.layers[-1]
+        hidden = [first] + [carry(W, b, False) for W, b in layers[1:-1]]
+        bufs = [np.zeros(M.shape[0]) for M in hidden]
+        acts = [buf[:buf.size - 1 - d] for buf in bufs]               # the tanh part of each
+        self._steps = list(zip(hidden, bufs, acts))
+        self._last = carry(*layers[-1], True)
 
     def __call__(self, z_in: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``z_in = [x, r, 1]`` (length ``3 dof + 1``) -> the command, written into ``out``."""
-        if not self.layers:
+        if self._last is None:
             return np.dot(self.first, z_in, out=out)
         h = z_in
         for W, buf, act in self._steps:

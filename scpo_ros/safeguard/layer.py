@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .invariant_set import SafeActionSet
-from .projection import DaqpProjection, IntervalForm, qp_shifts, tolerances_for
+from .projection import DaqpProjection, IntervalForm, qp_shifts, state_dtype, tolerance_scale, tolerances_for
 
 EIG_TOL = 1e-9
 """Relative eigenvalue cut of ``A_Wᵀ A_W`` for float64; lower precisions use ``eig_tol``."""
@@ -35,9 +35,9 @@ def eig_tol(dtype: torch.dtype) -> float:
     return max(EIG_TOL, 100.0 * torch.finfo(dtype).eps)
 
 
-def interval_slack(dtype: torch.dtype, scale: float) -> float:
-    """Feasibility slack (b units) for right-hand sides of ``dtype``: the projector's."""
-    return tolerances_for(str(dtype).rsplit(".", 1)[-1], scale).interval
+def interval_slack(b: torch.Tensor, scale: float) -> float:
+    """Feasibility slack (b units) for the right-hand sides ``b``: the projector's for their dtype."""
+    return tolerances_for(state_dtype(b), scale).interval
 
 
 class _ClosedForm:
@@ -62,7 +62,8 @@ class _ClosedForm:
 
     def __call__(self, u: torch.Tensor, b: torch.Tensor):
         k, m = self.k, self.m
-        ratio = (b * torch.as_tensor(self.inv, dtype=b.dtype)).unsqueeze(1)     # (B, 1, k)
+        inv = torch.as_tensor(self.inv, dtype=b.dtype)
+        ratio = (b * inv).unsqueeze(1)                                          # (B, 1, k)
         inf = torch.tensor(float("inf"), dtype=b.dtype)
         hi_g, hi_idx = torch.where(self.up, ratio, inf).min(-1)                # (B, m)
         lo_g, lo_idx = torch.where(self.lo, ratio, -inf).max(-1)
@@ -70,8 +71,8 @@ class _ClosedForm:
         lo = lo_g.clamp(min=-self.u_max)
         # feasible: the intervals of G ũ <= b + slack are non-empty (slack in b units: a rounding
         # error of b(x) is amplified by 1/G_ij in u units, ~1e3 for the double integrator)
-        slack = interval_slack(b.dtype, self.scale)
-        ratio_w = ((b + slack) * torch.as_tensor(self.inv, dtype=b.dtype)).unsqueeze(1)
+        slack = interval_slack(b, self.scale)
+        ratio_w = ((b + slack) * inv).unsqueeze(1)
         hi_w = torch.where(self.up, ratio_w, inf).min(-1).values.clamp(max=self.u_max)
         lo_w = torch.where(self.lo, ratio_w, -inf).max(-1).values.clamp(min=-self.u_max)
         feasible = (lo_w <= hi_w).all(-1)
@@ -96,20 +97,13 @@ class _DaqpBatch:
         self.k, self.m = G.shape
         self.scale = scale
 
-    def solve(self, u: np.ndarray, b: np.ndarray, shifts):
-        for shift in shifts:
-            out = self.qp.solve(u, b + shift)
-            if out[2]:
-                break
-        return out
-
     def __call__(self, u: torch.Tensor, b: torch.Tensor):
         # exact first, then outward within the dtype's slack, as the closed form's feasibility
         # test (the layer does not aim inside: its output must be the projection, for its gradients)
-        shifts = [s for s in qp_shifts(tolerances_for(str(b.dtype).rsplit(".", 1)[-1], self.scale)) if s >= 0.0]
+        shifts = [s for s in qp_shifts(tolerances_for(state_dtype(b), self.scale)) if s >= 0.0]
         un = u.detach().to(torch.float64).numpy()
         bn = b.detach().to(torch.float64).numpy()
-        out = [self.solve(ui, bi, shifts) for ui, bi in zip(un, bn)]
+        out = [self.qp.solve_shifted(ui, bi, shifts) for ui, bi in zip(un, bn)]
         ut = torch.as_tensor(np.stack([o[0] for o in out]), dtype=u.dtype)
         active = torch.as_tensor(np.stack([o[1] for o in out]))
         feasible = torch.as_tensor(np.array([o[2] for o in out]))
@@ -169,7 +163,7 @@ class ProjectionLayer(nn.Module):
         self.k, self.m = G.shape
         if solver == "auto":
             solver = "closed_form" if safe_set.separable else "daqp"
-        scale = max(1.0, float(np.abs(safe_set.invariant.h).max()))   # the projector's tolerance scale
+        scale = tolerance_scale(safe_set)
         if solver == "closed_form":
             self._solver = _ClosedForm(G, safe_set.u_max, scale)
         elif solver == "daqp":

@@ -95,6 +95,11 @@ def qp_shifts(tol: Tolerances) -> tuple[float, ...]:
     return inside + (0.0,) + outside
 
 
+def tolerance_scale(safe_set: SafeActionSet) -> float:
+    """The size of the invariant set the float32 tolerances scale with (``tolerances_for``)."""
+    return max(1.0, float(np.abs(safe_set.invariant.h).max()))
+
+
 def state_dtype(x) -> np.dtype:
     """The floating dtype of a state (numpy array or torch tensor); float64 for anything else."""
     dt = getattr(x, "dtype", None)
@@ -243,7 +248,7 @@ class SafeguardProjector:
             raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
         self.solver = solver
         C = safe_set.invariant
-        self._scale = max(1.0, float(np.abs(C.h).max()))
+        self._scale = tolerance_scale(safe_set)
         self._tolerances: dict[np.dtype, tuple[Tolerances, np.ndarray]] = {}
         self._tol64, self._h_member = self._tolerances_for(np.dtype(np.float64))
         self._linear = safe_set.drift_matrix is not None
@@ -323,6 +328,7 @@ class SafeguardProjector:
         return self._tolerances[dtype]
 
     def _tol_for(self, x) -> tuple[Tolerances, np.ndarray]:
+        """``(Tolerances, h + member slack)`` for the state ``x`` (numpy, torch or a list)."""
         dtype = getattr(x, "dtype", None)
         if dtype is None or dtype == np.float64:   # the common case, without a dict lookup
             return self._tol64, self._h_member
@@ -331,11 +337,7 @@ class SafeguardProjector:
     def project(self, x, u, r=None) -> ProjectionResult:
         """Safe action for state ``x (n,)`` and raw action ``u (m,)``: the projection onto
         ``U_safe(x)``, or where that is empty the recovery action (``fallback=True``)."""
-        dtype = getattr(x, "dtype", None)
-        if dtype is None or dtype == np.float64:   # the common case, without a call or a dict lookup
-            tol, h_member = self._tol64, self._h_member
-        else:
-            tol, h_member = self._tolerances_for(state_dtype(x))
+        tol, h_member = self._tol_for(x)
         x = np.asarray(x, dtype=float)
         u_raw = np.asarray(u, dtype=float)
         # x·x + u·u is finite iff every entry is (short of 1e154, far outside any set).
@@ -370,10 +372,7 @@ class SafeguardProjector:
             b = self._h - y[k:] if self._linear else self.safe_set.rhs(x)
             if tol.margin > 0.0:
                 # aim inside; where that is empty, ever closer to the exact set, then just outside it
-                for shift in qp_shifts(tol):
-                    ut, active, feasible = self._qp.solve(u_raw, b + shift)
-                    if feasible:
-                        break
+                ut, active, feasible = self._qp.solve_shifted(u_raw, b, qp_shifts(tol))
             else:
                 ut, active, feasible = self._qp.solve(u_raw, b)
             if not feasible:
@@ -436,11 +435,9 @@ class SafeguardProjector:
         if lp.status != 0:   # cannot happen for a bounded box and finite b; never leave without an action
             return self._backup_result(x, u_raw, None, reason, in_set)
         s_star = float(lp.x[-1])
-        for slack in (0.0, 1e-12, 1e-10, 1e-8):
-            ut, active, feasible = self._qp.solve(u_raw, b + s_star + slack * self._scale)
-            if feasible:
-                break
-        else:
+        ut, active, feasible = self._qp.solve_shifted(
+            u_raw, b, [s_star + slack * self._scale for slack in (0.0, 1e-12, 1e-10, 1e-8)])
+        if not feasible:
             ut, active = np.clip(lp.x[:m], -self.u_max, self.u_max), np.zeros(self.num_rows, dtype=bool)
         return ProjectionResult(ut, self._distance(ut, u_raw), active, True, reason, in_set, s_star)
 
@@ -537,6 +534,15 @@ class DaqpProjection:
         active[self.k + self.m:] = lam[:self.m] < 0.0
         return np.asarray(ut, dtype=float), active, True
 
+    def solve_shifted(self, u: np.ndarray, b: np.ndarray, shifts):
+        """``solve(u, b + shift)`` for each shift in turn until one is feasible; the last
+        result (infeasible) if none is."""
+        for shift in shifts:
+            out = self.solve(u, b + shift)
+            if out[2]:
+                break
+        return out
+
 
 def project_batch(safe_set: SafeActionSet, x: np.ndarray, u: np.ndarray):
     """Batched projection (numpy) for states already in the set: ``(ũ, active, feasible)``.
@@ -544,20 +550,13 @@ def project_batch(safe_set: SafeActionSet, x: np.ndarray, u: np.ndarray):
     Closed form when separable; otherwise one daqp solve per row (C calls). The
     tolerances follow ``x``'s dtype (float32 states: slack and inward margin).
     """
-    tol = tolerances_for(state_dtype(x), max(1.0, float(np.abs(safe_set.invariant.h).max())))
+    tol = tolerances_for(state_dtype(x), tolerance_scale(safe_set))
     b = safe_set.rhs(np.asarray(x, dtype=float))
     u = np.asarray(u, dtype=float)
     if safe_set.separable:
         return project_intervals(IntervalForm(safe_set.G, safe_set.u_max), u, b, tol)
-    qp = DaqpProjection(safe_set.G, safe_set.u_max)
-
-    def solve(ui, bi):
-        for shift in qp_shifts(tol):
-            out = qp.solve(ui, bi + shift)
-            if out[2]:
-                break
-        return out
-    out = [solve(ui, bi) for ui, bi in zip(u.reshape(-1, u.shape[-1]), b.reshape(-1, b.shape[-1]))]
+    qp, shifts = DaqpProjection(safe_set.G, safe_set.u_max), qp_shifts(tol)
+    out = [qp.solve_shifted(ui, bi, shifts) for ui, bi in zip(u.reshape(-1, u.shape[-1]), b.reshape(-1, b.shape[-1]))]
     ut = np.stack([o[0] for o in out]).reshape(u.shape)
     active = np.stack([o[1] for o in out]).reshape(u.shape[:-1] + (-1,))
     feasible = np.array([o[2] for o in out]).reshape(u.shape[:-1])
