@@ -7,6 +7,8 @@ up to 2.5 u_max so most steps project):
 - ``daqp_warm``: the same step through the daqp workspace set up once, warm-started;
 - ``daqp_cold``: a fresh daqp workspace every step (setup + solve);
 - ``cvxpy``: a parametrised cvxpy problem (Clarabel), built once, solved per step.
+The closed form and warm daqp steps are also timed for the set robust to one late command
+(``late_commands=1``: next-state and held-command rows), on the same states and actions.
 
 Layer (batch 256, dof 2: 2 actions, 88 + 4 constraint rows): forward + backward of
 ``ProjectionLayer`` (closed form and daqp forward) vs cvxpylayers (SCS at eps 1e-10; its
@@ -65,6 +67,14 @@ def bench_per_step(dof: int, steps: int) -> dict:
     out = {"constraints": int(S.G.shape[0] + 2 * S.action_dim), "actions": S.action_dim}
     out["closed_form_us"] = per_call_us(cf.project, list(zip(x, u)))
     out["daqp_warm_us"] = per_call_us(warm.project, list(zip(x, u)))
+    # The late set is the nominal set for the double integrator: the same states are in it.
+    late = safe_set_for(DoubleIntegrator(dof=dof), late_commands=1)
+    out["late_constraints"] = int(late.G.shape[0] + 2 * late.action_dim)
+    cf_late = SafeguardProjector(late, solver="closed_form")
+    warm_late = SafeguardProjector(late, solver="daqp")
+    out["closed_form_late_us"] = per_call_us(cf_late.project, list(zip(x, u)))
+    out["daqp_warm_late_us"] = per_call_us(warm_late.project, list(zip(x, u)))
+    out["late_fallbacks"] = int(sum(cf_late.project(xi, ui).fallback for xi, ui in zip(x, u)))
 
     def cold(ui, bi):
         DaqpProjection(S.G, S.u_max).solve(ui, bi)
@@ -152,6 +162,8 @@ def main(argv=None) -> int:
               f"closed form {r['closed_form_us']:.1f} µs, daqp warm {r['daqp_warm_us']:.1f} µs "
               f"(QP alone {r['daqp_warm_qp_us']:.1f}), daqp cold QP {r['daqp_cold_qp_us']:.1f} µs, "
               f"cvxpy QP {r['cvxpy_qp_us'] or float('nan'):.0f} µs")
+        print(f"  late_commands=1 ({r['late_constraints']} rows): closed form {r['closed_form_late_us']:.1f} µs, "
+              f"daqp warm {r['daqp_warm_late_us']:.1f} µs ({r['late_fallbacks']} fallbacks)")
         if r.get("cvxpy_qp_us"):
             print(f"  ratios: cvxpy/closed form {r['cvxpy_over_closed_form']:.0f}x, "
                   f"cvxpy/daqp warm {r['cvxpy_over_daqp_warm']:.0f}x, "

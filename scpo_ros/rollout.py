@@ -14,6 +14,12 @@ Safety metrics ``g`` (≤ 0 is safe), each a maximum over initial states and tim
   over the additive form V(e⁺) ≤ (1-α)V(e) + αε, whose slack of only αε at
   equilibrium made the metric quadratic-degenerate there and throttled learning.
 
+- ``safe_set``:  max_i (E_i x + G_i u - f_i): the command stays in ``U_safe(x)`` of the
+  safe set the command envelope projects onto (``safeguard.invariant_set``; with
+  ``late_commands=1`` also when the plant holds it one period longer). Certifying this
+  metric is what lets the envelope pass the certified policy's commands unchanged; its
+  rows have unit-norm state normals, so the metric is a distance.
+
 V is computed afresh at every step from e⁺ (one matmul gives e⁺ and P e⁺), never
 accumulated: in float32 its error is ~1e-7·V, and the metric's maximum sits near the
 shell V ≈ ε where that is ~1e-7, far below the certification margin (1e-3).
@@ -29,8 +35,9 @@ import torch
 from .backup import InitialSet, LQRBackup
 from .dynamics import DoubleIntegrator
 from .policy import MLPLayout
+from .safeguard.invariant_set import safe_set_for
 
-METRICS = ("position", "velocity", "actuation", "lyapunov")
+METRICS = ("position", "velocity", "actuation", "lyapunov", "safe_set")
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,11 @@ class SafetySpec:
 @dataclass
 class RolloutResult:
     g: torch.Tensor
-    """(N, 4) safety metrics per weight vector (max over states and time)."""
+    """(N, 5) safety metrics (``METRICS``) per weight vector (max over states and time)."""
     cost: torch.Tensor | None
     """(N,) task cost per weight vector (with ``with_cost=True``)."""
     g_per_state: torch.Tensor | None = None
-    """(N, M, 4) per initial state, when asked for."""
+    """(N, M, 5) per initial state, when asked for."""
 
 
 class DoubleIntegratorRollout:
@@ -69,7 +76,10 @@ class DoubleIntegratorRollout:
 
     def __init__(self, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout,
                  spec: SafetySpec = SafetySpec(), device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, safe_rows: tuple | None = None):
+        """``safe_rows = (E, G, f)``: ``U_safe(x) = {u : G u <= f - E x}`` of the envelope's safe
+        set (``SafeActionSet.affine_rows()``); default: the set ``safe_set_for(system,
+        late_commands=1)`` that the safety node's envelope uses."""
         if layout.in_dim != 3 * system.dof or layout.out_dim != system.dof:
             raise ValueError(f"layout {layout.sizes} does not fit dof={system.dof} "
                              f"(need in_dim={3 * system.dof}, out_dim={system.dof})")
@@ -78,9 +88,16 @@ class DoubleIntegratorRollout:
         as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)  # noqa: E731
         # One matmul pair per step yields the next error, the action and P e+ (row-vector
         # form): out = e G_e + φ G_φ = [e+ | u | P e+], so V(e+) = e+ · (P e+).
+        # The safe-set rows at step t, E x_t + G u_t - f with x_t = e_t + x_ref and
+        # u_t = -K e_t + φ_t, are four more column blocks of the same pair:
+        # e (E - G K)ᵀ + φ Gᵀ, plus a per-state constant x_ref Eᵀ - f.
+        if safe_rows is None:
+            safe_rows = safe_set_for(system, late_commands=1).affine_rows()
+        E, G, f = (np.asarray(a, dtype=np.float64) for a in safe_rows)
+        self._E, self._f = as_t(E), as_t(f)
         Acl, Bm, P = backup.A_cl, system.B, backup.P
-        self._G_e = as_t(np.hstack([Acl.T, -backup.K.T, Acl.T @ P]))
-        self._G_phi = as_t(np.hstack([Bm.T, np.eye(system.dof), Bm.T @ P]))
+        self._G_e = as_t(np.hstack([Acl.T, -backup.K.T, Acl.T @ P, (E - G @ backup.K).T]))
+        self._G_phi = as_t(np.hstack([Bm.T, np.eye(system.dof), Bm.T @ P, G.T]))
         self._P = as_t(P)
         self.limits = (system.p_max, system.v_max, system.u_max)
 
@@ -129,6 +146,8 @@ class DoubleIntegratorRollout:
         u_max = torch.full((B, n), -torch.inf, dtype=self.dtype, device=self.device)
         u_min = torch.full((B, n), torch.inf, dtype=self.dtype, device=self.device)
         lyap = torch.full((B,), -torch.inf, dtype=self.dtype, device=self.device)
+        safe_const = (x_ref @ self._E.T - self._f).repeat(N, 1)                  # (B, R)
+        safe_max = torch.full_like(safe_const, -torch.inf)
         V = ((e @ self._P) * e).sum(-1)
         cost = torch.zeros(B, dtype=self.dtype, device=self.device) if with_cost else None
         eps, alpha, w_u = self.spec.lyap_eps, self.spec.lyap_alpha, self.spec.cost_action_weight
@@ -140,8 +159,9 @@ class DoubleIntegratorRollout:
             torch.matmul(h, WLT, out=phi).add_(bL)  # faster than baddbmm for one output column
             torch.mm(phi2, G_phi, out=tmp)
             torch.addmm(tmp, e, G_e, out=out)
-            # columns of out: [e+ | u | P e+]
+            # columns of out: [e+ | u | P e+ | safe-set rows minus their constant]
             u = out[:, 2 * n: 3 * n]
+            torch.maximum(safe_max, out[:, 5 * n:], out=safe_max)
             torch.maximum(u_max, u, out=u_max)
             torch.minimum(u_min, u, out=u_min)
             e_next = out[:, : 2 * n]
@@ -159,7 +179,9 @@ class DoubleIntegratorRollout:
         v_bound = torch.maximum(e_max[:, n:], -e_min[:, n:]).amax(-1)
         u_bound = torch.maximum(u_max, -u_min).amax(-1)
         limits = self.limits
-        per = torch.stack([p_bound - limits[0], v_bound - limits[1], u_bound - limits[2], lyap], -1).view(N, M, 4)
+        safe = (safe_max + safe_const).amax(-1)   # the constant is per state: add it once, after the max
+        per = torch.stack([p_bound - limits[0], v_bound - limits[1], u_bound - limits[2], lyap, safe],
+                          -1).view(N, M, len(METRICS))
         g = per.amax(1)
         if with_cost:
             cost = cost.view(N, M).mean(1) * self.system.dt

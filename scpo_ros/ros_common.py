@@ -35,6 +35,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
                                 SetParametersResult)
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -53,6 +54,33 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, histor
 
 EVENT_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 """Sparse events that must not be dropped (decisions, violations)."""
+
+STATE_QOS_CHOICES = ("reliable", "best_effort")
+
+
+def state_qos(kind: str) -> QoSProfile:
+    """The ``joint_states`` subscription profile of a controller (parameter ``state_qos``):
+    ``reliable`` (CONTROL_QOS) or ``best_effort``, which also matches a best-effort sensor
+    driver (a reliable subscription to a best-effort publisher gets nothing: DDS calls that
+    incompatible QoS, and the nodes report it as a WARN diagnostic)."""
+    if kind == "best_effort":
+        return QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+    if kind == "reliable":
+        return CONTROL_QOS
+    raise ValueError(f"state_qos must be one of {STATE_QOS_CHOICES}, got {kind!r}")
+
+
+def steady_timer(node: Node, period_s: float, callback):
+    """A timer on the steady (monotonic) clock: it fires with ``use_sim_time`` too, whether or
+    not anything publishes ``/clock`` (a ROS-time timer would stop, and a watchdog with it)."""
+    return node.create_timer(period_s, callback, clock=Clock(clock_type=ClockType.STEADY_TIME))
+
+
+def ros_now(node: Node) -> float | None:
+    """The node's ROS time in seconds, or None when it runs on ``use_sim_time`` and no
+    ``/clock`` has arrived yet (ROS time is then 0: nothing can be compared with it)."""
+    ns = node.get_clock().now().nanoseconds
+    return None if ns == 0 else ns * 1e-9
 
 # ------------------------------------------------------------------------ parameters
 
@@ -255,7 +283,7 @@ class Diagnostics:
         self._pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._tasks: dict[str, DiagnosticStatus] = {}
         self._lock = threading.Lock()
-        self._timer = node.create_timer(period_s, self.publish)
+        self._timer = steady_timer(node, period_s, self.publish)   # alive on use_sim_time without /clock
 
     def update(self, task: str, level: int, message: str, **values) -> None:
         status = DiagnosticStatus(level=level, name=f"{self.node.get_name()}: {task}", message=message,
@@ -408,6 +436,9 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None, ex
 
     Returns the process exit code: 0 after a signal, 1 if the node could not be built.
     ``node_factory`` is called after ``rclpy.init`` so it can parse ``--ros-args``.
+    A node with a ``shutdown_hold(spin_once)`` method gets to keep the executor spinning
+    after the signal (a controller answering states with its fallback until the plant is
+    at rest) before ``destroy_node``.
 
     Signals only set a flag that the spin loop checks every 0.1 s: a ``KeyboardInterrupt``
     raised while the C++ executor is inside a Python callback comes out as a bare
@@ -440,6 +471,12 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None, ex
         # A terminal's Ctrl-C reaches the node and, through launch, a second time:
         # do not let the second one cut the clean shutdown short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        hold = getattr(node, "shutdown_hold", None)
+        if hold is not None and ex is not None and node.context.ok():
+            try:
+                hold(lambda: ex.spin_once(timeout_sec=0.02))
+            except Exception as exc:  # keep shutting down
+                print(f"[WARN] shutdown_hold: {exc}", file=sys.stderr)
         if node is not None:
             try:
                 node.destroy_node()
@@ -455,6 +492,7 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None, ex
             if sig != signal.SIGINT:
                 signal.signal(sig, handler)
     return 0
+
 
 
 def monotonic() -> float:

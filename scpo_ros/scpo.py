@@ -53,9 +53,9 @@ class SCPOConfig:
     """Random directions added to the step subspace each step."""
     safety_factor: float = 2.0
     """κ ≥ 1 multiplying the fitted error and curvature bounds."""
-    margins: tuple[float, ...] = (0.02, 0.02, 0.02, 2e-3)
+    margins: tuple[float, ...] = (0.02, 0.02, 0.02, 2e-3, 0.02)
     """m_i: margin each metric must keep below 0 in the projection (one value or one per metric)."""
-    cert_margins: tuple[float, ...] = (0.005, 0.005, 0.005, 1e-3)
+    cert_margins: tuple[float, ...] = (0.005, 0.005, 0.005, 1e-3, 0.005)
     """c_i: certification requires g_i ≤ -c_i on the held-out states."""
     max_backtracks: int = 3
     """Halvings of the projected step tried when it fails certification."""
@@ -300,7 +300,7 @@ class DoubleIntegratorSCPO:
 
     def __init__(self, system, backup, layout, initial_set, config: SCPOConfig = SCPOConfig(),
                  safety=None, n_sample_states: int = 256, n_cert_states: int = 1024, seed: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", safe_set=None):
         if n_sample_states < 8 or n_cert_states < 8:
             raise ValueError("n_sample_states and n_cert_states must be >= 8")
         self.worst_case_backup = backup.certify(initial_set)   # refuse a backup that is not safe
@@ -308,7 +308,10 @@ class DoubleIntegratorSCPO:
         self.config = config
         self.safety = safety if safety is not None else SafetySpec()
         self.n_sample_states, self.n_cert_states = int(n_sample_states), int(n_cert_states)
-        self.engine = DoubleIntegratorRollout(system, backup, layout, self.safety, device=device)
+        # safe_set: the envelope's (``safeguard.invariant_set.SafeActionSet``); None = the default
+        # the rollout builds (robust to one late command)
+        self.engine = DoubleIntegratorRollout(system, backup, layout, self.safety, device=device,
+                                              safe_rows=None if safe_set is None else safe_set.affine_rows())
         self.rng = np.random.default_rng(seed)
         self.sample_structured = structured_states(initial_set, system.dof, max_points=self.n_sample_states // 2)
         self.cert_structured = structured_states(initial_set, system.dof, max_points=self.n_cert_states // 2,

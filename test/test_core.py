@@ -7,6 +7,7 @@ from scpo_ros.backup import BackupCertificationError, InitialSet, LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.policy import MLPLayout, NumpyMLP, ResidualMLP, WeightsRejected, check_weights
 from scpo_ros.rollout import DoubleIntegratorRollout, SafetySpec, random_states, structured_states
+from scpo_ros.safeguard.invariant_set import safe_set_for
 
 
 @pytest.mark.parametrize("dof", [1, 2])
@@ -111,7 +112,8 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
     params = layout.initial_parameters(0).unsqueeze(0) + 0.1 * torch.randn(3, layout.size, generator=gen)
     x0, r = random_states(InitialSet(), dof, 20, np.random.default_rng(0))
     res = engine.evaluate(params, x0, r, per_state=True, with_cost=True)
-    assert res.g.shape == (3, 4) and res.g_per_state.shape == (3, 20, 4) and res.cost.shape == (3,)
+    assert res.g.shape == (3, 5) and res.g_per_state.shape == (3, 20, 5) and res.cost.shape == (3,)
+    E, G, f = (torch.as_tensor(a, dtype=torch.float64) for a in safe_set_for(sys_, late_commands=1).affine_rows())
 
     for i in range(3):
         model = ResidualMLP(layout).double()
@@ -122,7 +124,7 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
         P = torch.as_tensor(backup.P)
         V = lambda e: ((e @ P) * e).sum(-1)  # noqa: E731
         ref = torch.cat([rt, torch.zeros_like(rt)], -1)
-        worst = torch.full((4,), -np.inf, dtype=torch.float64)
+        worst = torch.full((5,), -np.inf, dtype=torch.float64)
         cost = torch.zeros(len(x0), dtype=torch.float64)
         a, eps = spec.lyap_alpha, spec.lyap_eps
         for t in range(spec.horizon):
@@ -132,8 +134,9 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
             e, en = x - ref, nxt - ref
             lyap = torch.minimum(V(en) - (1 - a) * V(e), V(en) - eps)
             cost += ((e[:, :dof] ** 2).sum(-1) + spec.cost_action_weight * (u ** 2).sum(-1)) * sys_.dt
+            safe = (x @ E.T + u @ G.T - f).max()     # u must stay in U_safe(x) of the envelope's set
             worst = torch.maximum(worst, torch.stack([
-                x[:, :dof].abs().max() - 1, x[:, dof:].abs().max() - 1, u.abs().max() - 1, lyap.max()]))
+                x[:, :dof].abs().max() - 1, x[:, dof:].abs().max() - 1, u.abs().max() - 1, lyap.max(), safe]))
             x = nxt
         worst[0] = max(worst[0], x[:, :dof].abs().max() - 1)
         worst[1] = max(worst[1], x[:, dof:].abs().max() - 1)
@@ -153,7 +156,7 @@ def test_zero_residual_is_safe_and_metrics_see_violations():
     flat = layout.initial_parameters(0).clone()
     flat[-1] = 0.8
     g_bad = engine.evaluate(flat, x0, r).g[0]
-    assert g_bad[0] > 0 and g_bad[2] > 0 and g_bad[3] > 0
+    assert g_bad[0] > 0 and g_bad[2] > 0 and g_bad[3] > 0 and g_bad[4] > 0
 
 
 def test_structured_states_hold_the_box_vertices():

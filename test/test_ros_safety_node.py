@@ -133,14 +133,15 @@ def test_lifecycle_configure_activate(graph):
     assert lifecycle_state(graph) == State.PRIMARY_STATE_UNCONFIGURED
     assert transition(graph, Transition.TRANSITION_CONFIGURE).success
     assert lifecycle_state(graph) == State.PRIMARY_STATE_INACTIVE
-    # configured but inactive: states are received, no command goes out
+    # configured but inactive: inactive means safe, not silent (inactive_behavior: fallback):
+    # every state is answered with the envelope's fallback, never with the policy
     wait_for(lambda: graph.node.count_subscribers("/joint_states") > 0, what="the node's state subscription")
     since = time.monotonic()
-    for _ in range(10):
-        send_state(graph, 0.1, 0.0)
-        time.sleep(0.02)
+    cmd = command_for(graph, 0.1, 0.0)
+    assert cmd.layout.dim[0].label == "backup"
+    assert np.allclose(cmd.data, BACKUP(np.array([0.1, 0.0]), np.zeros(1)))
+    assert all(m.layout.dim[0].label == "backup" for m in graph.messages("cmd", since))
     assert transition(graph, Transition.TRANSITION_ACTIVATE).success
-    assert not [m for m in graph.messages("cmd", since)]
     assert lifecycle_state(graph) == State.PRIMARY_STATE_ACTIVE
     # the first certification (the backup's weights) is published
     wait_for(lambda: any(d["kind"] == "recertify" and d["status"] == "accepted"
@@ -150,10 +151,12 @@ def test_lifecycle_configure_activate(graph):
 
 def test_control_law_is_certified_backup_at_start(graph):
     ensure_active(graph)
-    cmd = command_for(graph, 0.3, -0.1)
+    # a fallback (stale hold while nobody published) returns to the policy after
+    # policy_return_steps qualifying states: keep the plant "running"
+    cmd = wait_for(lambda: (c := command_for(graph, 0.3, -0.1)).layout.dim[0].label == "policy" and c,
+                   what="a policy command")
     x = np.array([0.3, -0.1])
     expected = BACKUP(x, np.zeros(1))
-    assert cmd.layout.dim[0].label == "policy"
     assert np.allclose(cmd.data, expected, atol=1e-9)
 
 
@@ -165,7 +168,11 @@ def test_outside_certified_region_backup_alone(graph):
     assert np.allclose(cmd.data, BACKUP(np.array([0.95, 0.0]), np.zeros(1)))
     wait_for(lambda: any(json.loads(m.data)["mode"] == "backup_region" for m in graph.messages("safety_mode", since)),
              what="safety_mode backup_region")
-    assert command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy"   # back inside: policy again
+    # back inside: the policy again, after policy_return_steps qualifying states (hysteresis)
+    back = time.monotonic()
+    wait_for(lambda: command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy", what="the policy again")
+    labels = [m.layout.dim[0].label for m in graph.messages("cmd", back)]
+    assert labels.index("policy") >= 4, labels
 
 
 def test_stale_state_hold_and_recovery(graph):
@@ -212,7 +219,7 @@ def test_malformed_proposals_rejected(graph, case):
                              and s.level != OK], what="weights diagnostic")
     assert "rejected" in diag[0].message
     assert graph.proc.alive()
-    assert command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy"   # control unaffected
+    wait_for(lambda: command_for(graph, 0.1, 0.0).layout.dim[0].label == "policy", what="policy")   # unaffected
 
 
 def test_valid_and_huge_proposals_go_through_scpo(graph):
@@ -267,12 +274,11 @@ def test_lifecycle_deactivate_cleanup(graph):
     assert transition(graph, Transition.TRANSITION_DEACTIVATE).success
     assert lifecycle_state(graph) == State.PRIMARY_STATE_INACTIVE
     since = time.monotonic()
-    for _ in range(10):
-        send_state(graph, 0.1, 0.0)
-        time.sleep(0.02)
+    assert command_for(graph, 0.1, 0.0).layout.dim[0].label == "backup"      # inactive: the fallback
     assert transition(graph, Transition.TRANSITION_CLEANUP).success
     assert lifecycle_state(graph) == State.PRIMARY_STATE_UNCONFIGURED
-    assert not [m for m in graph.messages("cmd", since) if m.layout.dim[0].label != "hold"]
+    assert command_for(graph, 0.1, 0.0).layout.dim[0].label == "backup"      # unconfigured: the fallback
+    assert not [m for m in graph.messages("cmd", since) if m.layout.dim[0].label == "policy"]
     assert transition(graph, Transition.TRANSITION_CONFIGURE).success
     assert transition(graph, Transition.TRANSITION_ACTIVATE).success
     assert command_for(graph, 0.1, 0.0, timeout=30.0).layout.dim[0].label in ("policy", "backup")

@@ -24,6 +24,8 @@ def batch(S, limits, n, seed, spread=2.5):
 
 CASES = [("di2", lambda: safe_set_for(DoubleIntegrator(dof=2)), [1.0] * 4, "closed_form"),
          ("di2-daqp", lambda: safe_set_for(DoubleIntegrator(dof=2)), [1.0] * 4, "daqp"),
+         ("di2-late", lambda: safe_set_for(DoubleIntegrator(dof=2), late_commands=1), [1.0] * 4, "closed_form"),
+         ("di2-late-daqp", lambda: safe_set_for(DoubleIntegrator(dof=2, dt=0.1), late_commands=1), [1.0] * 4, "daqp"),
          ("pendulum", lambda: safe_set_for(Pendulum()), [np.pi, 8.0], "closed_form"),
          ("coupled", coupled_safe_set, [1.0, 1.0], "daqp")]
 
@@ -88,10 +90,11 @@ def test_jacobian_rank_drops_by_the_number_of_active_constraints():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:cvxpylayers")   # its numpy-2 copy= warnings
-def test_gradients_match_cvxpylayers():
+@pytest.mark.parametrize("late_commands", [0, 1])
+def test_gradients_match_cvxpylayers(late_commands):
     cp = pytest.importorskip("cvxpy")
     cvxpylayers_torch = pytest.importorskip("cvxpylayers.torch")
-    S = safe_set_for(DoubleIntegrator(dof=2))
+    S = safe_set_for(DoubleIntegrator(dof=2), late_commands=late_commands)
     G = S.G
     k, m = G.shape
     z, up, bp = cp.Variable(m), cp.Parameter(m), cp.Parameter(k)

@@ -48,7 +48,12 @@ CASES = [("di1", lambda: safe_set_for(DoubleIntegrator(dof=1)), [1.0, 1.0]),
          ("coupled", coupled_safe_set, [1.0, 1.0])]
 
 
-@pytest.mark.parametrize("name,make,limits", CASES, ids=[c[0] for c in CASES])
+LATE_CASES = [("di1-late", lambda: safe_set_for(DoubleIntegrator(dof=1), late_commands=1), [1.0, 1.0]),
+              ("di2-late", lambda: safe_set_for(DoubleIntegrator(dof=2, dt=0.1, u_max=0.6), late_commands=1),
+               [1.0] * 4)]
+
+
+@pytest.mark.parametrize("name,make,limits", CASES + LATE_CASES, ids=[c[0] for c in CASES + LATE_CASES])
 def test_projection_matches_reference_qp(name, make, limits):
     S = make()
     assert S.separable == (name != "coupled")

@@ -1,50 +1,52 @@
 """``action_safeguard``: the SE-RL safeguard as a ROS 2 lifecycle node.
 
 Sits between any policy and the plant. Every raw action on ``raw_action``
-(``std_msgs/Float64MultiArray``) is projected onto ``U_safe(x)`` of the latest state
-from ``joint_states`` (``sensor_msgs/JointState``) and the result goes out on ``cmd``
-(``Float64MultiArray``). When the safeguard changed the action or fell back to the
-backup, a JSON record goes out on ``intervention`` (``std_msgs/String``: raw and safe
-action, projection distance, active constraint rows, fallback and its reason).
-``/diagnostics`` carries counts and the current condition.
+(``std_msgs/Float64MultiArray``) is passed through the command envelope
+(``scpo_ros.envelope``, the same one the SCPO safety node uses, built from the same safe
+set): projected onto ``U_safe(x)`` of the latest accepted state from ``joint_states``
+(``sensor_msgs/JointState``), and the result goes out on ``cmd`` (``Float64MultiArray``).
+When the safeguard changed the action or fell back, a JSON record goes out on
+``intervention`` (raw and safe action, projection distance, active constraint rows,
+fallback and its reason). ``/diagnostics`` carries counts and the current condition.
 
-Input rules (the same as the SCPO safety node's). "The safe backup" below is the LQR
-backup action for the state, projected onto ``U_safe(x)`` (``SafeguardProjector.fallback``):
-- a JointState without ``dof`` finite positions and velocities, or a raw action of the
-  wrong size or with NaN/Inf, is dropped with a log line and a WARN diagnostic; a bad
-  raw action is answered with the safe backup for the current state (the plant always
-  gets a safeguarded command);
+Input rules (the same as the SCPO safety node's: ``scpo_ros.inputs``). "The fallback"
+below is the envelope's: the LQR backup projected onto ``U_safe(x)``, the recovery action
+where that set is empty.
+- a JointState is read by joint name (``joint_names``) and accepted only with a fresh,
+  increasing stamp (``max_state_age``, ``future_tolerance``); a rejected one is counted
+  (``rejected_states``) with a WARN diagnostic and changes nothing;
+- a raw action of the wrong size or with NaN/Inf is answered with the fallback for the
+  current state (the plant always gets a safeguarded command);
+- **every accepted state gets a command**: if no raw action comes within
+  ``action_deadline_periods`` control periods of it, the fallback for it goes out
+  (``no_action_fallbacks``); a raw action that arrives later is still projected and sent;
 - stale raw action (none for ``action_timeout`` s): every new state is answered with the
-  safe backup (``fallback``, reason ``stale_action``);
-- stale state (none for ``state_timeout`` s when a raw action arrives): the safe backup
-  for the last known state, reason ``stale_state``, ERROR diagnostic;
-- a state outside the invariant set: still the projection where ``U_safe(x)`` is not
-  empty (the record says ``in_set: false``, WARN diagnostic); where it is empty the
-  recovery action (``fallback_action``, default ``recovery``: the admissible action whose
-  next state is closest to the set; ``backup``: the clipped LQR backup), reason
-  ``outside_invariant_set``, ERROR diagnostic.
+  fallback at once (reason ``stale_action``);
+- stale state (none for ``state_timeout`` s when a raw action arrives): the fallback for
+  the last known state, reason ``stale_state``, ERROR diagnostic;
+- a state outside the safe set: still the projection where ``U_safe(x)`` is not empty (the
+  record says ``in_set: false``, WARN diagnostic); where it is empty the nominal set's
+  projection, then the recovery action, reason ``outside_invariant_set``, ERROR diagnostic;
+- references are clamped into ``|r| <= r_max`` (a malformed one keeps the last valid).
 
-Nothing else is ever published on ``cmd``: projections, the safe backup, or the recovery
-action (with ``fallback_action: backup``, the clipped backup instead). The command's source goes into ``layout.dim[0].label`` (as the SCPO safety node
-does): ``safeguard`` for a projection (changed or not), ``backup`` for a fallback (the
-safe backup or the recovery action; the intervention record gives the reason); a
-forward command controller ignores it, ``scpo-ros analyze`` counts with it. On shutdown
-the node prints one ``SUMMARY {json}`` line with its counts (read by
-``scpo-ros demo --compare``).
+Command labels (``layout.dim[0].label``): ``safeguard`` for a projection of a raw action
+(changed or not), ``backup`` for a fallback. On shutdown the node prints one
+``SUMMARY {json}`` line with its counts (read by ``scpo-ros demo --compare``).
 
-Command delay (``command_delay_steps``): the projection keeps ``x+`` in the invariant set
-only if the command acts on the state it was computed for. A plant that applies each
-command one control period late (``x_{k+1} = A x_k + B u_{k-1}``) needs the projection for the state the command will act on:
-``x̂_{k+1} = A x_k + B u_{k-1}`` with the command last sent. ``1`` does that; ``0``
-projects for the measured state (a plant that integrates a command before publishing
-the next state, like ``double_integrator_sim``). A command later than that (a slow transport) breaks the assumption
-either way; the recovery action then brings the state back (the margins ``p_margin``,
-``v_margin`` give it room).
+Late commands: the safe set absorbs ``late_commands`` (default 1) late or missed commands
+in a row: every command stays safe if the plant applies it one period longer, so one
+late command costs no violation (``docs/ros_graph.md``). Command delay
+(``command_delay_steps``): ``1`` projects for the state predicted under the last command
+sent, for a plant that applies every command a period late; ``0`` (default) for a plant
+that integrates a command before publishing the next state, like ``double_integrator_sim``.
 
-Lifecycle: ``configure`` builds the invariant set and the projector from the plant
-parameters and creates the publishers; ``activate`` starts the subscriptions;
-``deactivate``/``cleanup`` undo them. With ``autostart`` (default) the node configures
-and activates itself, so it runs without a lifecycle manager.
+Lifecycle (the ros2/demos pattern, with the envelope issue's exception): the envelope, the
+``joint_states``/``raw_action``/``reference`` subscriptions and the plain ``cmd`` publisher
+live as long as the node. ``configure`` creates the intervention publisher,
+``activate`` lets raw actions through, ``deactivate``/``cleanup`` hand every state to the
+fallback (``inactive_behavior: fallback``, default) or stop commands (``silent``). At
+shutdown the fallback goes on until the plant is at rest (``shutdown_timeout``). With
+``autostart`` (default) the node configures and activates itself.
 
     action_safeguard --ros-args --params-file config/scpo_double_integrator.yaml --params-file config/safeguard.yaml
 """
@@ -59,13 +61,16 @@ from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 
+from rclpy.event_handler import SubscriptionEventCallbacks
+
 from ..backup import LQRBackup, dlqr
 from ..dynamics import DoubleIntegrator, Pendulum
-from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, OK, WARN, Diagnostics, ParamSpec, array_from_float64,
-                          add_parameter_validator, declare_parameters, float64_msg, flush_publishers, run_node,
-                          state_from_joint_state)
+from ..envelope import CommandEnvelope
+from ..inputs import JointMap, ReferenceGate, StateGate
+from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, OK, STATE_QOS_CHOICES, WARN, Diagnostics, ParamSpec,
+                          add_parameter_validator, array_from_float64, declare_parameters, float64_msg,
+                          flush_publishers, ros_now, run_node, state_qos, steady_timer)
 from ..safeguard.invariant_set import safe_set_for
-from ..safeguard.projection import SafeguardProjector
 
 PARAMS = (
     ParamSpec("plant", "double_integrator", "plant model of the invariant set",
@@ -78,10 +83,25 @@ PARAMS = (
               read_only=True),
     ParamSpec("u_max", 1.0, "actuator limit (pendulum: normalised torque a_max)", min=1e-3, max=100.0,
               read_only=True),
-    ParamSpec("p_margin", 0.0, "the invariant set is computed for |p| <= p_max - p_margin (robustness, e.g. to "
-              "a command that reaches the plant a period late)", min=0.0, max=10.0, read_only=True),
-    ParamSpec("v_margin", 0.0, "the invariant set is computed for |v| <= v_max - v_margin", min=0.0, max=10.0,
+    ParamSpec("late_commands", 1, "late or missed commands in a row the safe set absorbs (1: every command stays "
+              "safe when the plant applies it one period longer; the pendulum needs 0)", min=0, max=1,
               read_only=True),
+    ParamSpec("r_max", 0.5, "certified references |r| <= r_max: references beyond are clamped", min=0.0, max=1e3,
+              read_only=True),
+    ParamSpec("joint_names", [""], "JointState joints of the axes, in axis order (matched by name); [''] or []: "
+              "axis_0..", read_only=True, min_len=0, max_len=4),
+    ParamSpec("state_qos", "reliable", "QoS of the joint_states subscription", choices=STATE_QOS_CHOICES,
+              read_only=True),
+    ParamSpec("max_state_age", 0.5, "a state stamped more than this before now is rejected [s] (0: no age check)",
+              min=0.0, max=3600.0),
+    ParamSpec("future_tolerance", 0.05, "a state stamped more than this after now is rejected [s]", min=0.0,
+              max=3600.0),
+    ParamSpec("action_deadline_periods", 0.5, "control periods after an accepted state within which a raw action "
+              "must arrive; else the fallback answers the state", min=0.05, max=10.0),
+    ParamSpec("inactive_behavior", "fallback", "while inactive, unconfigured and shutting down: answer every state "
+              "with the fallback, or publish nothing", choices=("fallback", "silent")),
+    ParamSpec("shutdown_timeout", 2.0, "at shutdown keep sending the fallback until the plant is at rest, no state "
+              "comes for state_timeout, or this passes [s]", min=0.0, max=60.0),
     ParamSpec("solver", "auto", "projection solver", choices=("auto", "closed_form", "daqp"), read_only=True),
     ParamSpec("state_timeout", 0.25, "joint_states older than this is stale [s]", min=0.01, max=10.0),
     ParamSpec("action_timeout", 0.25, "raw_action older than this is stale [s]", min=0.01, max=10.0),
@@ -101,10 +121,8 @@ PARAMS = (
 
 
 def make_plant(values: dict):
-    """The plant model the invariant set is computed for: the limits tightened by the margins."""
-    p_max, v_max = values["p_max"] - values["p_margin"], values["v_max"] - values["v_margin"]
-    if p_max <= 0.0 or v_max <= 0.0:
-        raise ValueError(f"margins leave no room: p_max - p_margin = {p_max:g}, v_max - v_margin = {v_max:g}")
+    """The plant model the safe set is computed for."""
+    p_max, v_max = values["p_max"], values["v_max"]
     if values["plant"] == "pendulum":
         return Pendulum(dt=values["dt"], theta_max=p_max, theta_dot_max=v_max, a_max=values["u_max"])
     return DoubleIntegrator(dof=values["dof"], dt=values["dt"], p_max=p_max, v_max=v_max, u_max=values["u_max"])
@@ -123,110 +141,161 @@ def make_backup(plant, values: dict):
     return lambda x, r: -K @ x
 
 
+REST_SPEED = 1e-2
+"""|v| below this on every axis for ``REST_STATES`` accepted states in a row: at rest."""
+REST_STATES = 5
+
+
 class ActionSafeguard(LifecycleNode):
     def __init__(self, name: str = "action_safeguard", **kwargs):
         super().__init__(name, **kwargs)
         self.values = declare_parameters(self, PARAMS)
-        # Only the timeouts are writable at runtime (the set and backup are read-only:
-        # changing them means a new invariant set, i.e. cleanup + configure).
-        add_parameter_validator(self, PARAMS, apply=lambda values, _changed: self.values.update(values))
         if self.values["plant"] == "pendulum" and self.values["dof"] != 1:
             raise ValueError("parameter dof must be 1 for the pendulum")
-        self.projector: SafeguardProjector | None = None
-        self.diag: Diagnostics | None = None
-        self._subs = []
+        # The plant, the safe set and the backup are read-only: the envelope is built once and
+        # lives as long as the node (inactive and unconfigured states are answered through it).
+        plant = make_plant(self.values)
+        self.plant = plant
+        self.dof = plant.dof if isinstance(plant, DoubleIntegrator) else 1
+        self.state_dim = 2 * self.dof
+        safe_set = safe_set_for(plant, late_commands=self.values["late_commands"])
+        self.envelope = CommandEnvelope(safe_set, make_backup(plant, self.values), solver=self.values["solver"],
+                                        boundary_margin=self.values["boundary_margin"])
+        self.projector = self.envelope.projector
+        self.joints = JointMap.for_axes(self.dof, [n for n in self.values["joint_names"] if n])
+        self.gate = StateGate(self.values["max_state_age"], self.values["future_tolerance"])
+        r = self.values["r_max"]
+        self.references = ReferenceGate(np.full(self.dof, -r), np.full(self.dof, r))
+        self.use_sim_time = bool(self.get_parameter("use_sim_time").value)
+        add_parameter_validator(self, PARAMS, apply=self._apply)
+        self.diag = Diagnostics(self)
+        self.active = False
+        self.configured = False
+        self.shutting_down = False
+        self.record_pub = None
+        self._x_buf = np.empty(self.state_dim)
         self._reset_state()
+        self.cmd_pub = self.create_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
+        events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
+        self._subs = [
+            self.create_subscription(JointState, "joint_states", self._on_state, state_qos(self.values["state_qos"]),
+                                     event_callbacks=events),
+            self.create_subscription(Float64MultiArray, "raw_action", self._on_raw_action, CONTROL_QOS),
+            self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS),
+        ]
+        self._deadline_timer = steady_timer(self, max(1e-3, 0.25 * self.values["dt"]), self._on_deadline)
+        self.diag.update("safeguard", OK, "unconfigured: " + self.values["inactive_behavior"], **self.counts)
+        self.get_logger().info(
+            f"safeguard: {safe_set.name}, safe set with {safe_set.invariant.H.shape[0]} facets "
+            f"(late_commands {self.values['late_commands']}), {self.projector.solver} projection, joints "
+            f"{self.joints.joints}")
         if self.values["autostart"]:
             self.trigger_configure()
             self.trigger_activate()
+
+    def _apply(self, values: dict, changed: set[str]) -> None:
+        self.values.update(values)
+        self.gate.max_age, self.gate.future_tolerance = values["max_state_age"], values["future_tolerance"]
 
     def _reset_state(self) -> None:
         self.x = None
         self.x_time = -np.inf
         self.u_time = -np.inf
         self.reference = None
+        self._r = np.zeros(self.dof)
         self.u_sent = None   # the last command published (the one a delayed plant applies next)
+        self._pending = False   # the latest accepted state has not been answered yet
+        self._rest_count = 0
         self.counts = {"commands": 0, "interventions": 0, "fallbacks": 0, "outside_set_projections": 0,
-                       "bad_state": 0, "bad_action": 0}
+                       "bad_state": 0, "bad_action": 0, "no_action_fallbacks": 0, "inactive_commands": 0,
+                       "shutdown_commands": 0, "rejected_states": {}}
         self._proj_us = []
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: State) -> TransitionCallbackReturn:
-        try:
-            plant = make_plant(self.values)
-            self.plant = plant
-            self.dof = plant.dof if isinstance(plant, DoubleIntegrator) else 1
-            self.state_dim = 2 * self.dof
-            safe_set = safe_set_for(plant)
-            self.projector = SafeguardProjector(safe_set, backup=make_backup(plant, self.values),
-                                                solver=self.values["solver"], margin=self.values["boundary_margin"],
-                                                recovery=self.values["fallback_action"] == "recovery")
-        except (ValueError, RuntimeError) as exc:
-            self.get_logger().error(f"cannot build the safeguard: {exc}")
-            return TransitionCallbackReturn.FAILURE
-        self._x_buf = np.empty(self.state_dim)
-        self.cmd_pub = self.create_lifecycle_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
         self.record_pub = self.create_lifecycle_publisher(String, "intervention", EVENT_QOS)
-        self.diag = Diagnostics(self)
+        self.configured = True
         self.diag.update("safeguard", OK, "configured", rows=int(self.projector.num_rows),
                          solver=self.projector.solver)
-        self.get_logger().info(
-            f"safeguard configured: {safe_set.name}, invariant set with {safe_set.invariant.H.shape[0]} "
-            f"facets, {self.projector.solver} projection")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        self._subs = [
-            self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS),
-            self.create_subscription(Float64MultiArray, "raw_action", self._on_raw_action, CONTROL_QOS),
-            self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS),
-        ]
-        self.diag.update("safeguard", OK, "active", **self.counts)
+        self.active = True
+        self.diag.update("safeguard", OK, "active", **self._diag_counts())
         return super().on_activate(state)
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        self._drop_subscriptions()
-        self.diag.update("safeguard", WARN, "inactive: no commands", **self.counts)
+        self.active = False
+        self.diag.update("safeguard", WARN, f"inactive: {self.values['inactive_behavior']}", **self._diag_counts())
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
-        self._drop_subscriptions()
-        for pub in (getattr(self, "cmd_pub", None), getattr(self, "record_pub", None)):
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
-        if self.diag is not None:
-            self.diag.destroy()
-            self.diag = None
-        self.projector = None
-        self._reset_state()
+        self.active = False
+        if self.record_pub is not None:
+            self.destroy_lifecycle_publisher(self.record_pub)
+            self.record_pub = None
+        self.configured = False
+        self.diag.update("safeguard", WARN, f"unconfigured: {self.values['inactive_behavior']}",
+                         **self._diag_counts())
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
-        self._drop_subscriptions()
+        self.active = False
         return TransitionCallbackReturn.SUCCESS
 
-    def _drop_subscriptions(self) -> None:
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+    def shutdown_hold(self, spin_once) -> None:
+        """After SIGINT/SIGTERM: the fallback for every state until the plant is at rest, the
+        states stop or ``shutdown_timeout`` passes (``inactive_behavior: fallback``)."""
+        self.shutting_down = True
+        self.active = False
+        if self.values["inactive_behavior"] != "fallback" or self.x is None:
+            return
+        self._rest_count = 0
+        deadline = time.monotonic() + self.values["shutdown_timeout"]
+        while time.monotonic() < deadline and self.context.ok():
+            spin_once()
+            if self._rest_count >= REST_STATES or time.monotonic() - self.x_time > self.values["state_timeout"]:
+                break
 
     # ------------------------------------------------------------------ callbacks
     def _on_state(self, msg: JointState) -> None:
-        x = state_from_joint_state(msg, self.dof, out=self._x_buf)
-        if x is None or len(msg.position) != self.dof or len(msg.velocity) != self.dof:
+        x = self._x_buf
+        reason = self.joints.read(msg.name, msg.position, msg.velocity, x)
+        if reason is None:
+            reason = self.gate.check(msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec, ros_now(self))
+        if reason is not None:
             self.counts["bad_state"] += 1
-            self.get_logger().warning(
-                f"dropping joint_states: need {self.dof} finite positions and velocities, got "
-                f"{len(msg.position)}/{len(msg.velocity)}", throttle_duration_sec=1.0)
-            self.diag.update("safeguard", WARN, "bad joint_states dropped", **self.counts)
+            rej = self.counts["rejected_states"]
+            rej[reason] = rej.get(reason, 0) + 1
+            self.get_logger().warning(f"rejected joint_states ({reason}); joints {self.joints.joints}",
+                                      throttle_duration_sec=2.0)
+            self.diag.update("safeguard", WARN, f"joint_states rejected: {reason}", **self._diag_counts())
             return
         self.x = self._acting_state(x)
         now = time.monotonic()
         self.x_time = now
+        d = self.dof
+        self._rest_count = self._rest_count + 1 if np.abs(x[d:]).max() < REST_SPEED else 0
+        if not self.active:
+            if self.values["inactive_behavior"] == "fallback":
+                key = "shutdown_commands" if self.shutting_down else "inactive_commands"
+                self.counts[key] += 1
+                self._publish_fallback("inactive")
+            return
         if now - self.u_time > self.values["action_timeout"]:
-            # No live policy: keep the plant under the backup.
-            self._publish(self.projector.fallback(self.x, np.zeros(self.projector.m), self.reference,
-                                                   "stale_action"), raw=None)
+            # No live policy: keep the plant under the fallback.
+            self._publish_fallback("stale_action")
+            return
+        self._pending = True    # answered by the next raw action, or by _on_deadline
+
+    def _on_deadline(self) -> None:
+        """Every accepted state gets a command: no raw action within the deadline -> the fallback."""
+        if not self._pending or not self.active:
+            return
+        if time.monotonic() - self.x_time < self.values["action_deadline_periods"] * self.values["dt"]:
+            return
+        self.counts["no_action_fallbacks"] += 1
+        self._publish_fallback("no_action")
 
     def _acting_state(self, x: np.ndarray) -> np.ndarray:
         """The state the next command will act on: ``x`` itself, or with a one-step command
@@ -237,87 +306,114 @@ class ActionSafeguard(LifecycleNode):
         return np.asarray(self.projector.safe_set.next_state(x, u), dtype=float)
 
     def _on_raw_action(self, msg: Float64MultiArray) -> None:
+        if not self.active:
+            return
         u = array_from_float64(msg)
         if u.shape != (self.projector.m,) or not np.isfinite(u).all():
             self.counts["bad_action"] += 1
             self.get_logger().warning(
-                f"bad raw_action (size {u.size}, expected {self.projector.m}, or non-finite): backup action",
+                f"bad raw_action (size {u.size}, expected {self.projector.m}, or non-finite): fallback",
                 throttle_duration_sec=1.0)
             if self.x is None:
-                self.diag.update("safeguard", WARN, "bad raw_action: no state yet, nothing sent", **self.counts)
+                self.diag.update("safeguard", WARN, "bad raw_action: no state yet, nothing sent", **self._diag_counts())
             else:   # the fallback's diagnostic says so (one status per event: no overwrite within a tick)
-                self._publish(self.projector.fallback(self.x, np.zeros(self.projector.m), self.reference,
-                                                       "bad_action"), raw=None)
+                self._publish_fallback("bad_action")
             return
         now = time.monotonic()
         self.u_time = now
         if self.x is None:
-            self.diag.update("safeguard", WARN, "no state yet: raw action ignored", **self.counts)
+            self.diag.update("safeguard", WARN, "no state yet: raw action ignored", **self._diag_counts())
             return
         if now - self.x_time > self.values["state_timeout"]:
-            self.get_logger().error("joint_states stale: backup action on the last state",
-                                    throttle_duration_sec=1.0)
-            self._publish(self.projector.fallback(self.x, u, self.reference, "stale_state"), raw=u)
+            self.get_logger().error("joint_states stale: fallback on the last state", throttle_duration_sec=1.0)
+            self._publish_fallback("stale_state", raw=u)
             return
         t0 = time.perf_counter()
-        res = self.projector.project(self.x, u, self.reference)
+        res = self.envelope.filter(self.x, u, self._r)
         self._proj_us.append((time.perf_counter() - t0) * 1e6)
         self._publish(res, raw=u)
 
     def _on_reference(self, msg: Float64MultiArray) -> None:
-        r = array_from_float64(msg)
-        limit = self.values["p_max"]
-        if r.shape != (self.dof,) or not np.isfinite(r).all() or np.any(np.abs(r) > limit):
-            self.get_logger().warning(f"reference rejected (need {self.dof} finite values within ±{limit})",
-                                      throttle_duration_sec=1.0)
+        reason = self.references.apply(msg.data, self._r)
+        if reason is None:
+            self.reference = self._r
             return
-        self.reference = r
+        if reason == "clamped":
+            self.reference = self._r
+        self.get_logger().warning(f"reference {list(msg.data)[:8]}: {reason} ("
+                                  f"{'clamped into' if reason == 'clamped' else 'kept the last valid, in'} "
+                                  f"|r| <= r_max = {self.values['r_max']:g})", throttle_duration_sec=2.0)
+        self.diag.update("inputs", WARN, f"reference {reason}", clamped_references=self.references.clamped,
+                         bad_references=sum(self.references.rejected.values()))
 
-    def _publish(self, res, raw) -> None:
-        self.cmd_pub.publish(float64_msg(res.u, "backup" if res.fallback else "safeguard"))
-        self.u_sent = res.u
+    def _on_incompatible_qos(self, info) -> None:
+        self.get_logger().warning(f"joint_states: a publisher's QoS is incompatible with state_qos = "
+                                  f"{self.values['state_qos']}: its states never arrive")
+        self.diag.update("inputs", WARN, f"incompatible QoS on joint_states (state_qos {self.values['state_qos']})")
+
+    def _publish_fallback(self, reason: str, raw=None) -> None:
+        """The envelope's fallback for the current state, flagged with ``reason``."""
+        res = self.envelope.fallback(self.x, self._r, reason)
+        if raw is not None:
+            res.distance = float(np.linalg.norm(res.u - raw))
+        self._publish(res, raw, fallback=True)
+
+    def _publish(self, res, raw, fallback: bool = False) -> None:
+        """Publish an ``EnvelopeResult`` (the projection of ``raw``, or a fallback)."""
+        u = res.u
+        fallback = fallback or res.projection.fallback   # a raw action outside the nominal set is recovered
+        self.cmd_pub.publish(float64_msg(u, "backup" if fallback else "safeguard"))
+        self._pending = False
+        self.u_sent = u
         self.counts["commands"] += 1
-        if not res.intervened and res.in_set:
+        intervened = fallback or res.changed
+        if not intervened and res.in_set:
             if self.counts["commands"] % 200 == 0:
                 self._report_ok()
             return
         # a record for every changed action, and for every state outside the set
-        self.counts["interventions"] += int(res.intervened)
-        self.counts["fallbacks"] += int(res.fallback)
+        self.counts["interventions"] += int(intervened)
+        self.counts["fallbacks"] += int(fallback)
+        reason = res.reason if fallback else res.projection.reason
         record = {"stamp": self.get_clock().now().nanoseconds * 1e-9,
                   "raw": None if raw is None else [float(v) for v in raw],
-                  "safe": [float(v) for v in res.u],
+                  "safe": [float(v) for v in u],
                   "distance": None if not np.isfinite(res.distance) else float(res.distance),
-                  "active": np.flatnonzero(res.active).tolist(),
-                  "fallback": bool(res.fallback), "reason": res.reason, "in_set": bool(res.in_set)}
+                  "active": np.flatnonzero(res.projection.active).tolist(),
+                  "fallback": bool(fallback), "reason": reason, "in_set": bool(res.in_set)}
         if res.violation > 0.0:
             record["violation"] = float(res.violation)
-        self.record_pub.publish(String(data=json.dumps(record)))
-        if res.fallback:
-            level = WARN if res.reason in ("stale_action", "bad_action") else ERROR
-            prefix = "bad raw_action: " if res.reason == "bad_action" else ""
-            recovered = res.reason in ("outside_invariant_set", "infeasible") and self.projector.recovery
-            what = "recovery action" if recovered else "backup"
-            self.diag.update("safeguard", level, f"{prefix}fallback to {what}: {res.reason}", **self.counts)
+        if self.record_pub is not None:
+            self.record_pub.publish(String(data=json.dumps(record)))
+        if fallback:
+            recovered = res.projection.fallback       # U_safe(x) was empty: nominal set or recovery action
+            level = ERROR if recovered or reason.startswith("stale_state") else WARN
+            prefix = "bad raw_action: " if reason.startswith("bad_action") else ""
+            what = "recovery action" if recovered else "fallback"
+            self.diag.update("safeguard", level, f"{prefix}{what}: {reason}", **self._diag_counts())
         elif not res.in_set:
             self.counts["outside_set_projections"] += 1
-            self.diag.update("safeguard", WARN, "state outside the invariant set: projected back into it",
-                             **self.counts)
+            self.diag.update("safeguard", WARN, "state outside the safe set: projected back into it",
+                             **self._diag_counts())
         elif self.counts["commands"] % 200 == 0:
             self._report_ok()
+
+    def _diag_counts(self) -> dict:
+        return {**self.counts, "clock_jumps": self.gate.jumps}
 
     def _report_ok(self) -> None:
         times = self._proj_us[-1000:]
         self._proj_us = times
-        self.diag.update("safeguard", OK, "projecting", **self.counts,
+        self.diag.update("safeguard", OK, "projecting", **self._diag_counts(),
                          projection_us_median=float(np.median(times)) if times else 0.0,
                          intervention_rate=self.counts["interventions"] / max(self.counts["commands"], 1))
-
 
     def summary(self) -> dict:
         # also called for a node whose constructor failed (destroy_node): nothing counted yet
         times, counts = getattr(self, "_proj_us", []), getattr(self, "counts", {"commands": 0, "interventions": 0})
+        refs = getattr(self, "references", None)
         return {"node": "action_safeguard", **counts,
+                "clamped_references": refs.clamped if refs is not None else 0,
                 "intervention_rate": counts["interventions"] / max(counts["commands"], 1),
                 "projection_us": {"median": float(np.median(times)) if times else None,
                                   "p99": float(np.percentile(times, 99)) if times else None}}

@@ -1,38 +1,49 @@
 """``scpo_safety_node``: the certified controller of the double integrator (a lifecycle node).
 
 Control path (every ``joint_states`` message, executor thread, no lock, no waiting):
-``u = backup(x, r) + φ_θ([x, r])`` with ``θ`` the last *certified* weights, evaluated by a
-preallocated numpy MLP, published on ``cmd`` at once. When the measured state or the
-reference lies outside the region the certificate covers (the SCPO initial set, grown by
-``region_margin``) the backup alone acts (mode ``backup_region``) and the node says so.
+the state is read by joint *name* (``joint_names``) and accepted only with a fresh,
+increasing stamp (``scpo_ros.inputs``); the candidate command is
+``u = backup(x, r) + φ_θ([x, r])`` with ``θ`` the last *certified* weights (a preallocated
+numpy MLP); then the **command envelope** (``scpo_ros.envelope``) projects it onto
+``U_safe(x)`` of the safe set both nodes share, and the result goes out on ``cmd``. Every
+command passes the envelope: the policy's (counted as ``policy_interventions`` and an
+ERROR diagnostic if it ever had to change one: the certificate covers the safe-set
+metric, so it should not), and the envelope's fallback, which is the backup projected
+onto ``U_safe(x)`` (the recovery action where that set is empty). The fallback acts
+- outside the certified region of ``[x, r]`` (mode ``backup_region``),
+- while re-certifying after a model change (``backup_recertifying``),
+- on stale state (``hold_stale``: the fallback for the state predicted under it),
+- while inactive, unconfigured or shutting down (``inactive_behavior: fallback``, default).
+Leaving the policy is immediate; returning to it takes ``policy_return_steps`` qualifying
+states in a row (hysteresis: the console and ``safety_mode`` stay readable at a boundary).
 
-SCPO path (a worker *process*, off the control path): ``proposed_weights`` are checked
-(size, layout fingerprint, NaN/Inf; a malformed one is rejected here, logged, counted and
-diagnosed), the latest valid one waits in a one-slot mailbox (older ones are superseded),
-and the worker runs one ``DoubleIntegratorSCPO.propose_weights`` step per proposal. Its
-results come back through a pipe that an executor timer polls: the decision is
-published on ``scpo_decision`` (JSON), committed weights on ``certified_weights`` and the
-control law is swapped in one attribute assignment. A silent learner leaves the last
-certified weights in force.
+References are clamped into the certified reference box (``|r| <= r_max``; a NaN/Inf or
+mis-sized reference keeps the last valid one), counted, with a WARN diagnostic.
 
-Stale state: after ``state_timeout`` s without a valid state the node publishes the hold
-command (``hold_mode``) at every watchdog tick and an ERROR diagnostic; control resumes by
-itself with the next state. ``backup_predicted`` (default) runs the backup on the last
-state propagated with the nominal model: for the exact model this *is* the closed loop the
-certificate covers (from a certified-region state the backup keeps every constraint),
-whereas a constant command (zero, or the backup of a frozen state) lets a double
-integrator drift at its last velocity or keep accelerating. ``zero`` suits plants whose
-zero command brakes.
+SCPO path (a worker *process*, off the control path): ``proposed_weights`` arrive through
+``ProposalIntake`` (a raw subscription in its own thread: a size check before anything is
+deserialised, a one-slot mailbox, newest wins). The results timer takes the newest one,
+checks it (layout fingerprint, NaN/Inf; a malformed one is rejected, counted, and reported
+in one aggregated decision record per second) and the worker runs one
+``DoubleIntegratorSCPO.propose_weights`` step. Results come back through a pipe that the
+timer polls: the decision goes out on ``scpo_decision`` (JSON), committed weights on
+``certified_weights`` and the control law is swapped in one attribute assignment.
+
+Clocks. Stamps are compared with the node's ROS clock (``use_sim_time`` works: then
+``/clock``, e.g. ``double_integrator_sim`` with ``publish_clock``); the watchdog, the
+results poll and the diagnostics run on the steady clock, so they never stop, with or
+without ``/clock``. Until a ``/clock`` arrives only the stamp ordering is checked and the
+``inputs`` diagnostic says so (WARN).
 
 Parameters: everything is declared with a range (see ``PARAMS``). A change of the model
-(limits, backup, initial set, SCPO or safety settings) is validated first (the new backup
-must certify the new initial set, else the change is rejected with the reason); once
-accepted the backup alone controls (mode ``backup_recertifying``) until the worker has
-re-certified the current weights under the new model (or reverted to the backup's).
-Weights certified for other limits are never used.
+(limits, backup, certified region, SCPO or safety settings) is validated first (the new
+backup must certify the new region, else the change is rejected with the reason); once
+accepted the envelope is rebuilt and the fallback alone acts (``backup_recertifying``)
+until the worker has re-certified the current weights under the new model (or reverted to
+the backup's). Weights certified for other limits are never used.
 
-Every ``cmd`` carries its source in ``layout.dim[0].label``: ``policy``, ``backup`` or
-``hold`` (forward command controllers ignore the layout).
+Every ``cmd`` carries its source in ``layout.dim[0].label``: ``policy``, ``backup`` (the
+envelope's fallback) or ``hold`` (stale state); forward command controllers ignore it.
 """
 from __future__ import annotations
 
@@ -45,18 +56,23 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, MultiArrayLayout, String
 
 from ..backup import BackupCertificationError, InitialSet, LQRBackup
 from ..dynamics import DoubleIntegrator
+from ..envelope import CommandEnvelope
+from ..inputs import JointMap, ReferenceGate, StateGate
 from ..policy import MLPLayout, WeightsRejected, check_weights
-from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, LATCHED_QOS, OK, WARN, Diagnostics, ParamSpec,
-                          add_parameter_validator, array_from_float64, declare_parameters, flush_publishers, run_node,
-                          stamp_to_sec, weights_from_msg, weights_to_msg)
-from ..rollout import METRICS, SafetySpec
-from ..scpo import STATUSES, Decision, DoubleIntegratorSCPO, SCPOConfig
+from ..proposal_intake import ProposalIntake
+from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, LATCHED_QOS, OK, STATE_QOS_CHOICES, WARN, Diagnostics,
+                          ParamSpec, add_parameter_validator, array_from_float64, declare_parameters,
+                          flush_publishers, ros_now, run_node, state_qos, steady_timer, weights_to_msg)
+from ..rollout import METRICS, DoubleIntegratorRollout, SafetySpec, structured_states
+from ..safeguard.invariant_set import safe_set_for
+from ..scpo import STATUSES, Decision, DoubleIntegratorSCPO, SCPOConfig, backup_weights
 
 _C, _S, _I = SCPOConfig(), SafetySpec(), InitialSet()
 PARAMS = [
@@ -67,6 +83,13 @@ PARAMS = [
     ParamSpec("seed", 0, "Seed of SCPO's sampling and of the backup weights.", 0, 2**31 - 1, read_only=True),
     ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed).",
               read_only=True),
+    ParamSpec("joint_names", [""], "JointState joints of the axes, in axis order (matched by name; extra joints "
+                                   "are ignored, a missing one rejects the message). [''] or []: axis_0..",
+              read_only=True, min_len=0, max_len=4),
+    ParamSpec("state_qos", "reliable", "QoS of the joint_states subscription.", choices=STATE_QOS_CHOICES,
+              read_only=True),
+    ParamSpec("late_commands", 1, "Late or missed commands in a row the safe set absorbs (1: a command stays "
+                                  "safe when the plant applies it one period longer).", 0, 1, read_only=True),
     # plant model and constraints
     ParamSpec("dt", 0.05, "Model time step (s): must equal the simulator's dt.", 1e-3, 1.0),
     ParamSpec("p_max", 1.0, "Position constraint |p| <= p_max.", 1e-3, 1e3),
@@ -77,12 +100,9 @@ PARAMS = [
     ParamSpec("q_vel", 1.0, "Backup LQR velocity weight.", 0.0, 1e6),
     ParamSpec("r_act", 10.0, "Backup LQR action weight.", 1e-6, 1e6),
     # certified region (SCPO's initial set)
-    ParamSpec("p0_max", _I.p0_max, "Certified initial set: |p| <= p0_max.", 1e-3, 1e3),
-    ParamSpec("v0_max", _I.v0_max, "Certified initial set: |v| <= v0_max.", 1e-3, 1e3),
-    ParamSpec("r_max", _I.r_max, "Certified references: |r| <= r_max.", 0.0, 1e3),
-    ParamSpec("region_margin", 0.0, "Slack added to the certified box by the runtime region monitor. 0 trusts "
-                                    "the policy exactly where it was certified; > 0 trusts it slightly beyond.",
-              0.0, 1.0),
+    ParamSpec("p0_max", _I.p0_max, "Certified region: |p| <= p0_max.", 1e-3, 1e3),
+    ParamSpec("v0_max", _I.v0_max, "Certified region: |v| <= v0_max.", 1e-3, 1e3),
+    ParamSpec("r_max", _I.r_max, "Certified references: |r| <= r_max (references beyond are clamped).", 0.0, 1e3),
     # safety metrics of the rollouts
     ParamSpec("horizon", _S.horizon, "Rollout length H (steps).", 1, 2000),
     ParamSpec("lyap_alpha", _S.lyap_alpha, "Required relative decrease of V per step.", 0.0, 0.99),
@@ -107,9 +127,20 @@ PARAMS = [
     ParamSpec("n_sample_states", 256, "Initial states of the sampling rollouts.", 8, 65536),
     ParamSpec("n_cert_states", 1024, "Fresh initial states of the certification rollouts.", 8, 65536),
     # runtime
-    ParamSpec("state_timeout", 0.25, "Seconds without a valid state before the hold command.", 0.005, 10.0),
-    ParamSpec("hold_mode", "backup_predicted", "Command on stale state: backup on the model-predicted state, or "
-                                               "zero.", choices=("backup_predicted", "zero")),
+    ParamSpec("state_timeout", 0.25, "Seconds without an accepted state before the hold command.", 0.005, 10.0),
+    ParamSpec("max_state_age", 0.5, "A state stamped more than this before now is rejected (s; 0: no age check, "
+                                    "for publishers on an unsynchronised clock).", 0.0, 3600.0),
+    ParamSpec("future_tolerance", 0.05, "A state stamped more than this after now is rejected (s).", 0.0, 3600.0),
+    ParamSpec("hold_mode", "backup_predicted", "Candidate on stale state: the backup on the model-predicted state, "
+                                               "or zero (either through the envelope).",
+              choices=("backup_predicted", "zero")),
+    ParamSpec("inactive_behavior", "fallback", "While inactive, unconfigured and shutting down: answer every "
+                                               "state with the envelope's fallback, or publish nothing.",
+              choices=("fallback", "silent")),
+    ParamSpec("shutdown_timeout", 2.0, "At shutdown keep sending the fallback until the plant is at rest, no state "
+                                       "comes for state_timeout, or this passes (s).", 0.0, 60.0),
+    ParamSpec("policy_return_steps", 5, "Qualifying states in a row before a fallback returns to the policy "
+                                        "(leaving the policy is immediate).", 1, 1000),
     ParamSpec("min_update_period_s", 0.0, "Least time between two SCPO steps (0: as fast as they run).",
               0.0, 3600.0),
     ParamSpec("require_fingerprint", True, "Reject proposals that carry no layout fingerprint."),
@@ -118,19 +149,26 @@ PARAMS = [
                                      "control callback must win.", 0, 19, read_only=True),
 ]
 
-STRUCTURE = {"dof", "hidden", "seed", "autostart", "worker_niceness"}
-RUNTIME = {"region_margin", "state_timeout", "hold_mode", "min_update_period_s", "require_fingerprint"}
+STRUCTURE = {"dof", "hidden", "seed", "autostart", "worker_niceness", "joint_names", "state_qos", "late_commands"}
+RUNTIME = {"state_timeout", "max_state_age", "future_tolerance", "hold_mode", "inactive_behavior",
+           "shutdown_timeout", "policy_return_steps", "min_update_period_s", "require_fingerprint"}
 MODEL = {s.name for s in PARAMS} - STRUCTURE - RUNTIME
 """Parameters the certificate depends on: a change re-certifies."""
 
 FALLBACK_MODES = ("backup_region", "backup_recertifying", "hold_stale")
-MODE_LEVELS = {"inactive": OK, "waiting_for_state": WARN, "policy": OK, "backup_region": WARN,
-               "backup_recertifying": WARN, "hold_stale": ERROR}
+MODE_LEVELS = {"inactive": OK, "waiting_for_state": WARN, "waiting_for_certificate": WARN, "policy": OK,
+               "backup_region": WARN, "returning": WARN, "backup_recertifying": WARN, "hold_stale": ERROR,
+               "shutting_down": WARN}
+REST_SPEED = 1e-2
+"""|v| below this on every axis, for ``REST_STATES`` accepted states in a row: the plant is at rest
+(the shutdown hold stops sending)."""
+REST_STATES = 5
 
 
 @dataclass(frozen=True)
 class Model:
-    """Everything the certificate depends on, built from parameter values."""
+    """Everything the certificate depends on, built from parameter values (picklable: the
+    worker process gets it; the safe set is rebuilt there from the same values, cached)."""
 
     system: DoubleIntegrator
     backup: LQRBackup
@@ -141,6 +179,11 @@ class Model:
     n_sample_states: int
     n_cert_states: int
     seed: int
+    late_commands: int
+
+    def safe_set(self):
+        """The safe set of the envelope and of the certificate's ``safe_set`` metric."""
+        return safe_set_for(self.system, late_commands=self.late_commands)
 
 
 def build_model(v: dict) -> Model:
@@ -159,8 +202,32 @@ def build_model(v: dict) -> Model:
                         cert_margins=tuple(v["cert_margins"]), max_backtracks=v["max_backtracks"], ridge=v["ridge"])
     safety = SafetySpec(horizon=v["horizon"], lyap_alpha=v["lyap_alpha"], lyap_eps=v["lyap_eps"])
     layout = MLPLayout(3 * dof, dof, tuple(int(h) for h in v["hidden"]))
-    return Model(system, backup, initial_set, layout, config, safety, int(v["n_sample_states"]),
-                 int(v["n_cert_states"]), int(v["seed"]))
+    model = Model(system, backup, initial_set, layout, config, safety, int(v["n_sample_states"]),
+                  int(v["n_cert_states"]), int(v["seed"]), int(v["late_commands"]))
+    check_backup_in_safe_set(model)
+    return model
+
+
+def check_backup_in_safe_set(model: Model) -> None:
+    """Refuse a model whose backup leaves ``U_safe`` from the certified region.
+
+    The backup's weights are what the node starts from and falls back to; they must pass the
+    ``safe_set`` metric like any certified weights, or the envelope would have to correct
+    the "certified" law from the start. Checked on the region's structured states (its
+    vertices among them: the worst case of a linear closed loop sits there).
+    """
+    try:
+        safe_set = model.safe_set()
+    except (ValueError, RuntimeError) as exc:
+        raise BackupCertificationError(f"no safe set for these limits: {exc}") from exc
+    engine = DoubleIntegratorRollout(model.system, model.backup, model.layout, model.safety,
+                                     safe_rows=safe_set.affine_rows())
+    x0, r = structured_states(model.initial_set, model.system.dof, max_points=128)
+    g = engine.evaluate(backup_weights(model.layout, model.seed), x0, r).g[0]
+    worst = float(g[METRICS.index("safe_set")])
+    if not worst < 0.0:
+        raise BackupCertificationError(f"the backup leaves the safe set from the certified region "
+                                       f"(safe_set metric {worst:.3g} > 0): shrink the region or change the limits")
 
 
 class FoldedPolicy:
@@ -246,27 +313,24 @@ def command_view(msg: Float64MultiArray) -> np.ndarray:
 class ControlLaw:
     """What the control path evaluates; replaced as a whole, never mutated by others.
 
-    ``policy`` computes ``backup + φ`` (certified weights) and ``backup`` the backup alone;
-    ``certifying`` marks the interval after a model change during which only the (new,
-    certified) backup may act. ``lower``/``upper``: the certified region of ``[x, r]``.
+    ``policy`` computes ``backup + φ`` (certified weights), None while only the backup is
+    certified; ``certifying`` marks the interval after a model change during which only the
+    envelope's fallback may act. ``lower``/``upper``: the certified region of ``[x, r]``.
     """
 
     policy: FoldedPolicy | None
-    backup: FoldedPolicy
     lower: tuple
     upper: tuple
     version: int
     certifying: bool = False
 
 
-def make_law(model: Model, theta: np.ndarray | None, margin: float, version: int,
-             certifying: bool = False) -> ControlLaw:
+def make_law(model: Model, theta: np.ndarray | None, version: int, certifying: bool = False) -> ControlLaw:
     d = model.system.dof
     s = model.initial_set
-    upper = tuple([s.p0_max + margin] * d + [s.v0_max + margin] * d + [s.r_max + margin] * d)
-    K = np.ascontiguousarray(model.backup.K)
-    policy = FoldedPolicy(K, model.layout, theta) if theta is not None else None
-    return ControlLaw(policy, FoldedPolicy(K, None, None), tuple(-u for u in upper), upper, version, certifying)
+    upper = tuple([s.p0_max] * d + [s.v0_max] * d + [s.r_max] * d)
+    policy = FoldedPolicy(np.ascontiguousarray(model.backup.K), model.layout, theta) if theta is not None else None
+    return ControlLaw(policy, tuple(-u for u in upper), upper, version, certifying)
 
 
 def _worker_main(conn, niceness: int = 0) -> None:
@@ -304,7 +368,8 @@ def _worker_main(conn, niceness: int = 0) -> None:
                 scpo = DoubleIntegratorSCPO(model.system, model.backup, model.layout, model.initial_set,
                                             model.config, safety=model.safety,
                                             n_sample_states=model.n_sample_states,
-                                            n_cert_states=model.n_cert_states, seed=model.seed)
+                                            n_cert_states=model.n_cert_states, seed=model.seed,
+                                            safe_set=model.safe_set())
                 if theta is not None and np.shape(theta) == scpo.theta.shape:
                     scpo.theta = np.asarray(theta, dtype=np.float32).copy()
                 decision = scpo.recertify()
@@ -396,27 +461,86 @@ class SCPOWorker:
 
 
 class SCPOSafetyNode(LifecycleNode):
+    """Lifecycle: the ros2/demos pattern, except that the envelope, the ``joint_states`` and
+    ``reference`` subscriptions, the ``cmd`` publisher (a plain one) and the watchdog live
+    as long as the node: inactive means safe, not silent (``inactive_behavior``).
+    ``configure`` starts SCPO (worker, intake, weights and decision publishers),
+    ``activate`` lets the certified policy act, ``deactivate`` hands the plant to the
+    fallback, ``cleanup`` stops SCPO."""
+
     def __init__(self, **kwargs):
         super().__init__("scpo_safety_node", **kwargs)
         self.p = declare_parameters(self, PARAMS)
-        self.dof = int(self.p["dof"])
+        self.dof = d = int(self.p["dof"])
         self.model = build_model(self.p)   # fail at start-up, with the reason, if unusable
+        names = [n for n in self.p["joint_names"] if n]
+        self.joints = JointMap.for_axes(d, names)   # ValueError (exit 1, with the reason) on bad names
+        self.use_sim_time = bool(self.get_parameter("use_sim_time").value)
         self.diag = Diagnostics(self)
-        add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._reset_counters()
         self.mode = "inactive"
         self.active = False
         self.configured = False
+        self.shutting_down = False
         self.worker: SCPOWorker | None = None
-        self.law: ControlLaw | None = None
+        self.intake: ProposalIntake | None = None
         self.model_id = 0
         self.theta: np.ndarray | None = None
+        self._build_runtime(self.model)
+        self.law = make_law(self.model, None, 0)
+        # buffers of the control path
+        self._x = np.zeros(2 * d)            # the last accepted state
+        self._x_new = np.zeros(2 * d)        # the state being read
+        self._r = np.zeros(d)
+        self._r_list = [0.0] * d
+        # [x, r, 1]: FoldedPolicy's augmented input, a numpy view on an array.array
+        self._inp_buf = array.array("d", [0.0] * (3 * d) + [1.0])
+        self._inp = np.frombuffer(self._inp_buf, dtype=np.float64)
+        self._policy_out = np.zeros(d)
+        self._cmd_labels = {k: [MultiArrayDimension(label=k, size=d, stride=d)] for k in ("policy", "backup", "hold")}
+        # One message per label, written through a numpy view into its own array.array (no list, no
+        # data setter): publish() serialises before it returns, so reuse is safe.
+        self._cmd_msgs, self._cmd_out = {}, {}
+        for k in ("policy", "backup", "hold"):
+            msg = Float64MultiArray(layout=MultiArrayLayout(dim=self._cmd_labels[k]), data=[0.0] * d)
+            self._cmd_msgs[k], self._cmd_out[k] = msg, command_view(msg)
+        self._last_state_time = None        # steady clock of the last *accepted* state
+        self._last_stamp = None
         self._dt_measured = None
+        self._qualifying = 0
+        self._rest_count = 0
+        self._hold_x = None
+        self._hold_since = 0.0
+        self._hold_steps = 0
+        self._malformed_pending = 0
+        self._malformed_reason = ""
+        self._last_malformed_record = -math.inf
+        self._clock_warned = False
+        # alive for the node's lifetime (the lifecycle exception above)
+        self.cmd_pub = self.create_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
+        self.mode_pub = self.create_publisher(String, "safety_mode", LATCHED_QOS)
+        events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
+        self.state_sub = self.create_subscription(JointState, "joint_states", self._on_state,
+                                                  state_qos(self.p["state_qos"]), event_callbacks=events)
+        self.ref_sub = self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS)
+        self.watchdog = steady_timer(self, self._watchdog_period(), self._on_watchdog)
+        add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._update_control_diag("unconfigured")
+        self._update_inputs_diag()
         if self.p["autostart"]:
-            self._autostart_timer = self.create_timer(0.0, self._autostart)
-        self.get_logger().info(f"SCPO safety node: dof={self.dof}, layout {self.model.layout.sizes} "
-                               f"({self.model.layout.fingerprint}), region {self.model.initial_set}")
+            self._autostart_timer = steady_timer(self, 0.001, self._autostart)
+        self.get_logger().info(f"SCPO safety node: dof={d}, layout {self.model.layout.sizes} "
+                               f"({self.model.layout.fingerprint}), region {self.model.initial_set}, joints "
+                               f"{self.joints.joints}, safe set {self.envelope.safe_set.name} "
+                               f"({self.envelope.projector.num_rows} rows)")
+
+    def _build_runtime(self, model: Model) -> None:
+        """The envelope, the state gate and the reference gate of ``model`` (limits, region)."""
+        self.envelope = CommandEnvelope(model.safe_set(), model.backup)
+        self.gate = StateGate(self.p["max_state_age"], self.p["future_tolerance"]) if not hasattr(self, "gate") \
+            else self.gate
+        r = model.initial_set.r_max
+        self.references = ReferenceGate(np.full(self.dof, -r), np.full(self.dof, r))
 
     def _reset_counters(self) -> None:
         self.control_steps = 0
@@ -425,6 +549,12 @@ class SCPOSafetyNode(LifecycleNode):
         self.fallbacks = 0
         self.malformed = 0
         self.bad_states = 0
+        self.rejected_states: dict[str, int] = {}
+        self.policy_interventions = 0
+        self.envelope_changes = 0
+        self.inactive_commands = 0
+        self.shutdown_commands = 0
+        self.recovery_commands = 0
         self.updates = {k: 0 for k in STATUSES}
         self.recertifications = {"accepted": 0, "rejected": 0}
         self.worker_errors = 0
@@ -434,7 +564,7 @@ class SCPOSafetyNode(LifecycleNode):
 
     def _autostart(self) -> None:
         self.destroy_timer(self._autostart_timer)
-        if self.configured:   # a 0 s timer can fire again before its destruction takes effect
+        if self.configured:   # a short timer can fire again before its destruction takes effect
             return
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
@@ -446,43 +576,14 @@ class SCPOSafetyNode(LifecycleNode):
         except ValueError as exc:
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
-        d = self.dof
-        self._x = np.zeros(2 * d)
-        self._r = np.zeros(d)
-        self._r_list = [0.0] * d
-        # [x, r, 1]: FoldedPolicy's augmented input, a numpy view on an array.array that the
-        # control path fills without a numpy call
-        self._inp_buf = array.array("d", [0.0] * (3 * d) + [1.0])
-        self._inp = np.frombuffer(self._inp_buf, dtype=np.float64)
-        self._last_state_time = None
-        self._last_stamp = None
-        self._dt_measured = None
-        self._hold_x = None
-        self._hold_since = 0.0
-        self._hold_steps = 0
+        self._build_runtime(self.model)
         self.theta = None
-        # until the worker's first certification: the backup alone (φ ≡ 0 is certified by construction
-        # through backup.certify in build_model)
-        self.law = make_law(self.model, None, self.p["region_margin"], 0)
-        self._cmd_labels = {k: [MultiArrayDimension(label=k, size=d, stride=d)] for k in ("policy", "backup",
-                                                                                          "hold")}
-        # The control path writes each command through a numpy view straight into the array.array
-        # its message holds: no list, no data setter (which copies, or type-checks every element).
-        self._cmd_msgs, self._cmd_out = {}, {}
-        for k in ("policy", "backup"):
-            msg = Float64MultiArray(layout=MultiArrayLayout(dim=self._cmd_labels[k]), data=[0.0] * d)
-            self._cmd_msgs[k], self._cmd_out[k] = msg, command_view(msg)
-        self.cmd_pub = self.create_lifecycle_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
+        # until the worker's first certification: the envelope's fallback alone
+        self.law = make_law(self.model, None, self.weights_version)
         self.weights_pub = self.create_lifecycle_publisher(Float64MultiArray, "certified_weights", LATCHED_QOS)
         self.decision_pub = self.create_lifecycle_publisher(String, "scpo_decision", EVENT_QOS)
-        self.mode_pub = self.create_publisher(String, "safety_mode", LATCHED_QOS)
-        self.subs = [
-            self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS),
-            self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS),
-            self.create_subscription(Float64MultiArray, "proposed_weights", self._on_proposal, EVENT_QOS),
-        ]
-        self.watchdog = self.create_timer(self._watchdog_period(), self._on_watchdog)
-        self.results_timer = self.create_timer(0.05, self._drain_results)
+        self.intake = ProposalIntake(self, "proposed_weights", self.model.layout.size)
+        self.results_timer = steady_timer(self, 0.05, self._drain_results)
         self.model_id += 1
         self.worker = SCPOWorker(self.p["min_update_period_s"], self.p["worker_niceness"])
         self.worker.start()
@@ -494,9 +595,9 @@ class SCPOSafetyNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.active = True
-        self._last_state_time = None
+        self._qualifying = 0
         self._set_mode("waiting_for_state", "activated")
-        self.get_logger().info("activated: publishing commands")
+        self.get_logger().info("activated: the certified policy acts")
         ret = super().on_activate(state)
         if self.theta is not None:
             self.weights_pub.publish(weights_to_msg(self.theta, self.model.layout.fingerprint))
@@ -505,7 +606,7 @@ class SCPOSafetyNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.active = False
         self._set_mode("inactive", "deactivated")
-        self.get_logger().info("deactivated: no commands are published")
+        self.get_logger().info(f"deactivated: inactive_behavior {self.p['inactive_behavior']}")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -522,18 +623,39 @@ class SCPOSafetyNode(LifecycleNode):
         if not self.configured:
             return
         self.configured = False
+        self.active = False
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
-        for sub in self.subs:
-            self.destroy_subscription(sub)
-        self.destroy_timer(self.watchdog)
+        if self.intake is not None:
+            self.intake.destroy()
+            self.intake = None
         self.destroy_timer(self.results_timer)
-        for pub in (self.cmd_pub, self.weights_pub, self.decision_pub):
+        for pub in (self.weights_pub, self.decision_pub):
             self.destroy_lifecycle_publisher(pub)
-        self.destroy_publisher(self.mode_pub)
+        # the weights die with the worker: the fallback acts until a new configure certifies
+        self.theta = None
+        self.law = make_law(self.model, None, self.weights_version)
         self.mode = "inactive"
         self._update_control_diag("unconfigured")
+
+    def shutdown_hold(self, spin_once) -> None:
+        """After SIGINT/SIGTERM: keep answering states with the fallback (``inactive_behavior``)
+        until the plant is at rest, the states stop, or ``shutdown_timeout`` passes; a plant
+        left with a moving command would otherwise keep it until its own timeout."""
+        self.shutting_down = True
+        self.active = False
+        if self.p["inactive_behavior"] != "fallback" or self._last_state_time is None:
+            return
+        self._set_mode("shutting_down", "shutdown: fallback until the plant is at rest")
+        self._rest_count = 0
+        deadline = time.monotonic() + self.p["shutdown_timeout"]
+        while time.monotonic() < deadline and self.context.ok():
+            spin_once()
+            if self._rest_count >= REST_STATES:
+                break
+            if time.monotonic() - self._last_state_time > self.p["state_timeout"]:
+                break   # the plant is gone (the demo stops the simulator first)
 
     # ---------------------------------------------------------------- parameters
     def _check(self, values: dict) -> str | None:
@@ -548,73 +670,96 @@ class SCPOSafetyNode(LifecycleNode):
     def _apply(self, values: dict, changed: set[str]) -> None:
         self.p = values
         self.get_logger().info(f"parameters changed: {sorted(changed)}")
-        if not self.configured:
-            self.model = build_model(values)
-            return
+        if changed & {"max_state_age", "future_tolerance"}:
+            self.gate.max_age, self.gate.future_tolerance = values["max_state_age"], values["future_tolerance"]
         if "state_timeout" in changed:
             self.destroy_timer(self.watchdog)
-            self.watchdog = self.create_timer(self._watchdog_period(), self._on_watchdog)
+            self.watchdog = steady_timer(self, self._watchdog_period(), self._on_watchdog)
+        if not changed & MODEL:
+            if "min_update_period_s" in changed and self.worker is not None:
+                self.worker.min_period_s = values["min_update_period_s"]
+            return
+        # The weights in force were certified for the old model: the new envelope's fallback
+        # (its backup certified for the new model in _check) acts until the worker re-certifies.
+        self.model = build_model(values)
+        self._build_runtime(self.model)
+        self._r[:] = np.clip(self._r, self.references.lower, self.references.upper)
+        self._r_list = self._r.tolist()
+        self.law = make_law(self.model, None, self.weights_version, certifying=self.configured)
+        if not self.configured:
+            return
         if "min_update_period_s" in changed:
             self.worker.min_period_s = values["min_update_period_s"]
-        if changed & MODEL:
-            # the weights in force were certified for the old model: the new backup alone
-            # (certified for the new model in _check) acts until the worker re-certifies
-            self.model = build_model(values)
-            self.law = make_law(self.model, None, values["region_margin"], self.weights_version, certifying=True)
-            self.model_id += 1
-            self.worker.rebuild(self.model, self.model_id, self.theta)
-            self.get_logger().warning("model changed: backup alone until the weights are re-certified")
-            if self.active and self.mode in ("policy", "backup_region"):
-                self._set_mode("backup_recertifying", f"parameters {sorted(changed & MODEL)} changed")
-        elif "region_margin" in changed:
-            self.law = make_law(self.model, self.theta, values["region_margin"], self.weights_version,
-                                certifying=self.law.certifying)
+        self.model_id += 1
+        self.worker.rebuild(self.model, self.model_id, self.theta)
+        self.get_logger().warning("model changed: fallback alone until the weights are re-certified")
+        if self.active and self.mode in ("policy", "backup_region", "returning", "waiting_for_state",
+                                         "waiting_for_certificate"):
+            self._set_mode("backup_recertifying", f"parameters {sorted(changed & MODEL)} changed")
 
     def _watchdog_period(self) -> float:
         return max(0.005, min(self.p["dt"], self.p["state_timeout"] / 2.0))
 
     # -------------------------------------------------------------- control path
     def _on_state(self, msg: JointState) -> None:
-        if not self.active:
-            return
         t_start = time.perf_counter()
+        x = self._x_new
+        reason = self.joints.read(msg.name, msg.position, msg.velocity, x)
+        if reason is None:
+            stamp = msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
+            now = ros_now(self)
+            if now is None and self.use_sim_time and not self._clock_warned:
+                self._clock_warned = True
+                self._update_inputs_diag()
+            reason = self.gate.check(stamp, now)
+        if reason is not None:
+            return self._reject_state(reason)
+        # accepted: from here on this is the plant's state
+        self._last_state_time = time.monotonic()
+        if self.gate.jumps != self._jumps_seen:
+            self._jumps_seen = self.gate.jumps
+            self.get_logger().warning(f"clock jump of {self.gate.last_jump:.3g} s: stamp history reset")
+            self._update_inputs_diag()
         d = self.dof
-        pos, vel = msg.position, msg.velocity
-        if len(pos) < d or len(vel) < d:
-            return self._bad_state()
-        # z = [p, v, r] as Python floats: finiteness and the region check need no numpy call
-        vals = [*pos[:d], *vel[:d], *self._r_list]
+        vals = x.tolist()
+        self._x[:] = x
+        self._rest_count = self._rest_count + 1 if max(map(abs, vals[d:])) < REST_SPEED else 0
         law = self.law
+        if not self.active:
+            if self.p["inactive_behavior"] == "fallback":
+                self._publish_fallback(x, "inactive" if not self.shutting_down else "shutdown", t_start)
+            return
+        vals += self._r_list
         in_region = True
         for v, lo, hi in zip(vals, law.lower, law.upper):
-            if not (lo <= v <= hi):                     # False for NaN too
-                if not math.isfinite(v):
-                    return self._bad_state()
+            if not (lo <= v <= hi):
                 in_region = False
-        self._inp_buf[:-1] = array.array("d", vals)
-        inp = self._inp
-        if law.policy is not None and in_region and not law.certifying:
-            law.policy(inp, self._cmd_out["policy"])
+                break
+        qualifies = law.policy is not None and in_region and not law.certifying
+        self._qualifying = self._qualifying + 1 if qualifies else 0
+        # hysteresis delays only a *return* to the policy (not its first use after a start)
+        use_policy = qualifies and (self.mode in ("policy", "waiting_for_state", "waiting_for_certificate")
+                                    or self._qualifying >= self.p["policy_return_steps"])
+        if use_policy:
+            self._inp_buf[:-1] = array.array("d", vals)
+            cand = law.policy(self._inp, self._policy_out)
+            res = self.envelope.filter(x, cand, self._r)
             label = mode = "policy"
+            if res.changed:
+                self._policy_changed(res)
         else:
-            law.backup(inp, self._cmd_out["backup"])
+            res = self.envelope.fallback(x, self._r, "fallback")
             label = "backup"
-            mode = "backup_recertifying" if law.certifying else ("policy" if in_region else "backup_region")
-        cmd = self._cmd_msgs[label]   # reused: publish() serialises before it returns
-        compute = time.perf_counter() - t_start
-        self.cmd_pub.publish(cmd)
-        # bookkeeping after the command is out
-        self._x[:] = inp[:2 * d]
-        self._last_state_time = time.monotonic()
-        self._compute_us[self._compute_n % len(self._compute_us)] = 1e6 * compute
-        self._compute_n += 1
+            mode = ("backup_recertifying" if law.certifying else "backup_region" if not in_region else
+                    "waiting_for_certificate" if law.policy is None else "returning")
+        self._publish(label, res, t_start)
         self.control_steps += 1
         self.backup_steps += label == "backup"
         if mode != self.mode:
-            self._set_mode(mode, "state outside the certified region" if mode == "backup_region" else
-                           "state back in the certified region" if self.mode == "backup_region" else
-                           "state received")
-        stamp = stamp_to_sec(msg.header.stamp)
+            self._set_mode(mode, {"backup_region": "state or reference outside the certified region",
+                                  "returning": "back in the certified region",
+                                  "policy": "the certified policy acts"}.get(mode, "state received"))
+        stamp = msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
         if self._last_stamp is not None and stamp > self._last_stamp:
             gap = stamp - self._last_stamp
             self._dt_measured = gap if self._dt_measured is None else 0.95 * self._dt_measured + 0.05 * gap
@@ -622,21 +767,76 @@ class SCPOSafetyNode(LifecycleNode):
         if self.control_steps % 50 == 0:
             self._update_control_diag()
 
-    def _bad_state(self) -> None:
+    _jumps_seen = 0
+
+    def _publish(self, label: str, res, t_start: float | None = None) -> None:
+        out = self._cmd_out[label]
+        out[:] = res.u
+        compute = time.perf_counter() - t_start if t_start is not None else None
+        self.cmd_pub.publish(self._cmd_msgs[label])
+        if compute is not None:
+            self._compute_us[self._compute_n % len(self._compute_us)] = 1e6 * compute
+            self._compute_n += 1
+        if res.changed and label != "policy":
+            self.envelope_changes += res.distance > self.envelope.change_tol or res.violation > 0.0
+        if res.violation > 0.0:
+            self.recovery_commands += 1
+            self.get_logger().error(f"state {np.round(self._x, 4).tolist()} is outside the recoverable set: "
+                                    f"recovery action (next-state violation {res.violation:.3g})",
+                                    throttle_duration_sec=2.0)
+
+    def _publish_fallback(self, x: np.ndarray, reason: str, t_start: float | None) -> None:
+        res = self.envelope.fallback(x, self._r, reason)
+        self._publish("backup", res, t_start)
+        if self.shutting_down:
+            self.shutdown_commands += 1
+        else:
+            self.inactive_commands += 1
+
+    def _policy_changed(self, res) -> None:
+        """The envelope moved a certified-policy command: the certificate's sampled states missed
+        this one. The command sent is the safe one; say so loudly."""
+        self.policy_interventions += 1
+        self.envelope_changes += 1
+        self.get_logger().error(f"the envelope changed a certified-policy command by {res.distance:.3g} "
+                                f"({res.reason}) at x = {np.round(self._x, 4).tolist()}: "
+                                f"{self.policy_interventions} so far", throttle_duration_sec=2.0)
+        if self.policy_interventions == 1 or self.policy_interventions % 100 == 0:
+            self._update_control_diag()
+
+    def _reject_state(self, reason: str) -> None:
         self.bad_states += 1
-        self.get_logger().error(f"ignored a state without {self.dof} finite positions and velocities",
-                                throttle_duration_sec=1.0)
+        self.rejected_states[reason] = self.rejected_states.get(reason, 0) + 1
+        self.get_logger().warning(f"rejected joint_states ({reason}): {self._reject_text(reason)}",
+                                  throttle_duration_sec=2.0)
+        if self.bad_states == 1 or self.bad_states % 50 == 0:
+            self._update_inputs_diag()
+
+    def _reject_text(self, reason: str) -> str:
+        return {"missing_joint": f"needs joints {self.joints.joints}",
+                "bad_lengths": "position/velocity arrays do not match the names",
+                "non_finite": "NaN or Inf", "non_increasing_stamp": "stamp not newer than the last accepted one",
+                "stale_stamp": f"stamp older than max_state_age = {self.p['max_state_age']:g} s",
+                "future_stamp": f"stamp more than future_tolerance = {self.p['future_tolerance']:g} s ahead"
+                }.get(reason, reason)
 
     def _on_reference(self, msg: Float64MultiArray) -> None:
-        r = array_from_float64(msg)
-        if r.size != self.dof or not np.isfinite(r).all():
-            self.get_logger().error(f"ignored reference {list(msg.data)}", throttle_duration_sec=1.0)
-            return
-        self._r[:] = r
-        self._r_list = r.tolist()
+        reason = self.references.apply(msg.data, self._r)
+        if reason is not None:
+            self.get_logger().warning(f"reference {list(msg.data)[:8]}: {reason} "
+                                      f"({'clamped into' if reason == 'clamped' else 'kept the last valid, in'} "
+                                      f"|r| <= r_max = {self.model.initial_set.r_max:g})", throttle_duration_sec=2.0)
+            self._update_inputs_diag()
+        self._r_list = self._r.tolist()
+
+    def _on_incompatible_qos(self, info) -> None:
+        self.get_logger().warning(f"joint_states: a publisher's QoS is incompatible with state_qos = "
+                                  f"{self.p['state_qos']} (policy {info.last_policy_kind}): its states never arrive")
+        self.diag.update("inputs", WARN, f"incompatible QoS on joint_states (state_qos {self.p['state_qos']})",
+                         **self._input_counts())
 
     def _on_watchdog(self) -> None:
-        if not self.active or self._last_state_time is None:
+        if self._last_state_time is None or (not self.active and self.p["inactive_behavior"] == "silent"):
             return
         now = time.monotonic()
         if now - self._last_state_time <= self.p["state_timeout"]:
@@ -647,46 +847,58 @@ class SCPOSafetyNode(LifecycleNode):
             self._hold_steps = 0
             self._set_mode("hold_stale", f"no valid state for {self.p['state_timeout']:g} s: "
                                          f"holding ({self.p['hold_mode']})")
+        # dead reckoning under the fallback: advance the nominal model to the present
+        sysm, target = self.model.system, int((now - self._hold_since) / self.model.system.dt)
+        while self._hold_steps < target:
+            u = self.envelope.fallback(self._hold_x, self._r, "hold_stale").u
+            self._hold_x = sysm.A @ self._hold_x + sysm.B @ u
+            self._hold_steps += 1
         if self.p["hold_mode"] == "zero":
-            u = np.zeros(self.dof)
+            res = self.envelope.filter(self._hold_x, np.zeros(self.dof), self._r)
         else:
-            # dead reckoning under the backup: advance the nominal model to the present
-            sysm, backup, r = self.model.system, self.model.backup, self._r
-            target = int((now - self._hold_since) / sysm.dt)
-            while self._hold_steps < target:
-                self._hold_x = sysm.A @ self._hold_x + sysm.B @ backup(self._hold_x, r)
-                self._hold_steps += 1
-            u = backup(self._hold_x, r)
-        cmd = Float64MultiArray(data=np.asarray(u, dtype=float).tolist())
-        cmd.layout.dim = self._cmd_labels["hold"]
-        self.cmd_pub.publish(cmd)
+            res = self.envelope.fallback(self._hold_x, self._r, "hold_stale")
+        self._publish("hold", res)
         self.hold_commands += 1
 
     # ----------------------------------------------------------------- SCPO path
-    def _on_proposal(self, msg: Float64MultiArray) -> None:
-        if not self.active:
-            return
-        flat, fingerprint = weights_from_msg(msg)
-        try:
-            if fingerprint is None and self.p["require_fingerprint"]:
-                raise WeightsRejected("proposal carries no layout fingerprint (layout.dim[0].label)")
-            flat = check_weights(self.model.layout, flat, fingerprint)
-        except WeightsRejected as exc:
-            self.malformed += 1
-            self.updates["rejected"] += 1
-            reason = f"malformed proposal: {exc}"
-            self.get_logger().error(f"rejected {reason}", throttle_duration_sec=1.0)
+    def _take_proposal(self) -> None:
+        """The newest proposal from the intake, checked; malformed ones are counted and reported
+        in one aggregated record per second (a flood must not flood the decision topic)."""
+        self._malformed_pending += self.intake.drain_rejections()
+        if self._malformed_pending and not self._malformed_reason:
+            self._malformed_reason = (f"wrong message size: expected {self.model.layout.size} weights and a "
+                                      f"layout label")
+        item = self.intake.take()
+        if item is not None:
+            flat, fingerprint = item
+            try:
+                if fingerprint is None and self.p["require_fingerprint"]:
+                    raise WeightsRejected("proposal carries no layout fingerprint (layout.dim[0].label)")
+                flat = check_weights(self.model.layout, flat, fingerprint)
+            except WeightsRejected as exc:
+                self._malformed_pending += 1
+                self._malformed_reason = str(exc)
+            else:
+                if self.active:
+                    self.worker.submit(flat)
+        now = time.monotonic()
+        if self._malformed_pending and now - self._last_malformed_record >= 1.0:
+            n, reason = self._malformed_pending, f"malformed proposal: {self._malformed_reason}"
+            self.malformed += n
+            self.updates["rejected"] += n
+            self._malformed_pending, self._malformed_reason, self._last_malformed_record = 0, "", now
+            self.get_logger().error(f"rejected {n} {reason}", throttle_duration_sec=5.0)
             self.decision_pub.publish(String(data=json.dumps(
-                {"kind": "malformed", "stamp": self._now(), **Decision(status="rejected", reason=reason).to_dict()})))
+                {"kind": "malformed", "count": n, "stamp": self._now(),
+                 **Decision(status="rejected", reason=reason).to_dict()})))
             self.diag.update("weights", WARN, f"rejected {reason}", malformed=self.malformed,
-                             layout=str(self.model.layout.sizes), fingerprint=self.model.layout.fingerprint)
-            self.diag.publish()
-            return
-        self.worker.submit(flat)
+                             layout=str(self.model.layout.sizes), fingerprint=self.model.layout.fingerprint,
+                             **self.intake.stats())
 
     def _drain_results(self) -> None:
         if self.worker is None:
             return
+        self._take_proposal()
         if not self.worker.alive():
             # a crashed worker: the certified weights stay in force; start a new one
             self.worker_errors += 1
@@ -706,71 +918,102 @@ class SCPOSafetyNode(LifecycleNode):
                 self.get_logger().info(f"re-certification: {decision.status} ({decision.reason})")
             elif kind == "proposal":
                 self.updates[decision.status] += 1
-                if theta is not None and not self.law.certifying:
+                if theta is not None and not self.law.certifying and model_id == self.model_id:
                     self._deploy(theta)
                 level = OK
             else:
                 self.worker_errors += 1
                 level = ERROR
                 self.get_logger().error(f"SCPO worker error (weights unchanged): {decision.reason}")
-            if kind in ("proposal", "recertify"):
+            if kind in ("proposal", "recertify") and not self._malformed_pending:
                 self.diag.update("weights", OK, f"{self.malformed} malformed proposals rejected",
-                                 malformed=self.malformed, fingerprint=self.model.layout.fingerprint)
+                                 malformed=self.malformed, fingerprint=self.model.layout.fingerprint,
+                                 **self.intake.stats())
             record = {"kind": kind, "stamp": self._now(), "weights_version": self.weights_version,
                       **decision.to_dict()}
             self.decision_pub.publish(String(data=json.dumps(record, default=_json_default)))
             self.diag.update("scpo", level, f"last {kind}: {decision.status}" +
                              (f" ({decision.reason})" if decision.reason else ""),
                              updates=self.updates, recertifications=self.recertifications,
-                             superseded=self.worker.superseded if self.worker else 0,
-                             weights_version=self.weights_version,
+                             superseded=self.worker.superseded, weights_version=self.weights_version,
                              last_total_ms=decision.times_ms.get("total", 0.0))
 
     def _deploy(self, theta: np.ndarray, certifying_done: bool = False) -> None:
         """Make certified ``theta`` the law in force and publish it."""
         self.theta = np.asarray(theta, dtype=np.float64)
         self.weights_version += 1
-        self.law = make_law(self.model, self.theta, self.p["region_margin"], self.weights_version)
+        self.law = make_law(self.model, self.theta, self.weights_version)
         if self.active:
             self.weights_pub.publish(weights_to_msg(self.theta, self.model.layout.fingerprint))
         if certifying_done and self.mode == "backup_recertifying":
-            self._set_mode("policy", "weights re-certified")
+            self._set_mode("returning", "weights re-certified")
 
     # --------------------------------------------------------------- reporting
     def _set_mode(self, mode: str, reason: str) -> None:
         old, self.mode = self.mode, mode
         if mode in FALLBACK_MODES:
             self.fallbacks += 1
+        # mode changes at a region boundary can come every few steps: throttled per kind
         if mode == "hold_stale":
-            self.get_logger().error(f"mode {old} -> {mode}: {reason}")
-        elif mode in FALLBACK_MODES or old in FALLBACK_MODES:
-            self.get_logger().warning(f"mode {old} -> {mode}: {reason}")
-        if self.configured:
-            self.mode_pub.publish(String(data=json.dumps({"mode": mode, "previous": old, "reason": reason,
-                                                          "fallbacks": self.fallbacks, "stamp": self._now()})))
+            self.get_logger().error(f"mode {old} -> {mode}: {reason}", throttle_duration_sec=5.0)
+        elif mode in FALLBACK_MODES:
+            self.get_logger().warning(f"mode {old} -> {mode}: {reason} ({self.fallbacks} fallbacks)",
+                                      throttle_duration_sec=5.0)
+        elif old in FALLBACK_MODES:
+            self.get_logger().info(f"mode {old} -> {mode}: {reason}", throttle_duration_sec=5.0)
+        self.mode_pub.publish(String(data=json.dumps({"mode": mode, "previous": old, "reason": reason,
+                                                      "fallbacks": self.fallbacks, "stamp": self._now()})))
         self._update_control_diag(reason)
 
     def _update_control_diag(self, reason: str = "") -> None:
-        text = {"inactive": "inactive: no commands", "waiting_for_state": "waiting for the first state",
-                "policy": "certified policy in force", "backup_region":
-                    "BACKUP ALONE: state or reference outside the certified region",
-                "backup_recertifying": "BACKUP ALONE: re-certifying after a parameter change",
-                "hold_stale": f"STALE STATE: hold command ({self.p['hold_mode']})"}[self.mode]
+        text = {"inactive": f"inactive: {self.p['inactive_behavior']}", "waiting_for_state": "waiting for a state",
+                "waiting_for_certificate": "fallback until the first certification of the weights",
+                "returning": f"fallback: {self.p['policy_return_steps']} qualifying states before the policy acts",
+                "policy": "certified policy in force",
+                "backup_region": "FALLBACK: state or reference outside the certified region",
+                "backup_recertifying": "FALLBACK: re-certifying after a parameter change",
+                "hold_stale": f"STALE STATE: hold command ({self.p['hold_mode']})",
+                "shutting_down": "shutting down: fallback until the plant is at rest"}[self.mode]
         if self.mode == "inactive" and reason == "unconfigured":
-            text = "unconfigured"
+            text = f"unconfigured: {self.p['inactive_behavior']}"
         dt_ok = self._dt_measured is None or abs(self._dt_measured - self.p["dt"]) <= 0.25 * self.p["dt"] or \
             self.mode != "policy"
         level = MODE_LEVELS[self.mode]
         if not dt_ok and level == OK:
             level = WARN
             text += f"; state period {self._dt_measured:.4f} s differs from the model dt {self.p['dt']:g} s"
+        if self.policy_interventions:
+            level = ERROR
+            text += f"; ENVELOPE CHANGED {self.policy_interventions} CERTIFIED-POLICY COMMANDS"
         n = min(self._compute_n, len(self._compute_us))
         comp = self._compute_us[:n]
         self.diag.update("control", level, text, mode=self.mode, control_steps=self.control_steps,
                          backup_steps=self.backup_steps, hold_commands=self.hold_commands, fallbacks=self.fallbacks,
-                         bad_states=self.bad_states, weights_version=self.weights_version,
+                         policy_interventions=self.policy_interventions, envelope_changes=self.envelope_changes,
+                         recovery_commands=self.recovery_commands, inactive_commands=self.inactive_commands,
+                         weights_version=self.weights_version,
                          compute_us_median=float(np.median(comp)) if n else 0.0,
                          compute_us_p99=float(np.percentile(comp, 99)) if n else 0.0)
+
+    def _input_counts(self) -> dict:
+        return {"rejected_states": dict(self.rejected_states), "clamped_references": self.references.clamped,
+                "bad_references": sum(self.references.rejected.values()), "clock_jumps": self.gate.jumps}
+
+    def _update_inputs_diag(self) -> None:
+        counts = self._input_counts()
+        level, text = OK, "inputs valid"
+        rejected = sum(counts["rejected_states"].values())
+        if self.use_sim_time and ros_now(self) is None:
+            level, text = WARN, "use_sim_time is set but no /clock has arrived: stamp ages are not checked"
+        elif self.references.clamped or counts["bad_references"]:
+            level, text = WARN, (f"{self.references.clamped} references clamped into |r| <= "
+                                 f"{self.model.initial_set.r_max:g}, {counts['bad_references']} malformed kept the "
+                                 f"last valid")
+        if rejected:
+            level, text = WARN, f"{rejected} joint_states rejected" + ("" if text == "inputs valid" else "; " + text)
+        if self.gate.jumps:
+            text += f"; {self.gate.jumps} clock jumps (stamp history reset)"
+        self.diag.update("inputs", level, text, joints=self.joints.joints, **counts)
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -780,15 +1023,20 @@ class SCPOSafetyNode(LifecycleNode):
         comp = self._compute_us[:n]
         return {"node": "scpo_safety_node", "control_steps": self.control_steps, "backup_steps": self.backup_steps,
                 "hold_commands": self.hold_commands, "fallbacks": self.fallbacks, "updates": self.updates,
-                "malformed": self.malformed, "recertifications": self.recertifications,
+                "malformed": self.malformed + self._malformed_pending, "recertifications": self.recertifications,
                 "worker_errors": self.worker_errors, "weights_version": self.weights_version,
                 "superseded": self.worker.superseded if self.worker else 0,
+                "flood_dropped": self.intake.stats().get("superseded", 0) if self.intake else 0,
+                "bad_states": self.bad_states, **self._input_counts(),
+                "policy_interventions": self.policy_interventions, "envelope_changes": self.envelope_changes,
+                "recovery_commands": self.recovery_commands, "inactive_commands": self.inactive_commands,
+                "shutdown_commands": self.shutdown_commands,
                 "compute_us": {"median": float(np.median(comp)) if n else None,
                                "p99": float(np.percentile(comp, 99)) if n else None}}
 
     def destroy_node(self):
-        if self.configured:
-            flush_publishers([self.cmd_pub, self.weights_pub, self.decision_pub, self.mode_pub])
+        pubs = [self.cmd_pub, self.mode_pub] + ([self.weights_pub, self.decision_pub] if self.configured else [])
+        flush_publishers(pubs)
         print("SUMMARY " + json.dumps(self.summary()), flush=True)
         self.active = False
         self._teardown()

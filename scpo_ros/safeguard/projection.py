@@ -1,6 +1,8 @@
 """The action projection ``Φ(x, u) = argmin_ũ ½||ũ - u||²  s.t.  ũ ∈ U_safe(x)``.
 
-``U_safe(x) = {ũ : G ũ <= b(x), |ũ| <= u_max}`` (see ``invariant_set.SafeActionSet``).
+``U_safe(x) = {ũ : G ũ <= b(x), |ũ| <= u_max}`` (see ``invariant_set.SafeActionSet``; with
+``late_commands=1`` its rows keep both the next state and the state one held command later
+in the set ``S``).
 The constraint rows are numbered ``[G rows (k), ũ_j <= u_max (m), -ũ_j <= u_max (m)]``
 everywhere in this package (``active`` masks, intervention records, the layer).
 
@@ -26,6 +28,24 @@ backup LQR (the former fallback, still available with ``recovery=False``) brakes
 and lets a late command turn into a run of violations. Fallbacks for the caller's own
 reasons (``fallback(x, u, r, reason)``: stale or bad input) apply the backup action
 projected onto ``U_safe(x)`` (the recovery action where that set is empty).
+
+Levels for a set robust to a late command (``late_commands=1``). ``S`` (``invariant``) is
+the set robust to one late command, inside the nominal maximal control-invariant set
+``N`` (``nominal``). The guarantee degrades in steps, each level taken only where the one
+above has no admissible action:
+
+1. ``U_safe(x)`` w.r.t. ``S`` (next state and held-command state in ``S``) not empty:
+   its projection (``fallback=False``; ``in_set`` says whether ``x ∈ S``). A late command
+   next step still leaves the plant in ``S``.
+2. Else the one-step set of the nominal set ``{u in box : A x + B u ∈ N}`` not empty (every
+   state of ``N`` has one): the projection onto it, ``fallback=True``, reason
+   ``outside_invariant_set`` (``infeasible`` for ``x ∈ S``, numerically), ``violation`` 0.
+   The next state stays in ``N`` (safe without late commands; a late one may leave it).
+3. Else the recovery action w.r.t. ``N``: the action in the box minimising the largest
+   facet violation of the next state w.r.t. ``N`` (``violation`` > 0).
+
+The ``active`` mask of levels 2 and 3 marks only the box rows (the facets of ``N`` have no
+row in ``[G; I; -I]``). ``recovery=False`` replaces level 3 by the clipped backup action.
 
 Precision. A projection that is active puts the next state exactly *on* the invariant
 set's boundary. A float64 plant returns it within ~1e-15 of the boundary (``FEAS_TOL``
@@ -128,8 +148,9 @@ class ProjectionResult:
     in_set: bool = True
     """Whether ``x`` was in the invariant set (within the dtype's tolerance)."""
     violation: float = 0.0
-    """``max_i (H_i x+ - h_i)`` the action leaves for the model's next state when ``U_safe(x)``
-    is empty (the recovery's optimum; > 0), else 0."""
+    """``max_i (H_i x+ - h_i)`` the action leaves for the model's next state when no admissible
+    action reaches the set (the recovery's optimum; > 0), else 0. For ``late_commands=1`` the
+    facets are the nominal set's (level 3 in the module docstring)."""
 
     @property
     def intervened(self) -> bool:
@@ -228,6 +249,8 @@ class SafeguardProjector:
     that checks its limits strictly (any rounding beyond the boundary counts there).
     ``recovery``: where ``U_safe(x)`` is empty, apply the recovery action (default) or
     the clipped backup action (the behaviour before the recovery action existed).
+    For a set with ``late_commands=1`` an empty ``U_safe(x)`` goes to the nominal set's
+    projector first (levels 2 and 3, module docstring); ``recovery`` applies to its last level.
     """
 
     def __init__(self, safe_set: SafeActionSet, backup: Callable | None = None, solver: str = "auto",
@@ -248,6 +271,7 @@ class SafeguardProjector:
             raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
         self.solver = solver
         C = safe_set.invariant
+        self._n_facets = len(C.h)     # membership rows: the facets of S (G may have more or fewer rows)
         self._scale = tolerance_scale(safe_set)
         self._tolerances: dict[np.dtype, tuple[Tolerances, np.ndarray]] = {}
         self._tol64, self._h_member = self._tolerances_for(np.dtype(np.float64))
@@ -257,9 +281,14 @@ class SafeguardProjector:
         else:
             self._qp = DaqpProjection(self.G, self.u_max)
             A = safe_set.drift_matrix
-            # One matrix-vector product gives H x (membership) and H A x (right-hand side).
-            self._HS = np.vstack([C.H, C.H @ A]) if self._linear else C.H.copy()
-            self._h = C.h.copy()
+            D, f = safe_set.drift_rows()
+            # One matrix-vector product gives H x (membership) and D A x (right-hand side).
+            self._HS = np.vstack([C.H, D @ A]) if self._linear else C.H.copy()
+            self._h = f.copy()
+        # Level 2 and 3 (module docstring): the nominal set's one-step projection and recovery.
+        self._nominal = None
+        if safe_set.late_commands:
+            self._nominal = SafeguardProjector(safe_set.nominal_set(), backup, solver, margin, recovery)
 
     def _setup_closed_form(self) -> None:
         """Precompute the per-coordinate bounds ``ũ_j <= b_i / G_ij`` as one affine map.
@@ -270,6 +299,7 @@ class SafeguardProjector:
         maps a candidate back to its constraint row ``[G; I; -I]``.
         """
         C, form, k, m = self.safe_set.invariant, IntervalForm(self.G, self.u_max), self.k, self.m
+        D, f = self.safe_set.drift_rows()
         self._form = form
         self._const = form.constant_rows
         rows, coefs = [], []
@@ -279,9 +309,9 @@ class SafeguardProjector:
         self._seg_starts = np.cumsum([0] + [len(r) for r in rows[:-1]])
         self._n_upper = int(sum(len(r) for r in rows[:m]))
         self._cand_rows = np.concatenate(rows)
-        # Candidate value c = (h_i - H_i drift(x)) / G_ij for G rows, ±u_max for box rows.
-        Hfull = np.vstack([C.H, np.zeros((2 * m, C.H.shape[1]))])
-        hfull = np.concatenate([C.h, np.full(m, self.u_max), np.full(m, self.u_max)])
+        # Candidate value c = (f_i - D_i drift(x)) / G_ij for G rows, ±u_max for box rows.
+        Hfull = np.vstack([D, np.zeros((2 * m, D.shape[1]))])
+        hfull = np.concatenate([f, np.full(m, self.u_max), np.full(m, self.u_max)])
         Gfull = np.concatenate([self.G.sum(axis=1), np.ones(m), -np.ones(m)])  # one nonzero per row
         inv = 1.0 / Gfull[self._cand_rows]
         # moving row i's bound b_i by s moves its candidate by s / G_ij (box rows never move)
@@ -291,7 +321,7 @@ class SafeguardProjector:
         A = self.safe_set.drift_matrix
         n_c = len(self._cand_rows)
         if self._linear:
-            self._M = np.vstack([C.H, self._cand_H @ A])      # [H x ; candidates' drift part]
+            self._M = np.vstack([C.H, self._cand_H @ A])      # [H x (membership); candidates' drift part]
         else:
             self._M = C.H.copy()
         self._n_cand = n_c
@@ -343,46 +373,50 @@ class SafeguardProjector:
         # x·x + u·u is finite iff every entry is (short of 1e154, far outside any set).
         if x.shape != (self.n,) or u_raw.shape != (self.m,) or not math.isfinite(x @ x + u_raw @ u_raw):
             return self.fallback(x, u_raw, r, "bad_input")
-        res = self._project(x, u_raw, tol, h_member)
-        if res.fallback and not self.recovery:
-            return self._backup_result(x, u_raw, r, res.reason, res.in_set)
-        return res
+        return self._project(x, u_raw, tol, h_member, r)
 
     def fallback(self, x, u_raw, r, reason: str) -> ProjectionResult:
         """The caller's fallback (stale or bad input) for state ``x``, flagged with ``reason``:
         the backup action (clipped to the box; zero if there is none or ``x`` is unusable),
-        projected onto ``U_safe(x)``, or the recovery action where that set is empty."""
+        projected onto ``U_safe(x)``, or where that set is empty the next level (module
+        docstring: the nominal one-step set, then the recovery action)."""
         x = np.asarray(x, dtype=float)
         u_raw = np.asarray(u_raw, dtype=float)
         valid = x.shape == (self.n,) and bool(np.isfinite(x).all())
         if not (valid and self.recovery):
             return self._backup_result(x, u_raw, r, reason, None)
         tol, h_member = self._tol_for(x)
-        res = self._project(x, self._backup_action(x, r), tol, h_member)
+        res = self._project(x, self.backup_action(x, r), tol, h_member, r)
         return ProjectionResult(res.u, self._distance(res.u, u_raw), res.active, True, reason, res.in_set,
                                 res.violation)
 
     # ------------------------------------------------------------------ internals
-    def _project(self, x: np.ndarray, u_raw: np.ndarray, tol: Tolerances, h_member: np.ndarray) -> ProjectionResult:
-        """Projection of a valid ``(x, u_raw)``, or the recovery action where ``U_safe(x)`` is empty."""
-        k = self.k
+    def _project(self, x: np.ndarray, u_raw: np.ndarray, tol: Tolerances, h_member: np.ndarray,
+                 r=None) -> ProjectionResult:
+        """Projection of a valid ``(x, u_raw)``, or where ``U_safe(x)`` is empty the next level
+        (the nominal set's, or the recovery action; the backup with ``recovery=False``)."""
+        nf = self._n_facets
         if self.solver == "daqp":
             y = self._HS @ x
-            in_set = not (y[:k] > h_member).any()
-            b = self._h - y[k:] if self._linear else self.safe_set.rhs(x)
+            in_set = not (y[:nf] > h_member).any()
+            b = self._h - y[nf:] if self._linear else self.safe_set.rhs(x)
             if tol.margin > 0.0:
                 # aim inside; where that is empty, ever closer to the exact set, then just outside it
                 ut, active, feasible = self._qp.solve_shifted(u_raw, b, qp_shifts(tol))
             else:
                 ut, active, feasible = self._qp.solve(u_raw, b)
             if not feasible:
+                if self._nominal is not None:
+                    return self._nominal_level(x, u_raw, tol, in_set, r)
+                if not self.recovery:
+                    return self._backup_result(x, u_raw, r, self._reason(in_set), in_set)
                 return self._recover_qp(x, u_raw, b, in_set)
             d = ut - u_raw
             return ProjectionResult(ut, math.sqrt(d @ d), active, False, in_set=in_set)
         y = self._M @ x
-        in_set = not (y[:k] > h_member).any()
+        in_set = not (y[:nf] > h_member).any()
         if self._linear:
-            cand = self._cand_c - y[k:]
+            cand = self._cand_c - y[nf:]
         else:
             cand = self._cand_c - self._cand_H @ self.safe_set.drift_np(x)
         hi = np.minimum.reduceat(cand, self._starts_hi)[:self.m]
@@ -390,20 +424,41 @@ class SafeguardProjector:
         if tol.margin > 0.0:
             lo_t, hi_t, cand_t, feasible = self._widen_and_tighten(cand, lo, hi, tol)
             if not feasible or (len(self._const) and self._constant_rows_violated(x, tol.interval)):
-                return self._recover_intervals(x, u_raw, cand, in_set)
+                return self._empty_intervals(x, u_raw, cand, tol, in_set, r)
             lo, hi, cand = lo_t, hi_t, cand_t
         elif (lo - hi).max() > FEAS_TOL or (len(self._const) and self._constant_rows_violated(x)):
-            return self._recover_intervals(x, u_raw, cand, in_set)
+            return self._empty_intervals(x, u_raw, cand, tol, in_set, r)
         ut = np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo))
         # an interval empty by rounding collapses onto its lower end, which may sit a hair
         # beyond the actuator box: the box is exact
         np.clip(ut, -self.u_max, self.u_max, out=ut)
         d = ut - u_raw
         dist = math.sqrt(d @ d)
-        active = np.zeros(k + 2 * self.m, dtype=bool)
+        active = np.zeros(self.k + 2 * self.m, dtype=bool)
         if dist > 0.0:
             self._mark_active(active, u_raw, lo, hi, cand)
         return ProjectionResult(ut, dist, active, False, in_set=in_set)
+
+    @staticmethod
+    def _reason(in_set: bool) -> str:
+        return "infeasible" if in_set else "outside_invariant_set"
+
+    def _empty_intervals(self, x, u_raw, cand, tol: Tolerances, in_set: bool, r) -> ProjectionResult:
+        """``U_safe(x)`` is empty (closed form): the next level."""
+        if self._nominal is not None:
+            return self._nominal_level(x, u_raw, tol, in_set, r)
+        if not self.recovery:
+            return self._backup_result(x, u_raw, r, self._reason(in_set), in_set)
+        return self._recover_intervals(x, u_raw, cand, in_set)
+
+    def _nominal_level(self, x, u_raw, tol: Tolerances, in_set: bool, r) -> ProjectionResult:
+        """Levels 2 and 3 (module docstring): the nominal set's projector, on the same tolerances;
+        flagged as a fallback of this set, with the box rows of its active mask."""
+        nom = self._nominal
+        res = nom._project(x, u_raw, tol, nom.safe_set.invariant.h + tol.member, r)
+        active = np.zeros(self.num_rows, dtype=bool)
+        active[self.k:] = res.active[nom.k:]
+        return ProjectionResult(res.u, res.distance, active, True, self._reason(in_set), in_set, res.violation)
 
     def _recover_intervals(self, x, u_raw, cand, in_set: bool) -> ProjectionResult:
         """Recovery, closed form: the smallest relaxation ``s`` of every facet that makes all
@@ -418,8 +473,7 @@ class SafeguardProjector:
         ut = np.clip(np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo)), -self.u_max, self.u_max)
         active = np.zeros(self.num_rows, dtype=bool)
         self._mark_active(active, u_raw, lo, hi, relaxed)
-        return ProjectionResult(ut, self._distance(ut, u_raw), active, True,
-                                "infeasible" if in_set else "outside_invariant_set", in_set, s_star)
+        return ProjectionResult(ut, self._distance(ut, u_raw), active, True, self._reason(in_set), in_set, s_star)
 
     def _recover_qp(self, x, u_raw, b, in_set: bool) -> ProjectionResult:
         """Recovery, general ``G``: ``min s  s.t.  G u <= b + s, |u| <= u_max`` (an LP, HiGHS;
@@ -431,7 +485,7 @@ class SafeguardProjector:
         c[-1] = 1.0
         lp = linprog(c, A_ub=np.hstack([self.G, -np.ones((k, 1))]), b_ub=b,
                      bounds=[(-self.u_max, self.u_max)] * m + [(0.0, None)], method="highs")
-        reason = "infeasible" if in_set else "outside_invariant_set"
+        reason = self._reason(in_set)
         if lp.status != 0:   # cannot happen for a bounded box and finite b; never leave without an action
             return self._backup_result(x, u_raw, None, reason, in_set)
         s_star = float(lp.x[-1])
@@ -441,7 +495,7 @@ class SafeguardProjector:
             ut, active = np.clip(lp.x[:m], -self.u_max, self.u_max), np.zeros(self.num_rows, dtype=bool)
         return ProjectionResult(ut, self._distance(ut, u_raw), active, True, reason, in_set, s_star)
 
-    def _backup_action(self, x, r) -> np.ndarray:
+    def backup_action(self, x, r) -> np.ndarray:
         """The backup action for ``x``, clipped to the box; zero if ``x`` is unusable or the
         backup cannot give a finite action of the right size."""
         u = np.zeros(self.m)
@@ -456,7 +510,7 @@ class SafeguardProjector:
 
     def _backup_result(self, x, u_raw, r, reason: str, in_set) -> ProjectionResult:
         """The clipped backup action itself, flagged (``recovery=False``, unusable ``x``)."""
-        u = self._backup_action(x, r)
+        u = self.backup_action(x, r)
         if in_set is None:
             in_set = bool(x.shape == (self.n,) and np.isfinite(x).all()
                           and (self.safe_set.invariant.H @ x <= self._h_member).all())
