@@ -1,45 +1,53 @@
 """``ProposalIntake``: weight proposals received off the control path (issue 9, finding 9).
 
 A flood on ``proposed_weights`` (1 kHz, half of it malformed) used to cost the control
-path 50x in p99 latency: every proposal was deserialised into a Python list of ~1 200
+path ~80x in p99 latency: every proposal was deserialised into a Python list of ~1 200
 floats, checked, logged and answered with a decision record in the control executor. The
-intake does the least possible per message, in as little time as possible under the GIL:
+intake does the least possible per message:
 
-- a **raw** subscription (``raw=True``: the callback gets the CDR bytes, nothing is
-  deserialised), reliable, depth 1 (``KEEP_LAST``: DDS itself drops what the intake has not
-  read, a reliable ``KEEP_LAST`` reader never blocks the writer);
-- a **size check** on the bytes: a ``Float64MultiArray`` with ``n`` doubles and a layout of
-  at most one dimension whose label has at most ``max_label`` characters serialises to a
-  known range of sizes (``cdr_size_range``). Anything outside is counted as
-  ``size_rejected`` and dropped without being deserialised. The check bounds the work a
+- a **raw** subscription (the CDR bytes, nothing deserialised), reliable, depth 1
+  (``KEEP_LAST``: DDS itself keeps only the newest sample; a reliable ``KEEP_LAST`` reader
+  never blocks the writer);
+- a **size check** on the bytes before anything is deserialised: a ``Float64MultiArray``
+  with ``n`` doubles and a layout of at most one dimension whose label has at most
+  ``max_label`` characters serialises to a known range of sizes (``cdr_size_range``).
+  Anything outside is counted as ``size_rejected`` and dropped. The check bounds the work a
   message can cause, it does not validate: the data is 8-byte aligned, so a label a few
-  characters longer, or up to 10 doubles more or fewer with a shorter or longer label, still
-  fit; ``check_weights`` sees those;
+  characters longer, or up to 10 doubles more or fewer with another label length, still
+  fit; the owner's ``check_weights`` sees those;
 - a **one-slot mailbox**: the newest proposal wins, the one it replaces is counted as
   ``superseded`` (SCPO only ever wants the newest proposal anyway).
 
 The owner calls ``take()`` from a timer (the safety node: its 20 Hz results timer): the
 newest pending proposal is deserialised there, once per period whatever the flood rate,
 and returned as ``(flat weights, fingerprint label or None)``. Content checks (layout
-fingerprint, length, NaN/Inf) stay with the owner (``scpo_ros.policy.check_weights``); a
-size that passes here can still carry the wrong number of doubles with a longer label.
+fingerprint, length, NaN/Inf) stay with the owner (``scpo_ros.policy.check_weights``).
 ``drain_rejections()`` returns the size rejections since its last call, so that the owner
 can publish ONE aggregated decision record per period for a malformed flood.
 
-Isolation (``isolation``):
-- ``"group"`` (default): the subscription is on the owner node, in its own callback group,
-  dispatched by the owner's executor. With the EventsExecutor the raw callback is a few
-  microseconds of Python; a state waits at most for one of them.
-- ``"thread"``: a helper node in the same context and namespace (``<owner>_proposal_intake``),
-  spun by its own ``SingleThreadedExecutor`` in a daemon thread. Measured slower for the
-  control path (bench/bench_latency.py ``--flood``, see BENCHMARKS.md): the Python
-  executor's per-message overhead holds the GIL that the control callback needs, and the
-  hand-over of the GIL between two threads adds its own latency.
-``SCPO_ROS_INTAKE=group|thread`` overrides the default (to compare).
+Isolation (``isolation``; ``SCPO_ROS_INTAKE=group|poll|thread`` overrides the default):
+- ``"group"`` (default): the raw callback (size check + mailbox, a few microseconds of
+  Python) on the owner node in its own callback group, dispatched by the owner's executor
+  (the EventsExecutor: one thread, so no GIL hand-over; a state waits for one callback).
+- ``"poll"``: the subscription on a helper node that no executor spins; DDS's depth-1
+  history is the mailbox and ``take()`` polls it (``take_message``). Messages DDS replaced
+  before a poll are counted as ``superseded`` from the gaps in each publisher's sequence
+  numbers (so a size-rejected one among them counts as superseded).
+- ``"thread"``: the callback on a helper node spun by its own ``SingleThreadedExecutor``
+  in a daemon thread.
+Measured with bench/bench_latency.py ``--flood 1000`` (600 states per phase, 2 shared
+cores), flood p99 / baseline p99 and the safety-node process's CPU per flood message:
+group 1.06 and 2.05 in two runs without a stall (~60 us); poll ~15-30 us, but 5 of 9 flood
+phases (2 of 9 baseline phases) had a ~300 ms stall of the control path (22 states lost
+from its depth-10 queue; a reliable reader whose one-sample history is not taken makes the
+writer repeat itself, plausibly what loads the shared DDS threads): ratios 35-41; thread
+15 (its Python executor holds the GIL the control callback needs). Before the intake: 32-84.
 
-The topic name is resolved by the owner (``node.resolve_topic_name``: its namespace and
-remappings apply) in both modes. Thread safety: one lock guards the mailbox and counters;
-the callback only swaps a reference under it.
+Helper nodes (``<owner>_proposal_intake``, the owner's namespace and context) are built
+without the process's global arguments, so that a ``__node:=`` remap cannot make them a
+duplicate of the owner; the topic name is resolved by the owner
+(``node.resolve_topic_name``), so its namespace and remappings apply in every mode.
+Thread safety: one lock guards the mailbox and counters.
 """
 from __future__ import annotations
 
@@ -56,7 +64,11 @@ from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 INTAKE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 """Reliable (a sparse proposal must not be lost), depth 1 (only the newest one matters)."""
 
-ISOLATIONS = ("group", "thread", "poll")
+ISOLATIONS = ("group", "poll", "thread")
+MAX_PUBLISHERS = 256
+"""Publishers whose sequence numbers are tracked (poll): a bound, against many short-lived ones."""
+POLL_MAX = 8
+"""Samples taken per poll at most (a bound on the work of one ``take()`` under any flood)."""
 MAX_LABEL = 64
 """Longest layout label accepted by the size check (a fingerprint is 16 hex digits)."""
 
@@ -106,16 +118,9 @@ class ProposalIntake:
         if isolation == "group":
             self._sub_node = node
             group = MutuallyExclusiveCallbackGroup()
-        elif isolation == "poll":
-            # a node no executor spins: DDS (depth 1) keeps the newest, take() polls it
-            self._helper = Node(f"{node.get_name()}_proposal_intake", namespace=node.get_namespace(),
-                                context=node.context, use_global_arguments=False, enable_rosout=False,
-                                start_parameter_services=False)
-            self._sub_node = self._helper
-            group = None
         else:
-            # own node: the owner's command-line remaps (__node, __ns) must not rename it into
-            # a duplicate of the owner, hence no global arguments; the topic is already resolved
+            # own node: no global arguments (an owner's __node/__ns remap would otherwise make
+            # it a duplicate of the owner); the topic is already resolved
             self._helper = Node(f"{node.get_name()}_proposal_intake", namespace=node.get_namespace(),
                                 context=node.context, use_global_arguments=False, enable_rosout=False,
                                 start_parameter_services=False)
@@ -142,8 +147,12 @@ class ProposalIntake:
                 self._superseded += 1
             self._pending = data
 
-    def _poll(self) -> None:
-        while True:
+    def poll(self) -> None:
+        """(``poll`` mode) Move what DDS holds into the mailbox, counting it; ``take()`` calls it.
+        A no-op in the other modes (their callback does it on arrival)."""
+        if self.isolation != "poll" or self._destroyed:
+            return
+        for _ in range(POLL_MAX):       # depth 1: one sample, unless more arrive while polling
             try:
                 with self._sub.handle:
                     got = self._sub.handle.take_message(Float64MultiArray, True)
@@ -152,8 +161,10 @@ class ProposalIntake:
             if got is None:
                 return
             data, info = got
-            gid, seq = bytes(info["publisher_gid"]["data"]), info["publication_sequence_number"]
-            last = self._last_seq.get(gid)
+            gid, seq = bytes(info["publisher_gid"]["data"]), info.get("publication_sequence_number") or 0
+            last = self._last_seq.get(gid) if seq else None    # 0/None: this middleware does not number
+            if last is None and len(self._last_seq) >= MAX_PUBLISHERS:
+                self._last_seq.pop(next(iter(self._last_seq)))
             self._last_seq[gid] = seq
             if last is not None and seq > last + 1:
                 with self._lock:            # dropped by DDS's depth-1 history, unseen
@@ -173,8 +184,7 @@ class ProposalIntake:
     def take(self) -> tuple[np.ndarray, str | None] | None:
         """The newest pending proposal as ``(flat float64 weights, layout label or None)``, or
         None when nothing arrived since the last call. Deserialised here, outside the lock."""
-        if self.isolation == "poll":
-            self._poll()
+        self.poll()
         with self._lock:
             data, self._pending = self._pending, None
             if data is not None:

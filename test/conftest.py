@@ -9,3 +9,7 @@ os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 # that spin while another process holds the other core slow everything down by 10x+.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long system tests (full DDS graphs, load); deselect with -m 'not slow'")

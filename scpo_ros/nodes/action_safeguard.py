@@ -166,13 +166,13 @@ class ActionSafeguard(LifecycleNode):
         self.gate = StateGate(self.values["max_state_age"], self.values["future_tolerance"])
         r = self.values["r_max"]
         self.references = ReferenceGate(np.full(self.dof, -r), np.full(self.dof, r))
-        self.use_sim_time = bool(self.get_parameter("use_sim_time").value)
         add_parameter_validator(self, PARAMS, apply=self._apply)
         self.diag = Diagnostics(self)
         self.active = False
         self.configured = False
         self.shutting_down = False
         self.record_pub = None
+        self._clock_warned = False
         self._x_buf = np.empty(self.state_dim)
         self._reset_state()
         self.cmd_pub = self.create_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
@@ -262,7 +262,13 @@ class ActionSafeguard(LifecycleNode):
         x = self._x_buf
         reason = self.joints.read(msg.name, msg.position, msg.velocity, x)
         if reason is None:
-            reason = self.gate.check(msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec, ros_now(self))
+            now_ros = ros_now(self)
+            if now_ros is None and not self._clock_warned:     # use_sim_time without /clock
+                self._clock_warned = True
+                self.get_logger().warning("use_sim_time is set but no /clock has arrived: stamp ages are not checked")
+                self.diag.update("inputs", WARN, "use_sim_time is set but no /clock has arrived: stamp ages are "
+                                                 "not checked")
+            reason = self.gate.check(msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec, now_ros)
         if reason is not None:
             self.counts["bad_state"] += 1
             rej = self.counts["rejected_states"]

@@ -475,7 +475,6 @@ class SCPOSafetyNode(LifecycleNode):
         self.model = build_model(self.p)   # fail at start-up, with the reason, if unusable
         names = [n for n in self.p["joint_names"] if n]
         self.joints = JointMap.for_axes(d, names)   # ValueError (exit 1, with the reason) on bad names
-        self.use_sim_time = bool(self.get_parameter("use_sim_time").value)
         self.diag = Diagnostics(self)
         self._reset_counters()
         self.mode = "inactive"
@@ -516,6 +515,8 @@ class SCPOSafetyNode(LifecycleNode):
         self._malformed_reason = ""
         self._last_malformed_record = -math.inf
         self._clock_warned = False
+        self._inputs_diag_time = -math.inf
+        self._last_reject_reason = ""
         # alive for the node's lifetime (the lifecycle exception above)
         self.cmd_pub = self.create_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
         self.mode_pub = self.create_publisher(String, "safety_mode", LATCHED_QOS)
@@ -540,7 +541,10 @@ class SCPOSafetyNode(LifecycleNode):
         self.gate = StateGate(self.p["max_state_age"], self.p["future_tolerance"]) if not hasattr(self, "gate") \
             else self.gate
         r = model.initial_set.r_max
-        self.references = ReferenceGate(np.full(self.dof, -r), np.full(self.dof, r))
+        if not hasattr(self, "references"):
+            self.references = ReferenceGate(np.full(self.dof, -r), np.full(self.dof, r))
+        else:   # keep the counters across configure and model changes: only the box moves
+            self.references.lower[:], self.references.upper[:] = -r, r
 
     def _reset_counters(self) -> None:
         self.control_steps = 0
@@ -708,7 +712,7 @@ class SCPOSafetyNode(LifecycleNode):
         if reason is None:
             stamp = msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
             now = ros_now(self)
-            if now is None and self.use_sim_time and not self._clock_warned:
+            if now is None and not self._clock_warned:
                 self._clock_warned = True
                 self._update_inputs_diag()
             reason = self.gate.check(stamp, now)
@@ -806,10 +810,13 @@ class SCPOSafetyNode(LifecycleNode):
 
     def _reject_state(self, reason: str) -> None:
         self.bad_states += 1
+        first = reason not in self.rejected_states
         self.rejected_states[reason] = self.rejected_states.get(reason, 0) + 1
         self.get_logger().warning(f"rejected joint_states ({reason}): {self._reject_text(reason)}",
                                   throttle_duration_sec=2.0)
-        if self.bad_states == 1 or self.bad_states % 50 == 0:
+        now = time.monotonic()
+        if first or now - self._inputs_diag_time >= 0.5:    # a new reason at once, counts at most at 2 Hz
+            self._last_reject_reason = reason
             self._update_inputs_diag()
 
     def _reject_text(self, reason: str) -> str:
@@ -1003,16 +1010,19 @@ class SCPOSafetyNode(LifecycleNode):
         counts = self._input_counts()
         level, text = OK, "inputs valid"
         rejected = sum(counts["rejected_states"].values())
-        if self.use_sim_time and ros_now(self) is None:
+        if self.get_clock().ros_time_is_active and ros_now(self) is None:
             level, text = WARN, "use_sim_time is set but no /clock has arrived: stamp ages are not checked"
         elif self.references.clamped or counts["bad_references"]:
             level, text = WARN, (f"{self.references.clamped} references clamped into |r| <= "
                                  f"{self.model.initial_set.r_max:g}, {counts['bad_references']} malformed kept the "
                                  f"last valid")
         if rejected:
-            level, text = WARN, f"{rejected} joint_states rejected" + ("" if text == "inputs valid" else "; " + text)
+            level, text = WARN, (f"{rejected} joint_states rejected (last: {self._last_reject_reason}: "
+                                 f"{self._reject_text(self._last_reject_reason)})"
+                                 + ("" if text == "inputs valid" else "; " + text))
         if self.gate.jumps:
             text += f"; {self.gate.jumps} clock jumps (stamp history reset)"
+        self._inputs_diag_time = time.monotonic()
         self.diag.update("inputs", level, text, joints=self.joints.joints, **counts)
 
     def _now(self) -> float:
@@ -1026,7 +1036,7 @@ class SCPOSafetyNode(LifecycleNode):
                 "malformed": self.malformed + self._malformed_pending, "recertifications": self.recertifications,
                 "worker_errors": self.worker_errors, "weights_version": self.weights_version,
                 "superseded": self.worker.superseded if self.worker else 0,
-                "flood_dropped": self.intake.stats().get("superseded", 0) if self.intake else 0,
+                "flood_dropped": self.intake.stats().get("dropped", 0) if self.intake else 0,
                 "bad_states": self.bad_states, **self._input_counts(),
                 "policy_interventions": self.policy_interventions, "envelope_changes": self.envelope_changes,
                 "recovery_commands": self.recovery_commands, "inactive_commands": self.inactive_commands,
