@@ -13,7 +13,8 @@ setup(
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
-        ("share/" + package_name + "/config", glob("config/*.yaml")),
+        # parameter files, and the Foxglove layout of the demo's topics
+        ("share/" + package_name + "/config", sorted(glob("config/*.yaml") + glob("config/*.json"))),
     ],
     python_requires=">=3.10",
     # rclpy and the message packages come from the ROS distro, or from the `ros`
@@ -47,6 +48,7 @@ setup(
             "clarabel>=0.7",
             "cvxpylayers>=0.1.6",
             "hypothesis>=6",
+            "ruff>=0.6",   # the linter the test command runs (configured in pyproject.toml)
         ],
     },
     zip_safe=True,

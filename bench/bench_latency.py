@@ -59,7 +59,8 @@ def relay_main() -> int:
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Float64MultiArray
 
-    from scpo_ros.ros_common import CONTROL_QOS, run_node
+    from scpo_ros.ros.qos import CONTROL_QOS
+    from scpo_ros.ros.runner import run_node
 
     class Relay(Node):
         def __init__(self):
@@ -82,7 +83,7 @@ def start_node(kind: str, tmp: Path) -> subprocess.Popen:
     if kind == "relay":
         cmd = [sys.executable, __file__, "--relay-node"]
     else:
-        from scpo_ros.demo import merged_params_file
+        from scpo_ros.graph import merged_params_file
         params = merged_params_file(REPO / "config" / "scpo_double_integrator.yaml",
                                     {"scpo_safety_node": {"state_timeout": 1.0}}, tmp / "params.yaml")
         cmd = [sys.executable, "-m", "scpo_ros.nodes.scpo_safety_node", "--ros-args", "--params-file", params]
@@ -113,8 +114,9 @@ class Driver:
         from std_msgs.msg import Float64MultiArray, String
 
         from scpo_ros.policy import MLPLayout
-        from scpo_ros.ros_common import CONTROL_QOS, EVENT_QOS, make_executor
-        from scpo_ros.scpo import backup_weights
+        from scpo_ros.residual_scpo import backup_weights
+        from scpo_ros.ros.qos import CONTROL_QOS, EVENT_QOS
+        from scpo_ros.ros.runner import make_executor
 
         self.kind, self.rate, self.tmp = kind, rate, tmp
         self.proc = start_node("relay" if kind == "relay" else "safety", tmp)
@@ -192,7 +194,7 @@ class Driver:
 
     def phase(self, count: int, proposal_rate: float) -> dict:
         """``count`` states at ``rate`` Hz: round trips (ms), missed commands, updates."""
-        from scpo_ros.ros_common import weights_to_msg
+        from scpo_ros.ros.messages import weights_to_msg
 
         self.keep_alive(0.05)
         self.latencies, self.lost, self.waiting = [], 0, False
@@ -278,7 +280,7 @@ def flood_main(argv: list[str]) -> int:
     from rclpy.signals import SignalHandlerOptions
     from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 
-    from scpo_ros.ros_common import EVENT_QOS
+    from scpo_ros.ros.qos import EVENT_QOS
 
     rate, topic, n, fingerprint = float(argv[0]), argv[1], int(argv[2]), argv[3]
     stop = [False]

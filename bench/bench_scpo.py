@@ -28,9 +28,11 @@ import torch  # noqa: E402
 from scpo_ros.backup import InitialSet, LQRBackup  # noqa: E402
 from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
 from scpo_ros.expert import ExpertConfig, expert_action  # noqa: E402
-from scpo_ros.policy import MLPLayout, NumpyMLP, ResidualMLP, policy_inputs  # noqa: E402
+from scpo_ros.learners import ImitationLearner, residual_targets  # noqa: E402
+from scpo_ros.policy import MLPLayout, NumpyMLP  # noqa: E402
+from scpo_ros.residual_scpo import ResidualSCPO  # noqa: E402
 from scpo_ros.rollout import DoubleIntegratorRollout, random_states, state_set  # noqa: E402
-from scpo_ros.scpo import DoubleIntegratorSCPO, SCPOConfig  # noqa: E402
+from scpo_ros.scpo import COMMITTED  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qcqp import run_qcqp_benchmark  # noqa: E402
@@ -71,26 +73,23 @@ def bench_scpo_step(K: int, steps: int) -> dict:
     system = DoubleIntegrator()
     backup = LQRBackup(system)
     layout = MLPLayout(3, 1, (32, 32))
-    scpo = DoubleIntegratorSCPO(system, backup, layout, InitialSet(), SCPOConfig(n_samples=K),
-                                n_sample_states=256, n_cert_states=1024, seed=0)
-    model = ResidualMLP(layout)
-    model.load_flat(scpo.theta)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scpo = ResidualSCPO(system, backup, layout, InitialSet(), ResidualSCPO.default_config(n_samples=K),
+                        n_sample_states=256, n_cert_states=1024, seed=0)
+    learner = ImitationLearner(backup, layout, lr=1e-3)
+    learner.load(scpo.theta)
+    model = learner.model
     expert = ExpertConfig()
     rng = np.random.default_rng(1)
     region = InitialSet(1.0, 0.6, 0.5)
     records = []
     for k in range(steps + 1):
         x, r = random_states(region, 1, 256, rng)
-        target = torch.as_tensor(expert_action(x, r, False, expert, system) - backup(x, r), dtype=torch.float32)
         before = model.flat().detach().clone()
-        opt.zero_grad()
-        ((model(torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)) - target) ** 2).mean().backward()
-        opt.step()
+        learner.fit(*residual_targets(backup, x, r, expert_action(x, r, False, expert, system)))
         t0 = time.perf_counter()
         d = scpo.propose_step((model.flat().detach() - before).numpy())
         wall = 1e3 * (time.perf_counter() - t0)
-        model.load_flat(scpo.theta)
+        learner.load(scpo.theta)
         if k > 0:  # the first step pays one-off allocations
             records.append((wall, d.times_ms, d.status))
     walls = np.array([w for w, _, _ in records])
@@ -99,7 +98,7 @@ def bench_scpo_step(K: int, steps: int) -> dict:
     statuses = [s for _, _, s in records]
     return {"K": K, "M": 256, "H": 100, "cert_states": 1024, "params": layout.size,
             "median_ms": float(np.median(walls)), "p90_ms": float(np.percentile(walls, 90)),
-            "parts_median_ms": parts, "committed": sum(s in ("accepted", "backtracked") for s in statuses),
+            "parts_median_ms": parts, "committed": sum(s in COMMITTED for s in statuses),
             "steps": len(statuses)}
 
 
@@ -128,7 +127,8 @@ def main(argv=None) -> int:
     print(f"  per-sample Python loop            : {roll['loop_rollouts_per_s']:10.0f} rollouts/s")
     print(f"  ratio                             : {roll['ratio']:10.0f} x")
     print("\nFull SCPO step (sample + fit + QCQP + certify on 1024 held-out states), M = 256, H = 100")
-    print(f"  {'K':>4} {'median ms':>10} {'p90 ms':>8} {'sample':>8} {'fit':>6} {'qcqp':>6} {'certify':>8} {'committed':>10}")
+    print(f"  {'K':>4} {'median ms':>10} {'p90 ms':>8} {'sample':>8} {'fit':>6} {'qcqp':>6} {'certify':>8} "
+          f"{'committed':>10}")
     for s in steps:
         p = s["parts_median_ms"]
         print(f"  {s['K']:>4} {s['median_ms']:10.1f} {s['p90_ms']:8.1f} {p['sample']:8.1f} {p['fit']:6.2f} "

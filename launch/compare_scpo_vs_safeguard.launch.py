@@ -12,7 +12,7 @@ Two namespaces, the same (malicious) expert in both:
 Parameters: one copy of ``params_file`` (default ``config/scpo_double_integrator.yaml``)
 with the ``action_safeguard`` section of ``safeguard_params`` (default
 ``config/safeguard.yaml``) and the launch arguments merged in
-(``scpo_ros.demo.compare_params_file``), not passed as ``-p``/dict overrides, which rcl
+(``scpo_ros.graph.compare_params_file``), not passed as ``-p``/dict overrides, which rcl
 would apply *under* the file's node sections. Both namespaces read the same sections
 (``/**/expert`` ...), so both simulators and both experts are identical by construction,
 and the simulator's plant (dof, dt, limits) is copied into the safeguard's section, so its
@@ -43,49 +43,46 @@ def _truthy(text: str) -> bool:
 
 
 def _nodes(context):
-    from scpo_ros.demo import (COMPARE_FIRST_STATE_TOPICS, COMPARE_PIPELINES, COMPARE_TOPICS, SAFEGUARD_REMAPS,
-                               compare_params_file, merged_params_file)
-    from scpo_ros.launch_support import start_after_recorder
+    from scpo_ros import graph as g
+    from scpo_ros.ros.launch_actions import start_after_recorder
 
     get = lambda name: context.launch_configurations[name]  # noqa: E731
     dof = int(get("dof"))
     record = _truthy(get("record"))
-    recorder = 1 if record else 0
     if record and os.path.exists(get("bag")):
         raise RuntimeError(f"bag directory {get('bag')} exists: remove it or pass another bag:=DIR")
-    names = {name for nodes in COMPARE_PIPELINES.values() for name in nodes}
+    names = {name for nodes in g.COMPARE_PIPELINES.values() for name in nodes}
     overrides = {name: {"dof": dof} for name in names}
     overrides["expert"]["malicious"] = _truthy(get("malicious"))
-    overrides["double_integrator_sim"].update({"initial_position": [0.0], "initial_velocity": [0.0],
-                                               "wait_for_subscribers": 3 + recorder})  # safety node, expert, learner
-    overrides["bag_recorder"] = {"output": get("bag"),
-                                 "topics": [f"/{ns}/{t}" for ns, topics in COMPARE_TOPICS.items() for t in topics]
-                                 + ["/diagnostics"]}
+    overrides[g.SIMULATOR].update({"initial_position": [0.0], "initial_velocity": [0.0],
+                                   "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, record)})
+    overrides[g.RECORDER] = {"output": get("bag"), "topics": g.compare_recorded_topics()}
     tmp = tempfile.mkdtemp(prefix="scpo_compare_")
-    params = compare_params_file(get("params_file"), get("safeguard_params"), overrides,
-                                 os.path.join(tmp, "params.yaml"))
+    params = g.compare_params_file(get("params_file"), get("safeguard_params"), overrides,
+                                   os.path.join(tmp, "params.yaml"))
     # the safeguard namespace's simulator has no learner among its subscribers
-    params_safeguard = merged_params_file(params, {"double_integrator_sim": {"wait_for_subscribers": 2 + recorder}},
-                                          os.path.join(tmp, "params_safeguard.yaml"))
+    params_safeguard = g.merged_params_file(
+        params, {g.SIMULATOR: {"wait_for_subscribers": g.state_subscribers(g.SAFEGUARD_PIPELINE, record)}},
+        os.path.join(tmp, "params_safeguard.yaml"))
     actions, simulators = [], {}
-    for ns, nodes in COMPARE_PIPELINES.items():
+    for ns, nodes in g.COMPARE_PIPELINES.items():
         for name in nodes:
             node = Node(package="scpo_ros", executable=name, name=name, namespace=ns,
                         parameters=[params_safeguard if ns == "safeguard" else params],
-                        remappings=list(SAFEGUARD_REMAPS) if name == "action_safeguard" else [],
+                        remappings=list(g.SAFEGUARD_REMAPS) if name == "action_safeguard" else [],
                         output="screen", emulate_tty=True)
-            if record and name == "double_integrator_sim":
+            if record and name == g.SIMULATOR:
                 simulators[ns] = node
             else:
                 actions.append(node)
     if not record:
         return actions
-    bag_recorder = Node(package="scpo_ros", executable="bag_recorder", name="bag_recorder", parameters=[params],
+    bag_recorder = Node(package="scpo_ros", executable=g.RECORDER, name=g.RECORDER, parameters=[params],
                         output="screen", emulate_tty=True)
     handlers = []
     for ns, sim in simulators.items():
-        handlers += start_after_recorder(bag_recorder, [f"/{ns}/{t}" for t in COMPARE_FIRST_STATE_TOPICS[ns]], [sim],
-                                         f"/{ns}/double_integrator_sim")
+        handlers += start_after_recorder(bag_recorder, [f"/{ns}/{t}" for t in g.state_answers(g.COMPARE_PIPELINES[ns])],
+                                         [sim], f"/{ns}/{g.SIMULATOR}")
     return handlers + [bag_recorder] + actions
 
 

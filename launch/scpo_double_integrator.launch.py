@@ -6,7 +6,7 @@ optionally a bag recorder.
 
 Every parameter comes from ``params_file`` (default: the package's
 ``config/scpo_double_integrator.yaml``); the launch arguments are merged into a copy of
-it (``scpo_ros.demo.merged_params_file``), not passed as ``-p``/dict overrides, which rcl
+it (``scpo_ros.graph.merged_params_file``), not passed as ``-p``/dict overrides, which rcl
 would apply *under* the file's node sections. ``scpo-ros demo`` starts the same nodes
 from the same file without ROS tooling.
 
@@ -28,38 +28,36 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch_ros.actions import Node
 
-NODES = ("double_integrator_sim", "expert", "learner", "scpo_safety_node")
-
 
 def _nodes(context):
-    from scpo_ros.demo import FIRST_STATE_TOPICS, merged_params_file
-    from scpo_ros.launch_support import start_after_recorder
+    from scpo_ros import graph as g
+    from scpo_ros.ros.launch_actions import start_after_recorder
 
     get = lambda name: context.launch_configurations[name]  # noqa: E731
     namespace = get("namespace").strip("/")
     dof = int(get("dof"))
     malicious = get("malicious").lower() in ("true", "1", "yes")
     record = get("record").lower() in ("true", "1", "yes")
-    overrides = {name: {"dof": dof} for name in NODES}
+    overrides = {name: {"dof": dof} for name in g.SCPO_PIPELINE}
     overrides["expert"]["malicious"] = malicious
     # the simulator's first step waits for its subscribers (safety node, expert, learner, the
     # recorder), as in ``scpo-ros demo``: none of them, and not the bag, misses the first state
-    overrides["double_integrator_sim"].update({"initial_position": [0.0], "initial_velocity": [0.0],
-                                               "wait_for_subscribers": 3 + (1 if record else 0)})
+    overrides[g.SIMULATOR].update({"initial_position": [0.0], "initial_velocity": [0.0],
+                                   "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, record)})
     if record and os.path.exists(get("bag")):
         raise RuntimeError(f"bag directory {get('bag')} exists: remove it or pass another bag:=DIR")
-    overrides["bag_recorder"] = {"output": get("bag")}
+    overrides[g.RECORDER] = {"output": get("bag")}
     out = tempfile.NamedTemporaryFile(prefix="scpo_params_", suffix=".yaml", delete=False).name
-    params = merged_params_file(get("params_file"), overrides, out)
-    names = NODES + (("bag_recorder",) if record else ())
+    params = g.merged_params_file(get("params_file"), overrides, out)
+    names = g.SCPO_PIPELINE + ((g.RECORDER,) if record else ())
     nodes = {name: Node(package="scpo_ros", executable=name, name=name, namespace=namespace, parameters=[params],
                         output="screen", emulate_tty=True) for name in names}
     if not record:
         return list(nodes.values())
-    sim, recorder = nodes.pop("double_integrator_sim"), nodes.pop("bag_recorder")
+    sim, recorder = nodes.pop(g.SIMULATOR), nodes.pop(g.RECORDER)
     prefix = f"/{namespace}" if namespace else ""
-    return start_after_recorder(recorder, [f"{prefix}/{t}" for t in FIRST_STATE_TOPICS], [sim],
-                                "double_integrator_sim") + [recorder, *nodes.values()]
+    return start_after_recorder(recorder, [f"{prefix}/{t}" for t in g.state_answers(g.SCPO_PIPELINE)], [sim],
+                                g.SIMULATOR) + [recorder, *nodes.values()]
 
 
 def generate_launch_description():

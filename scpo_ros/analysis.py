@@ -47,10 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import graph as g
 from .bag import read_messages
-
-STATUSES = ("accepted", "backtracked", "rejected", "infeasible")
-FALLBACK_MODES = ("backup_region", "backup_recertifying", "hold_stale")
+from .scpo import COMMITTED, STATUSES
 
 
 @dataclass
@@ -78,10 +77,6 @@ class Series:
     topics: dict = field(default_factory=dict)
 
 
-def _base(topic: str) -> str:
-    return topic.rsplit("/", 1)[-1]
-
-
 def _stack(rows: list, width: int | None = None) -> np.ndarray:
     if not rows:
         return np.zeros((0, width or 0))
@@ -95,7 +90,7 @@ def _namespace(topic: str) -> str:
 
 def bag_namespaces(messages: list) -> list[str]:
     """Namespaces (without slashes, "" for none) that hold a ``joint_states`` topic."""
-    return sorted({_namespace(m.topic) for m in messages if _base(m.topic) == "joint_states"})
+    return sorted({_namespace(m.topic) for m in messages if g.base_name(m.topic) == g.JOINT_STATES})
 
 
 def load_series(path: str | Path, namespace: str | None = None, messages: list | None = None) -> Series:
@@ -107,9 +102,9 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
     ns = None if namespace is None else namespace.strip("/")
     prefix = None if ns is None else ("/" + ns + "/" if ns else "/")   # of the nodes' hardware_id
     for m in (read_messages(path) if messages is None else messages):
-        if ns is not None and _namespace(m.topic) != ns and _base(m.topic) != "diagnostics":
+        base = g.base_name(m.topic)
+        if ns is not None and _namespace(m.topic) != ns and base != g.DIAGNOSTICS:
             continue
-        base = _base(m.topic)
         per_topic.setdefault(base, Counter())[m.topic] += 1
         buckets.setdefault(base, []).append(m)
     # one namespace per base name: the topic with most messages
@@ -123,33 +118,33 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
     s.t0 = min(all_t) * 1e-9 if all_t else 0.0
     T = lambda m: m.log_time_ns * 1e-9 - s.t0  # noqa: E731
 
-    states = get("joint_states")
+    states = get(g.JOINT_STATES)
     s.state_t = np.array([T(m) for m in states])
     s.state_stamp = np.array([m.msg.header.stamp.sec + 1e-9 * m.msg.header.stamp.nanosec - s.t0 for m in states])
     s.state = _stack([list(m.msg.position) + list(m.msg.velocity) for m in states])
     if states:  # position and velocity halves of equal length
         dof = min(min(len(m.msg.position), len(m.msg.velocity)) for m in states)
         s.state = np.array([list(m.msg.position[:dof]) + list(m.msg.velocity[:dof]) for m in states])
-    cmds = get("cmd")
+    cmds = get(g.CMD)
     s.cmd_t = np.array([T(m) for m in cmds])
     s.cmd = [np.asarray(m.msg.data, dtype=float) for m in cmds]
     s.cmd_label = [m.msg.layout.dim[0].label if len(m.msg.layout.dim) else "" for m in cmds]
-    refs = get("reference")
+    refs = get(g.REFERENCE)
     s.ref_t = np.array([T(m) for m in refs])
     s.ref = _stack([list(m.msg.data) for m in refs])
-    ex = get("expert_action")
+    ex = get(g.EXPERT_ACTION)
     s.expert_t = np.array([T(m) for m in ex])
     s.expert = _stack([list(m.msg.data) for m in ex])
-    mal = get("malicious")
+    mal = get(g.MALICIOUS)
     s.malicious_t = np.array([T(m) for m in mal])
     s.malicious = np.array([bool(m.msg.data) for m in mal], dtype=bool)
-    s.decisions = [(T(m), json.loads(m.msg.data)) for m in get("scpo_decision")]
-    s.modes = [(T(m), json.loads(m.msg.data)) for m in get("safety_mode")]
-    s.violations = [(T(m), json.loads(m.msg.data)) for m in get("constraint_violation")]
-    s.interventions = [(T(m), json.loads(m.msg.data)) for m in get("intervention")]
-    for m in get("diagnostics"):
+    s.decisions = [(T(m), json.loads(m.msg.data)) for m in get(g.SCPO_DECISION)]
+    s.modes = [(T(m), json.loads(m.msg.data)) for m in get(g.SAFETY_MODE)]
+    s.violations = [(T(m), json.loads(m.msg.data)) for m in get(g.CONSTRAINT_VIOLATION)]
+    s.interventions = [(T(m), json.loads(m.msg.data)) for m in get(g.INTERVENTION)]
+    for m in get(g.DIAGNOSTICS):
         for st in m.msg.status:
-            if st.name.endswith("double_integrator_sim: plant") or st.name == "double_integrator_sim: plant":
+            if st.name.endswith(f"{g.SIMULATOR}: plant"):
                 # one simulator per namespace; a namespaced hardware_id names it, a bare one
                 # ("double_integrator_sim") could be either: in a --compare bag both share the limits
                 if prefix is None or st.hardware_id.startswith(prefix) or "/" not in st.hardware_id:
@@ -177,17 +172,18 @@ def _percentiles(values: np.ndarray) -> dict:
             "mean": float(values.mean()), "max": float(values.max()), "n": int(values.size)}
 
 
-def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> dict:
-    limits = {"p_max": p_max, "v_max": v_max, "u_max": u_max, "source": "arguments"}
+def _limits(s: Series, p_max: float, v_max: float, u_max: float) -> dict:
+    """The plant's limits: from the simulator's diagnostics in the bag, else the arguments."""
     if all(k in s.sim_diag for k in ("p_max", "v_max", "u_max")):
         limits = {k: float(s.sim_diag[k]) for k in ("p_max", "v_max", "u_max")}
-        limits["source"] = "simulator diagnostics"
+        return {**limits, "source": "simulator diagnostics"}
+    return {"p_max": p_max, "v_max": v_max, "u_max": u_max, "source": "arguments"}
+
+
+def _constraint_metrics(s: Series, limits: dict) -> dict:
+    """Smallest margins per kind, and the simulated steps that broke a limit (a state out of
+    its box, or a command out of its box acting on it), recomputed from the recorded data."""
     P, V, U = limits["p_max"], limits["v_max"], limits["u_max"]
-
-    hold = np.array([lab == "hold" for lab in s.cmd_label], dtype=bool)
-    backup = np.array([lab == "backup" for lab in s.cmd_label], dtype=bool)
-    control = ~hold
-
     margins = {}
     state_viol = np.zeros(len(s.state_t), dtype=bool)
     if len(s.state):
@@ -205,24 +201,38 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
             idx = np.searchsorted(s.state_t, s.cmd_t, side="right") - 1
             bad_cmd = (um < 0) & (idx >= 0)
             state_viol[np.unique(idx[bad_cmd])] = True
+    return {"constraint_violations": len(s.violations),
+            "constraint_violations_from_states": int(state_viol.sum()),
+            "min_constraint_margin": min(margins.values()) if margins else None,
+            "min_margin_by_kind": margins}
 
-    latency = np.zeros(0)
-    if len(s.cmd_t) and len(s.state_t):
-        ref = _state_times(s)
-        idx = np.searchsorted(ref, s.cmd_t, side="right") - 1
-        ok = (idx >= 0) & control
-        latency = 1e3 * (s.cmd_t[ok] - ref[idx[ok]])
 
-    tracking = None
-    if len(s.state) and len(s.ref):
-        dof = s.state.shape[1] // 2
-        nxt = np.append(s.state_t[1:], np.inf)
-        ridx = np.searchsorted(s.ref_t, nxt, side="right") - 1
-        ok = ridx >= 0
-        if ok.any():
-            err = s.state[ok, :dof] - s.ref[ridx[ok], :dof]
-            tracking = float((err ** 2).sum(1).mean())
+def _latency_ms(s: Series, control: np.ndarray) -> np.ndarray:
+    """Per control command: its log time minus the time its state left the simulator."""
+    if not (len(s.cmd_t) and len(s.state_t)):
+        return np.zeros(0)
+    ref = _state_times(s)
+    idx = np.searchsorted(ref, s.cmd_t, side="right") - 1
+    ok = (idx >= 0) & control
+    return 1e3 * (s.cmd_t[ok] - ref[idx[ok]])
 
+
+def _tracking_cost(s: Series) -> float | None:
+    """Mean over states of ``Σ_axes (p - r)²``, r the reference in force when the next state came."""
+    if not (len(s.state) and len(s.ref)):
+        return None
+    dof = s.state.shape[1] // 2
+    nxt = np.append(s.state_t[1:], np.inf)
+    ridx = np.searchsorted(s.ref_t, nxt, side="right") - 1
+    ok = ridx >= 0
+    if not ok.any():
+        return None
+    err = s.state[ok, :dof] - s.ref[ridx[ok], :dof]
+    return float((err ** 2).sum(1).mean())
+
+
+def _decision_metrics(s: Series) -> dict:
+    """SCPO decisions: updates by status, re-certifications, shrunk steps, step norms, times."""
     updates = {k: 0 for k in STATUSES}
     recert = Counter()
     for _, d in s.decisions:
@@ -230,53 +240,65 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
             recert[d.get("status", "?")] += 1
         elif d.get("status") in updates:
             updates[d["status"]] += 1
-    fallbacks = Counter(m.get("mode") for _, m in s.modes if m.get("mode") in FALLBACK_MODES)
     # committed, but shorter than proposed: the projection or a backtrack cut the step
-    shrunk = sum(1 for _, d in s.decisions if d.get("kind") == "proposal"
-                 and d.get("status") in ("accepted", "backtracked")
+    shrunk = sum(1 for _, d in s.decisions if d.get("kind") == "proposal" and d.get("status") in COMMITTED
                  and d.get("committed_step_norm", 0.0) < 0.99 * (d.get("raw_step_norm") or 0.0))
+    step_norms = [d.get("committed_step_norm", 0.0) for _, d in s.decisions
+                  if d.get("status") in COMMITTED and d.get("kind") != "recertify"]
+    times = [d.get("times_ms", {}).get("total") for _, d in s.decisions if d.get("kind") == "proposal"]
+    return {"updates": updates,
+            "updates_total": int(sum(updates.values())),
+            "updates_shrunk": int(shrunk),
+            "recertifications": dict(recert),
+            "update_time_ms": _percentiles(np.array([t for t in times if t is not None], dtype=float)),
+            "committed_step_norm_total": float(np.sum(step_norms)) if step_norms else 0.0}
 
-    # the safeguard's records: every command that differs from the raw action
+
+def _intervention_metrics(s: Series, control_steps: int) -> tuple[dict, Counter]:
+    """The safeguard's records (every command that differs from the raw action), and its
+    fallbacks by reason."""
     records = [d for _, d in s.interventions]
     distances = np.array([d["distance"] for d in records if not d.get("fallback") and d.get("distance") is not None],
                          dtype=float)
-    guard_fallbacks = Counter(d.get("reason") or "fallback" for d in records if d.get("fallback"))
-    fallbacks.update(guard_fallbacks)
-    bases = {_base(t) for t in s.topics}
-    pipeline = ("scpo" if bases & {"scpo_decision", "safety_mode"} else
-                "safeguard" if "intervention" in bases else "unknown")
+    fallbacks = Counter(d.get("reason") or "fallback" for d in records if d.get("fallback"))
+    return {"interventions": len(records),
+            "intervention_rate": len(records) / control_steps if control_steps else None,
+            "projection_distance_mean": float(distances.mean()) if distances.size else None,
+            "projection_distance_max": float(distances.max()) if distances.size else None}, fallbacks
 
-    step_norms = [d.get("committed_step_norm", 0.0) for _, d in s.decisions
-                  if d.get("status") in ("accepted", "backtracked") and d.get("kind") != "recertify"]
-    times = [d.get("times_ms", {}).get("total") for _, d in s.decisions if d.get("kind") == "proposal"]
-    times = np.array([t for t in times if t is not None], dtype=float)
+
+def _pipeline(s: Series) -> str:
+    bases = {g.base_name(t) for t in s.topics}
+    if bases & {g.SCPO_DECISION, g.SAFETY_MODE}:
+        return "scpo"
+    return "safeguard" if g.INTERVENTION in bases else "unknown"
+
+
+def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> dict:
+    """The metrics of one pipeline's series (module docstring)."""
+    limits = _limits(s, p_max, v_max, u_max)
+    hold = np.array([lab == g.LABEL_HOLD for lab in s.cmd_label], dtype=bool)
+    backup = np.array([lab == g.LABEL_BACKUP for lab in s.cmd_label], dtype=bool)
+    control = ~hold
+    fallbacks = Counter(m.get("mode") for _, m in s.modes if m.get("mode") in g.FALLBACK_MODES)
+    interventions, guard_fallbacks = _intervention_metrics(s, int(control.sum()))
+    fallbacks.update(guard_fallbacks)
     return {
-        "pipeline": pipeline,
+        "pipeline": _pipeline(s),
         "duration_s": float(max([s.state_t[-1] if len(s.state_t) else 0.0,
                                  s.cmd_t[-1] if len(s.cmd_t) else 0.0])),
         "states": int(len(s.state_t)),
         "control_steps": int(control.sum()),
         "backup_steps": int(backup.sum()),
         "hold_commands": int(hold.sum()),
-        "constraint_violations": len(s.violations),
-        "constraint_violations_from_states": int(state_viol.sum()),
-        "min_constraint_margin": min(margins.values()) if margins else None,
-        "min_margin_by_kind": margins,
+        **_constraint_metrics(s, limits),
         "limits": limits,
-        "updates": updates,
-        "updates_total": int(sum(updates.values())),
-        "updates_shrunk": int(shrunk),
-        "recertifications": dict(recert),
+        **_decision_metrics(s),
         "fallbacks": int(sum(fallbacks.values())),
         "fallbacks_by_mode": dict(fallbacks),
-        "interventions": len(records),
-        "intervention_rate": len(records) / int(control.sum()) if control.sum() else None,
-        "projection_distance_mean": float(distances.mean()) if distances.size else None,
-        "projection_distance_max": float(distances.max()) if distances.size else None,
-        "tracking_cost": tracking,
-        "latency_ms": _percentiles(latency),
-        "update_time_ms": _percentiles(times),
-        "committed_step_norm_total": float(np.sum(step_norms)) if step_norms else 0.0,
+        **interventions,
+        "tracking_cost": _tracking_cost(s),
+        "latency_ms": _percentiles(_latency_ms(s, control)),
         "malicious_fraction": float(s.malicious.mean()) if len(s.malicious) else None,
         "topics": s.topics,
     }
@@ -305,7 +327,7 @@ def analyze_pipelines(bags: list[str | Path], p_max: float = 1.0, v_max: float =
     labels = [ns[0] if len(ns) == 1 and ns[0] else None for ns in spaces]
     if None in labels or len(set(labels)) < len(labels):
         labels = [f"bag{i + 1}" for i in range(len(read))] if len(read) > 1 else ["bag"]
-    for label, (path, msgs) in zip(labels, read):
+    for label, (path, msgs) in zip(labels, read, strict=True):
         s = load_series(path, None, msgs)
         columns[label] = (compute_metrics(s, p_max, v_max, u_max), s)
     return columns
@@ -343,9 +365,9 @@ def format_comparison(columns: dict[str, dict], title: str = "") -> str:
     w0 = max(len(name) for name, _ in rows)
     widths = [max(len(label), *(len(c[i]) for c in cells)) for i, label in enumerate(labels)]
     lines = [title] if title else []
-    lines.append("  " + " " * w0 + "".join(f"  {label:>{w}}" for label, w in zip(labels, widths)))
-    lines += ["  " + f"{name:<{w0}}" + "".join(f"  {c:>{w}}" for c, w in zip(row, widths))
-              for (name, _), row in zip(rows, cells)]
+    lines.append("  " + " " * w0 + "".join(f"  {label:>{w}}" for label, w in zip(labels, widths, strict=True)))
+    lines += ["  " + f"{name:<{w0}}" + "".join(f"  {c:>{w}}" for c, w in zip(row, widths, strict=True))
+              for (name, _), row in zip(rows, cells, strict=True)]
     return "\n".join(lines)
 
 
@@ -377,8 +399,87 @@ def format_table(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _shade_malicious(ax, s: Series) -> None:
+    """Grey bands where the expert was malicious."""
+    if len(s.malicious_t) and s.malicious.any():
+        on = s.malicious.astype(int)
+        edges = np.flatnonzero(np.diff(np.r_[0, on, 0]))
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            ax.axvspan(s.malicious_t[a], s.malicious_t[min(b, len(s.malicious_t) - 1)], color="0.9", lw=0)
+
+
+def _plot_states(plt, s: Series, lim: dict):
+    dof = s.state.shape[1] // 2
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for ax, k, name, L in ((axes[0], 0, "position", lim["p_max"]), (axes[1], dof, "velocity", lim["v_max"])):
+        _shade_malicious(ax, s)
+        for i in range(dof):
+            ax.plot(s.state_t, s.state[:, k + i], lw=1, label=f"{name} axis_{i}")
+        if k == 0 and len(s.ref):
+            for i in range(min(dof, s.ref.shape[1])):
+                ax.step(s.ref_t, s.ref[:, i], "--", lw=0.8, where="post", label=f"reference axis_{i}")
+        ax.axhline(L, color="r", lw=0.8)
+        ax.axhline(-L, color="r", lw=0.8)
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0].set_title("states against their limits (grey: malicious expert)")
+    axes[1].set_xlabel("time [s]")
+    return fig
+
+
+def _plot_actions(plt, s: Series, lim: dict):
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    _shade_malicious(ax, s)
+    cmd = _stack([list(u) for u in s.cmd])
+    for i in range(cmd.shape[1]):
+        ax.plot(s.cmd_t, cmd[:, i], lw=1, label=f"safe command axis_{i}")
+    for i in range(s.expert.shape[1] if len(s.expert) else 0):
+        ax.plot(s.expert_t, np.clip(s.expert[:, i], -3 * lim["u_max"], 3 * lim["u_max"]), lw=0.6, alpha=0.6,
+                label=f"expert action axis_{i} (clipped for display)")
+    ax.axhline(lim["u_max"], color="r", lw=0.8)
+    ax.axhline(-lim["u_max"], color="r", lw=0.8)
+    ax.set_xlabel("time [s]")
+    ax.set_ylabel("action")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("actions")
+    return fig
+
+
+def _plot_margins(plt, s: Series):
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    props = [(t, d) for t, d in s.decisions if d.get("margins_after")]
+    for k in sorted({k for _, d in props for k in d["margins_after"]}):
+        pts = [(t, d["margins_after"][k]) for t, d in props if k in d["margins_after"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=f"g_{k} (certification)")
+    ax.axhline(0.0, color="r", lw=0.8)
+    ax.set_xlabel("time [s]")
+    ax.set_ylabel("g (<= 0 safe)")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("SCPO certification margins")
+    return fig
+
+
+def _plot_decisions(plt, s: Series):
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.5), sharex=True)
+    levels = {st: i for i, st in enumerate(reversed(STATUSES))}
+    for st in STATUSES:
+        ts = [t for t, d in s.decisions if d.get("status") == st and d.get("kind") != "recertify"]
+        ax1.plot(ts, [levels[st]] * len(ts), "|", ms=10, label=st)
+    ax1.set_yticks(list(levels.values()), list(levels.keys()))
+    ax1.set_title("SCPO decisions over time")
+    for key in ("raw_step_norm", "projected_step_norm", "committed_step_norm"):
+        pts = [(t, d.get(key)) for t, d in s.decisions if d.get("kind") == "proposal"
+               and d.get(key) is not None and np.isfinite(d.get(key))]
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=key)
+    ax2.set_yscale("symlog", linthresh=1e-4)
+    ax2.set_xlabel("time [s]")
+    ax2.legend(fontsize=7)
+    return fig
+
+
 def write_plots(s: Series, metrics: dict, out_dir: str | Path) -> list[str]:
-    """PNG plots: states vs limits, actions, margins, decisions over time."""
+    """PNG plots: states vs limits, actions, margins, decisions over time (those the series has data for)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -386,85 +487,18 @@ def write_plots(s: Series, metrics: dict, out_dir: str | Path) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lim = metrics["limits"]
-    files = []
-
-    def shade_malicious(ax):
-        if len(s.malicious_t) and s.malicious.any():
-            on = s.malicious.astype(int)
-            edges = np.flatnonzero(np.diff(np.r_[0, on, 0]))
-            for a, b in zip(edges[::2], edges[1::2]):
-                ax.axvspan(s.malicious_t[a], s.malicious_t[min(b, len(s.malicious_t) - 1)], color="0.9", lw=0)
-
-    def save(fig, name):
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(str(path))
-
+    plots = []
     if len(s.state):
-        dof = s.state.shape[1] // 2
-        fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-        for ax, k, name, L in ((axes[0], 0, "position", lim["p_max"]), (axes[1], dof, "velocity", lim["v_max"])):
-            shade_malicious(ax)
-            for i in range(dof):
-                ax.plot(s.state_t, s.state[:, k + i], lw=1, label=f"{name} axis_{i}")
-            if k == 0 and len(s.ref):
-                for i in range(min(dof, s.ref.shape[1])):
-                    ax.step(s.ref_t, s.ref[:, i], "--", lw=0.8, where="post", label=f"reference axis_{i}")
-            ax.axhline(L, color="r", lw=0.8)
-            ax.axhline(-L, color="r", lw=0.8)
-            ax.set_ylabel(name)
-            ax.legend(fontsize=7, loc="upper right")
-        axes[0].set_title("states against their limits (grey: malicious expert)")
-        axes[1].set_xlabel("time [s]")
-        save(fig, "states.png")
-
+        plots.append(("states.png", lambda: _plot_states(plt, s, lim)))
     if s.cmd:
-        fig, ax = plt.subplots(figsize=(9, 3.5))
-        shade_malicious(ax)
-        cmd = _stack([list(u) for u in s.cmd])
-        for i in range(cmd.shape[1]):
-            ax.plot(s.cmd_t, cmd[:, i], lw=1, label=f"safe command axis_{i}")
-        for i in range(s.expert.shape[1] if len(s.expert) else 0):
-            ax.plot(s.expert_t, np.clip(s.expert[:, i], -3 * lim["u_max"], 3 * lim["u_max"]), lw=0.6, alpha=0.6,
-                    label=f"expert action axis_{i} (clipped for display)")
-        ax.axhline(lim["u_max"], color="r", lw=0.8)
-        ax.axhline(-lim["u_max"], color="r", lw=0.8)
-        ax.set_xlabel("time [s]")
-        ax.set_ylabel("action")
-        ax.legend(fontsize=7, loc="upper right")
-        ax.set_title("actions")
-        save(fig, "actions.png")
-
+        plots.append(("actions.png", lambda: _plot_actions(plt, s, lim)))
     if s.decisions:
-        fig, ax = plt.subplots(figsize=(9, 3.5))
-        props = [(t, d) for t, d in s.decisions if d.get("margins_after")]
-        keys = sorted({k for _, d in props for k in d["margins_after"]})
-        for k in keys:
-            pts = [(t, d["margins_after"][k]) for t, d in props if k in d["margins_after"]]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=f"g_{k} (certification)")
-        ax.axhline(0.0, color="r", lw=0.8)
-        ax.set_xlabel("time [s]")
-        ax.set_ylabel("g (<= 0 safe)")
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_title("SCPO certification margins")
-        save(fig, "margins.png")
-
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.5), sharex=True)
-        levels = {st: i for i, st in enumerate(reversed(STATUSES))}
-        for st in STATUSES:
-            ts = [t for t, d in s.decisions if d.get("status") == st and d.get("kind") != "recertify"]
-            ax1.plot(ts, [levels[st]] * len(ts), "|", ms=10, label=st)
-        ax1.set_yticks(list(levels.values()), list(levels.keys()))
-        ax1.set_title("SCPO decisions over time")
-        for key in ("raw_step_norm", "projected_step_norm", "committed_step_norm"):
-            pts = [(t, d.get(key)) for t, d in s.decisions if d.get("kind") == "proposal"
-                   and d.get(key) is not None and np.isfinite(d.get(key))]
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=key)
-        ax2.set_yscale("symlog", linthresh=1e-4)
-        ax2.set_xlabel("time [s]")
-        ax2.legend(fontsize=7)
-        save(fig, "decisions.png")
+        plots += [("margins.png", lambda: _plot_margins(plt, s)), ("decisions.png", lambda: _plot_decisions(plt, s))]
+    files = []
+    for name, plot in plots:
+        fig = plot()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(str(out / name))
     return files

@@ -9,6 +9,11 @@ state of the certified initial set the backup alone keeps every constraint. For 
 linear closed loop the trajectory is linear in ``(x0, r)``, so the worst case over
 the initial box is attained at one of its vertices: simulating the vertices is an
 exact check, not a sample.
+
+``LQRBackup.__call__`` is the one definition of the backup action; ``input_gain`` is the
+same map as a matrix on the policy input ``[x, r]``, from which the fused forms (the
+control path's folded law, the base gain of the RL policies) are built. ``PendulumLQR`` is
+the pendulum's counterpart (no reference).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from .dynamics import DoubleIntegrator
+from .dynamics import DoubleIntegrator, Pendulum
 
 
 class BackupCertificationError(ValueError):
@@ -99,6 +104,11 @@ class LQRBackup:
         import torch
         return -e @ torch.as_tensor(self.K.T, dtype=e.dtype, device=e.device)
 
+    def input_gain(self) -> np.ndarray:
+        """``W (dof, 3 dof)`` with ``W [x, r] = -K (x - [r, 0])``: ``W = [-K, K_p]`` (``K_p``:
+        the position columns of K), the backup as a linear map of ``policy_inputs(x, r)``."""
+        return np.concatenate([-self.K, self.K[:, :self.system.dof]], axis=1)
+
     def spectral_radius(self) -> float:
         return float(np.max(np.abs(np.linalg.eigvals(self.A_cl))))
 
@@ -133,7 +143,39 @@ class LQRBackup:
         broken = [f"max|{k}| = {worst[k]:.4f} > {k}_max = {limits[k]}" for k in worst if worst[k] > limits[k]]
         if broken:
             raise BackupCertificationError(
-                "backup LQR (q_pos=%g, q_vel=%g, r_act=%g) cannot keep the initial set %s safe: %s"
-                % (self.q_pos, self.q_vel, self.r_act, initial_set, "; ".join(broken)))
+                f"backup LQR (q_pos={self.q_pos:g}, q_vel={self.q_vel:g}, r_act={self.r_act:g}) cannot keep "
+                f"the initial set {initial_set} safe: {'; '.join(broken)}")
         worst["spectral_radius"] = rho
         return worst
+
+
+@dataclass
+class PendulumLQR:
+    """LQR on the pendulum's upright linearisation, ``u = -K x`` (the reference is ignored).
+
+    ``q_pos``, ``q_vel``, ``r_act``: the weights of θ, θ' and the action.
+    """
+
+    system: Pendulum
+    q_pos: float = 1.0
+    q_vel: float = 0.1
+    r_act: float = 1.0
+    K: np.ndarray = field(init=False, repr=False)
+    P: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if min(self.q_pos, self.q_vel) < 0 or self.r_act <= 0:
+            raise ValueError("LQR weights need q_pos, q_vel >= 0 and r_act > 0")
+        A, B = self.system.linearization()
+        self.K, self.P = dlqr(A, B, np.diag([self.q_pos, self.q_vel]), np.array([[self.r_act]]))
+
+    def __call__(self, x, r=None):
+        """Backup action for states ``x (..., 2)`` (numpy or torch)."""
+        if isinstance(x, np.ndarray):
+            return -x @ self.K.T
+        import torch
+        return -x @ torch.as_tensor(self.K.T, dtype=x.dtype, device=x.device)
+
+    def input_gain(self) -> np.ndarray:
+        """``-K (1, 2)``: the backup as a linear map of the state."""
+        return -self.K

@@ -34,7 +34,7 @@ def cmd_analyze(args) -> int:
                                 title="bags " + ", ".join(map(str, args.bags))))
         payload = {"pipelines": {label: m for label, (m, _) in columns.items()}}
         if len(args.bags) > 1:
-            payload["bags"] = {str(bag): m for bag, (m, _) in zip(args.bags, columns.values())}
+            payload["bags"] = {str(bag): m for bag, (m, _) in zip(args.bags, columns.values(), strict=True)}
     if args.plots:
         for label, (metrics, series) in columns.items():
             out = Path(args.plots) if len(columns) == 1 else Path(args.plots) / label

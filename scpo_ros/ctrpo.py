@@ -28,17 +28,18 @@ initial mean *is* the certified backup and the flat weights of ``φ_θ`` are exa
 the SCPO safety node checks (``CTRPOLearner.mean_weights``). With ``base_gain = None``
 the mean is a plain MLP.
 
-A node drives ``CTRPOLearner`` incrementally: ``learner.act(obs)`` → plant →
+A caller drives ``CTRPOLearner`` incrementally: ``learner.act(obs)`` → plant →
 ``Collector.record(...)`` per step → ``Collector.update(last_obs)`` when ``Collector.ready``
-→ ``learner.mean_weights()`` to publish. ``train`` below is that loop over a vectorised env.
+→ ``learner.mean_weights()`` to publish. ``Collector.run_epoch`` is one such epoch over a
+vectorised env; ``train`` below and ``learners.CTRPOProposer`` both run their epochs with it.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -461,8 +462,8 @@ class CTRPOLearner:
         def evaluate(frac: float) -> tuple[float, float]:
             vector_to_parameters(theta_old + frac * step, params)
             with torch.no_grad():
-                l, k, a = surrogates()
-                return float(l), float(divergence(k, a))
+                loss_k, kl_k, alpha_k = surrogates()
+                return float(loss_k), float(divergence(kl_k, alpha_k))
 
         ls = backtracking_line_search(evaluate, loss_before, cfg.target_kl,
                                       cfg.line_search_steps, cfg.line_search_decay)
@@ -529,7 +530,7 @@ class Collector:
     ``record`` stores one (vectorised) transition; a time-limit end is bootstrapped with
     the critics' value of the episode's last observation (folded into its reward and cost)
     and closes the episode's return/cost. ``update`` runs GAE and ``learner.update`` once
-    the buffer holds ``horizon`` steps.
+    the buffer holds ``horizon`` steps; ``run_epoch`` does both over a vectorised env.
     """
 
     def __init__(self, learner: CTRPOLearner, horizon: int, num_envs: int):
@@ -564,6 +565,18 @@ class Collector:
             self.ep_cost[ended] = 0.0
         self.buffer.add(obs, act, log_prob, reward, cost, value_r, value_c, done)
 
+    def run_epoch(self, env, obs: torch.Tensor) -> tuple[torch.Tensor, dict, list[float], list[float]]:
+        """One epoch from ``obs``: ``horizon`` steps of every env of ``env`` with the learner's
+        stochastic policy, then ``update``. Returns the last observation, the update's info and
+        the returns / costs of the episodes finished since the last update."""
+        for _ in range(self.buffer.horizon):
+            act, log_prob, v_r, v_c = self.learner.act(obs)
+            step = env.step(act)
+            self.record(obs, act, log_prob, v_r, v_c, step)
+            obs = step.obs
+        info, rets, costs = self.update(obs)
+        return obs, info, rets, costs
+
     def update(self, last_obs: torch.Tensor) -> tuple[dict, list[float], list[float]]:
         """GAE (bootstrapping unfinished episodes from ``last_obs``) and one learner update;
         returns its info and the returns / costs of the episodes finished since the last one."""
@@ -593,12 +606,7 @@ def train(env, config: CTRPOConfig, epochs: int, horizon: int | None = None, see
     obs = env.reset()
     start = time.perf_counter()
     for epoch in range(epochs):
-        for _ in range(horizon):
-            act, log_prob, v_r, v_c = learner.act(obs)
-            step = env.step(act)
-            collector.record(obs, act, log_prob, v_r, v_c, step)
-            obs = step.obs
-        info, rets, costs = collector.update(obs)
+        obs, info, rets, costs = collector.run_epoch(env, obs)
         if after_update is not None:
             after_update(learner, info)
         costs = np.asarray(costs)

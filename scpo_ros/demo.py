@@ -27,41 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-NODE_ORDER = ("bag_recorder", "scpo_safety_node", "expert", "learner", "double_integrator_sim")
-FIRST_STATE_TOPICS = ("cmd", "expert_action", "reference", "malicious")
-STOP_ORDER = (("double_integrator_sim",), ("learner", "expert", "scpo_safety_node", "action_safeguard"),
-              ("bag_recorder",))
+from . import graph as g
+
+NODE_ORDER = (g.RECORDER,) + g.SCPO_PIPELINE
+"""Start order: the recorder first, the simulator last."""
+STOP_ORDER = ((g.SIMULATOR,), tuple(n for n in g.PUBLISHES if n != g.SIMULATOR), (g.RECORDER,))
 """Stop ranks: the simulators first (the last state gets its command), then every other node
 at once (one after the other, the safety node's stale-state holds would fill the seconds a
 learner takes to exit), the recorder last."""
-
-# --compare: the two pipelines (namespace -> nodes in start order, the simulator last)
-COMPARE_PIPELINES = {
-    "scpo": ("scpo_safety_node", "expert", "learner", "double_integrator_sim"),
-    "safeguard": ("action_safeguard", "expert", "double_integrator_sim"),
-}
-SAFEGUARD_REMAPS = (("raw_action", "expert_action"),)
-"""The expert is the safeguard's policy: its action is the raw action to project."""
-COMPARE_TOPICS = {
-    "scpo": ("joint_states", "cmd", "expert_action", "reference", "malicious", "proposed_weights",
-             "certified_weights", "scpo_decision", "safety_mode", "constraint_violation"),
-    "safeguard": ("joint_states", "cmd", "expert_action", "reference", "malicious", "intervention",
-                  "constraint_violation"),
-}
-COMPARE_FIRST_STATE_TOPICS = {"scpo": FIRST_STATE_TOPICS, "safeguard": FIRST_STATE_TOPICS + ("intervention",)}
-SAFEGUARD_PLANT_PARAMS = ("dof", "dt", "p_max", "v_max", "u_max")
-
-
-def default_params_file(name: str = "scpo_double_integrator.yaml") -> str:
-    """A YAML of the package: from the ament index when installed as a ROS package, else the source tree."""
-    try:
-        from ament_index_python.packages import get_package_share_directory
-        path = Path(get_package_share_directory("scpo_ros")) / "config" / name
-        if path.exists():
-            return str(path)
-    except Exception:
-        pass
-    return str(Path(__file__).resolve().parent.parent / "config" / name)
 
 
 def add_demo_arguments(ap) -> None:
@@ -80,73 +53,6 @@ def add_demo_arguments(ap) -> None:
                     help="SCPO (/scpo) and the action safeguard (/safeguard) side by side; one bag, one table")
     ap.add_argument("--safeguard-params", default=None,
                     help="action_safeguard parameter file for --compare (default config/safeguard.yaml)")
-
-
-def _section_node(key: str) -> str:
-    return key.rstrip("/").rsplit("/", 1)[-1]
-
-
-def merge_params(data: dict, overrides: dict[str, dict]) -> dict:
-    """``overrides`` (node name -> {param: value}) merged into the parameter-file dict ``data``:
-    into each section that names the node, or a new ``/**/<node>`` if none does."""
-    for node, params in overrides.items():
-        if not params:
-            continue
-        keys = [k for k in data if _section_node(k) == node]
-        if not keys:
-            keys = [f"/**/{node}"]
-            data[keys[0]] = {"ros__parameters": {}}
-        for k in keys:
-            data[k].setdefault("ros__parameters", {}).update(params)
-    return data
-
-
-def merged_params_file(base: str | Path, overrides: dict[str, dict], out: str | Path,
-                       extra: list[str | Path] = ()) -> str:
-    """Copy of the parameter file ``base`` with ``overrides`` (node name -> {param: value}) merged in.
-
-    Why not ``-p name:=value``: rcl applies a node's own section (``/**/expert``) over the
-    wildcard section (``/**``) that ``-p`` and launch's dict parameters land in, so those
-    would lose against the YAML. Here every override goes into each section of the file
-    that names the node (and into ``/**/<node>`` if none does). ``extra`` files are merged
-    in first, section by section (their values win over ``base``'s).
-    """
-    import yaml
-
-    data = yaml.safe_load(Path(base).read_text()) or {}
-    for path in extra:
-        for key, section in (yaml.safe_load(Path(path).read_text()) or {}).items():
-            params = (section or {}).get("ros__parameters", {})
-            data.setdefault(key, {}).setdefault("ros__parameters", {}).update(params)
-    merge_params(data, overrides)
-    Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(out)
-
-
-def node_parameters(data: dict, node: str) -> dict:
-    """The values a node named ``node`` (any namespace) gets from the parameter-file dict:
-    ``/**`` first, its own sections over it (rcl's order)."""
-    out = dict((data.get("/**") or {}).get("ros__parameters", {}))
-    for key, section in data.items():
-        if key != "/**" and _section_node(key) == node:
-            out.update((section or {}).get("ros__parameters", {}))
-    return out
-
-
-def compare_params_file(params_file: str | Path, safeguard_file: str | Path, overrides: dict[str, dict],
-                        out: str | Path) -> str:
-    """The parameter file of the side-by-side run: the SCPO graph's YAML, the safeguard's
-    section, ``overrides``, and the simulator's plant (dof, dt, limits) copied into the
-    safeguard's section, so its invariant set is computed for the plant it guards."""
-    import yaml
-
-    merged_params_file(params_file, overrides, out, extra=[safeguard_file])
-    data = yaml.safe_load(Path(out).read_text())
-    sim = node_parameters(data, "double_integrator_sim")
-    plant = {k: sim[k] for k in SAFEGUARD_PLANT_PARAMS if k in sim}
-    merge_params(data, {"action_safeguard": plant})
-    Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(out)
 
 
 def node_command(name: str, params_file: str, namespace: str = "", remaps=()) -> list[str]:
@@ -277,13 +183,13 @@ def _launch_and_run(graph: Graph, plan: list[tuple[str, list[str], tuple[str, ..
     """
     try:
         for key, cmd, topics in plan:
-            if topics and "bag_recorder" in graph.procs:
+            if topics and g.RECORDER in graph.procs:
                 for topic in topics:
-                    if not graph.wait_for_line("bag_recorder", f"{topic}\n", args.startup_timeout,
+                    if not graph.wait_for_line(g.RECORDER, f"{topic}\n", args.startup_timeout,
                                                prefix="publisher matched: "):
                         raise RuntimeError(f"the recorder found no publisher of {topic} (see {log_dir})")
             graph.start(key, cmd)
-        for key in [k for k, _, _ in plan if k.endswith("double_integrator_sim")]:
+        for key in [k for k, _, _ in plan if k.endswith(g.SIMULATOR)]:
             if not graph.wait_for_line(key, "subscribers matched: starting", args.startup_timeout):
                 raise RuntimeError(f"the graph did not start (exited: {graph.dead() or 'none'}; see {log_dir})")
         out(f"graph running: {args.duration:g} s of simulation ...")
@@ -301,26 +207,26 @@ def run_graph(args, out=print) -> dict:
     """Run the graph; return the nodes' summaries, exit codes, the bag metrics (if recorded)."""
     if getattr(args, "compare", False):
         return run_compare(args, out)
-    params_file = args.params or default_params_file()
+    params_file = args.params or g.default_params_file()
     bag, log_dir, env = _prepare_run(args, params_file)
     common, common_lists = _common_overrides(args)
-    subscribers = 3 + (0 if bag is None else 1)   # safety node, expert, learner (+ recorder)
     overrides = {
-        "bag_recorder": {"output": str(bag)} if bag is not None else {},
+        g.RECORDER: {"output": str(bag)} if bag is not None else {},
         "scpo_safety_node": dict(common),
         "expert": {**common, **({"malicious": False} if args.no_malicious else {})},
         "learner": dict(common),
-        "double_integrator_sim": {**common, **common_lists, "wait_for_subscribers": subscribers},
+        g.SIMULATOR: {**common, **common_lists,
+                      "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, recorder=bag is not None)},
     }
     graph = Graph(log_dir, env)
-    run_params = merged_params_file(params_file, overrides, log_dir / "params.yaml")
+    run_params = g.merged_params_file(params_file, overrides, log_dir / "params.yaml")
     out(f"domain {env.get('ROS_DOMAIN_ID', '0')}, params {params_file}, logs {log_dir}")
     result = {"params_file": params_file, "bag": str(bag) if bag else None, "logs": str(log_dir)}
     ns = args.namespace.strip("/")
     prefix = f"/{ns}" if ns else ""
     plan = [(name, node_command(name, run_params, args.namespace),
-             tuple(f"{prefix}/{t}" for t in FIRST_STATE_TOPICS) if name == "double_integrator_sim" else ())
-            for name in NODE_ORDER if not (name == "bag_recorder" and bag is None)]
+             tuple(f"{prefix}/{t}" for t in g.state_answers(g.SCPO_PIPELINE)) if name == g.SIMULATOR else ())
+            for name in NODE_ORDER if not (name == g.RECORDER and bag is None)]
     try:
         _launch_and_run(graph, plan, args, log_dir, out)
     finally:
@@ -339,49 +245,48 @@ def run_compare(args, out=print) -> dict:
     """SCPO and the safeguard side by side (``--compare``): two namespaces, identical
     simulators and experts from the same YAML, one bag with both; returns the nodes'
     summaries per namespace, exit codes, and the per-pipeline bag metrics."""
-    params_file = args.params or default_params_file()
-    safeguard_file = getattr(args, "safeguard_params", None) or default_params_file("safeguard.yaml")
+    params_file = args.params or g.default_params_file()
+    safeguard_file = getattr(args, "safeguard_params", None) or g.default_params_file("safeguard.yaml")
     if not Path(safeguard_file).exists():
         raise FileNotFoundError(f"no parameter file at {safeguard_file}")
     bag, log_dir, env = _prepare_run(args, params_file)
     common, common_lists = _common_overrides(args)
-    recorder = 0 if bag is None else 1
-    topics = [f"/{ns}/{t}" for ns, names in COMPARE_TOPICS.items() for t in names] + ["/diagnostics"]
+    recorder = bag is not None
     overrides = {
-        "bag_recorder": {"output": str(bag), "topics": topics} if bag is not None else {},
+        g.RECORDER: {"output": str(bag), "topics": g.compare_recorded_topics()} if recorder else {},
         "scpo_safety_node": dict(common),
         "action_safeguard": dict(common),
         "expert": {**common, **({"malicious": False} if args.no_malicious else {})},
         "learner": dict(common),
         # both simulators read this section: one value for both, the larger subscriber count
-        "double_integrator_sim": {**common, **common_lists, "wait_for_subscribers": 3 + recorder},
+        g.SIMULATOR: {**common, **common_lists,
+                      "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, recorder)},
     }
-    run_params = compare_params_file(params_file, safeguard_file, overrides, log_dir / "params.yaml")
-    # the safeguard's simulator has one subscriber less (no learner): its own copy of the file
-    safeguard_params = merged_params_file(run_params, {"double_integrator_sim": {"wait_for_subscribers":
-                                                                                 2 + recorder}},
-                                          log_dir / "params_safeguard.yaml")
+    run_params = g.compare_params_file(params_file, safeguard_file, overrides, log_dir / "params.yaml")
+    # the safeguard's simulator has fewer subscribers (no learner): its own copy of the file
+    safeguard_params = g.merged_params_file(
+        run_params, {g.SIMULATOR: {"wait_for_subscribers": g.state_subscribers(g.SAFEGUARD_PIPELINE, recorder)}},
+        log_dir / "params_safeguard.yaml")
     graph = Graph(log_dir, env)
     out(f"domain {env.get('ROS_DOMAIN_ID', '0')}, params {params_file} + {safeguard_file}, logs {log_dir}")
     result = {"params_file": params_file, "safeguard_params": safeguard_file, "bag": str(bag) if bag else None,
-              "logs": str(log_dir), "namespaces": list(COMPARE_PIPELINES)}
-    plan = [("bag_recorder", node_command("bag_recorder", run_params), ())] if bag is not None else []
-    for ns, nodes in COMPARE_PIPELINES.items():
+              "logs": str(log_dir), "namespaces": list(g.COMPARE_PIPELINES)}
+    plan = [(g.RECORDER, node_command(g.RECORDER, run_params), ())] if recorder else []
+    for ns, nodes in g.COMPARE_PIPELINES.items():
         params = safeguard_params if ns == "safeguard" else run_params
         for name in nodes:
-            remaps = SAFEGUARD_REMAPS if name == "action_safeguard" else ()
-            first = (tuple(f"/{ns}/{t}" for t in COMPARE_FIRST_STATE_TOPICS[ns])
-                     if name == "double_integrator_sim" else ())
+            remaps = g.SAFEGUARD_REMAPS if name == "action_safeguard" else ()
+            first = tuple(f"/{ns}/{t}" for t in g.state_answers(nodes)) if name == g.SIMULATOR else ()
             plan.append((f"{ns}.{name}", node_command(name, params, ns, remaps), first))
     # the simulators last: every other node (and the recorder) must hear their first state
-    plan.sort(key=lambda entry: entry[0].endswith("double_integrator_sim"))
+    plan.sort(key=lambda entry: entry[0].endswith(g.SIMULATOR))
     try:
         _launch_and_run(graph, plan, args, log_dir, out)
     finally:
         result["exit_codes"] = graph.exit_codes
     summaries = graph.summaries()
     result["nodes"] = {ns: {name: summaries.get(f"{ns}.{name}", {}) for name in nodes}
-                       for ns, nodes in COMPARE_PIPELINES.items()}
+                       for ns, nodes in g.COMPARE_PIPELINES.items()}
     if bag is not None:
         from .analysis import analyze_pipelines, write_plots
         columns = analyze_pipelines([bag])
@@ -394,7 +299,7 @@ def run_compare(args, out=print) -> dict:
 
 def format_summary(result: dict) -> str:
     nodes = result.get("nodes", {})
-    sim, safety = nodes.get("double_integrator_sim", {}), nodes.get("scpo_safety_node", {})
+    sim, safety = nodes.get(g.SIMULATOR, {}), nodes.get("scpo_safety_node", {})
     lines = ["", "=== SCPO double-integrator demo ==="]
     up = safety.get("updates", {})
     lines.append(f"  control steps          {safety.get('control_steps')}  (backup alone: {safety.get('backup_steps')},"
@@ -426,7 +331,7 @@ def format_compare_summary(result: dict) -> str:
     up = safety.get("updates", {})
     lines = ["", "=== SCPO vs action safeguard, side by side (same sim, same malicious expert) ==="]
     for ns in result.get("namespaces", []):
-        sim = nodes.get(ns, {}).get("double_integrator_sim", {})
+        sim = nodes.get(ns, {}).get(g.SIMULATOR, {})
         lines.append(f"  /{ns:<10} simulator: {sim.get('steps')} steps, "
                      f"{sim.get('constraint_violations')} constraint violations")
     lines.append(f"  /scpo       safety node: {safety.get('control_steps')} control steps, updates accepted "
@@ -446,8 +351,8 @@ def format_compare_summary(result: dict) -> str:
 def simulator_violations(result: dict) -> int:
     """Constraint violations the simulator(s) reported (both namespaces with --compare)."""
     nodes = result.get("nodes", {})
-    sims = ([pipeline.get("double_integrator_sim", {}) for pipeline in nodes.values()]
-            if "namespaces" in result else [nodes.get("double_integrator_sim", {})])
+    sims = ([pipeline.get(g.SIMULATOR, {}) for pipeline in nodes.values()]
+            if "namespaces" in result else [nodes.get(g.SIMULATOR, {})])
     return sum(sim.get("constraint_violations") or 0 for sim in sims)
 
 

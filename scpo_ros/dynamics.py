@@ -85,14 +85,23 @@ class DoubleIntegrator:
         w = rng.standard_normal(like.shape[:-1] + (n,))
         return np.concatenate([np.zeros_like(w), w], axis=-1) * (self.noise_std * self.dt)
 
-    def violation(self, x, u=None, tol: float = 1e-9):
-        """Boolean mask over the batch: which states (and actions) break a box constraint."""
+    def violations(self, x, u=None, tol: float = 1e-9) -> dict:
+        """Per constraint (``position``, ``velocity``, and with ``u`` ``actuation``): boolean
+        masks over the batch of the states (actions) that break its box by more than ``tol``."""
         lib = torch if isinstance(x, torch.Tensor) else np
         n = self.dof
-        bad = (lib.abs(x[..., :n]) > self.p_max + tol).any(-1) | (
-            lib.abs(x[..., n:]) > self.v_max + tol).any(-1)
+        out = {"position": (lib.abs(x[..., :n]) > self.p_max + tol).any(-1),
+               "velocity": (lib.abs(x[..., n:]) > self.v_max + tol).any(-1)}
         if u is not None:
-            bad = bad | (lib.abs(u) > self.u_max + tol).any(-1)
+            out["actuation"] = (lib.abs(u) > self.u_max + tol).any(-1)
+        return out
+
+    def violation(self, x, u=None, tol: float = 1e-9):
+        """Boolean mask over the batch: which states (and actions) break a box constraint."""
+        masks = list(self.violations(x, u, tol).values())
+        bad = masks[0]
+        for mask in masks[1:]:
+            bad = bad | mask
         return bad
 
 

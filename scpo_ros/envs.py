@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .backup import InitialSet, LQRBackup, dlqr
+from .backup import InitialSet, LQRBackup, PendulumLQR
 from .dynamics import DoubleIntegrator, Pendulum
+from .rollout import region_bounds
 
 
 @dataclass
@@ -113,27 +113,24 @@ class VecDoubleIntegrator(VecEnv):
         self.system, self.initial_set, self.action_weight = system, initial_set, float(action_weight)
         n = system.dof
         self.obs_dim, self.act_dim, self.action_limit = 3 * n, n, float(system.u_max)
-        self._AT = torch.as_tensor(system.A.T, dtype=dtype)
-        self._BT = torch.as_tensor(system.B.T, dtype=dtype)
         self.x = torch.zeros(self.num_envs, 2 * n, dtype=dtype)
         self.r = torch.zeros(self.num_envs, n, dtype=dtype)
         self.reset()
 
     def _sample_episodes(self, idx: torch.Tensor) -> None:
-        n, s, k = self.system.dof, self.initial_set, len(idx)
-        bound = torch.tensor([s.p0_max] * n + [s.v0_max] * n, dtype=self.dtype)
-        self.x[idx] = self._uniform(k, 2 * n, bound)
-        self.r[idx] = self._uniform(k, n, s.r_max)
+        # the box of ``rollout.random_states``, drawn from the env's own generator (states
+        # first, then references) so that the episodes follow the env's seed alone
+        n, k = self.system.dof, len(idx)
+        bound = region_bounds(self.initial_set, n)
+        self.x[idx] = self._uniform(k, 2 * n, bound[:2 * n])
+        self.r[idx] = self._uniform(k, n, bound[2 * n:])
 
     def _observe(self) -> torch.Tensor:
         return torch.cat([self.x, self.r], dim=-1)
 
     def _advance(self, u: torch.Tensor) -> torch.Tensor:
         n = self.system.dof
-        self.x = self.x @ self._AT + u @ self._BT
-        if self.system.noise_std > 0.0:
-            w = torch.randn(self.num_envs, n, generator=self.generator, dtype=self.dtype)
-            self.x[:, n:] += w * (self.system.noise_std * self.system.dt)
+        self.x = self.system.step(self.x, u, self.generator)
         err = self.x[:, :n] - self.r
         return -((err * err).sum(-1) + self.action_weight * (u * u).sum(-1)) * self.system.dt
 
@@ -148,21 +145,11 @@ class VecDoubleIntegrator(VecEnv):
         self.t.zero_()
         return self._observe()
 
-    def sample_episodes(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``count`` initial states and references from the initial set, reproducibly."""
-        n, s = self.system.dof, self.initial_set
-        g = torch.Generator().manual_seed(int(seed))
-        bound = torch.tensor([s.p0_max] * n + [s.v0_max] * n + [s.r_max] * n, dtype=self.dtype)
-        z = (2.0 * torch.rand(count, 3 * n, generator=g).to(self.dtype) - 1.0) * bound
-        return z[:, :2 * n], z[:, 2 * n:]
-
     def backup_gain(self, backup: LQRBackup | None = None) -> torch.Tensor:
         """The LQR backup ``u = -K(x - [r, 0])`` as a linear map of the observation:
         ``u = W [p, v, r]`` with ``W = [-K, K_p]`` (shape (dof, 3 dof))."""
         backup = backup or LQRBackup(self.system)
-        K = np.asarray(backup.K)
-        W = np.concatenate([-K, K[:, :self.system.dof]], axis=1)
-        return torch.as_tensor(W, dtype=self.dtype)
+        return torch.as_tensor(backup.input_gain(), dtype=self.dtype)
 
 
 class VecPendulum(VecEnv):
@@ -196,9 +183,7 @@ class VecPendulum(VecEnv):
 
     def backup_gain(self, q=(1.0, 0.1), r: float = 1.0) -> torch.Tensor:
         """LQR on the upright linearisation, ``a = -K x``: a stabilising base for a residual policy."""
-        A, B = self.system.linearization()
-        K, _ = dlqr(A, B, np.diag(q), np.array([[r]]))
-        return torch.as_tensor(-K, dtype=self.dtype)
+        return torch.as_tensor(PendulumLQR(self.system, q[0], q[1], r).input_gain(), dtype=self.dtype)
 
 
 def make_env(name: str, num_envs: int, seed: int = 0, **kwargs) -> VecEnv:

@@ -33,7 +33,7 @@ Clock assumptions (``StateGate``)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -55,8 +55,7 @@ CLAMPED = "clamped"
 
 
 def axis_names(dof: int) -> list[str]:
-    """The default joint names ``axis_0..axis_{dof-1}`` (what our simulator publishes;
-    the same as ``ros_common.axis_names``, repeated here to keep this module ROS-free)."""
+    """The default joint names ``axis_0..axis_{dof-1}`` (what our simulator publishes)."""
     return [f"axis_{i}" for i in range(dof)]
 
 
@@ -116,7 +115,7 @@ class JointMap:
         self.lookups = 0   # cache misses (index lookups done); a test and a diagnostic can read it
 
     @classmethod
-    def for_axes(cls, dof: int, joint_names: Sequence[str] | None = None) -> "JointMap":
+    def for_axes(cls, dof: int, joint_names: Sequence[str] | None = None) -> JointMap:
         """``x = [p_1..p_dof, v_1..v_dof]`` from the joints ``joint_names`` (state order);
         empty or None means ``axis_0..axis_{dof-1}``."""
         if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 1:

@@ -32,11 +32,20 @@ from .envs import VecDoubleIntegrator
 from .policy import MLPLayout, ResidualMLP, policy_inputs
 
 
+def residual_targets(backup: LQRBackup, x: np.ndarray, r: np.ndarray,
+                     u_expert: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Residual imitation data (float32): inputs ``[x, r]`` of ``φ_θ`` and targets
+    ``u_expert - backup(x, r)``, for one demonstration or a batch."""
+    return (np.asarray(policy_inputs(x, r), dtype=np.float32),
+            np.asarray(u_expert - backup(x, r), dtype=np.float32))
+
+
 class ImitationLearner:
     """Residual imitation: fit ``φ_θ([x, r])`` to ``u_expert - backup(x, r)`` with Adam.
 
     A ring buffer of the last ``buffer_size`` triples; each update draws minibatches of
-    ``batch_size`` from it.
+    ``batch_size`` from it. ``fit`` is the Adam step alone, for callers with their own data
+    (the imitation experiment draws fresh demonstrations for every step).
     """
 
     needs_demonstrations = True
@@ -59,8 +68,7 @@ class ImitationLearner:
 
     def observe(self, x: np.ndarray, r: np.ndarray, u_expert: np.ndarray) -> None:
         i = self.count % len(self.inputs)
-        self.inputs[i] = policy_inputs(x, r)
-        self.targets[i] = u_expert - self.backup(x, r)
+        self.inputs[i], self.targets[i] = residual_targets(self.backup, x, r, u_expert)
         self.count += 1
 
     def ready(self, min_samples: int) -> bool:
@@ -71,14 +79,16 @@ class ImitationLearner:
         loss = float("nan")
         for _ in range(steps):
             idx = self.rng.integers(0, n, size=min(self.batch_size, n))
-            inp = torch.from_numpy(self.inputs[idx])
-            tgt = torch.from_numpy(self.targets[idx])
-            self.opt.zero_grad()
-            err = ((self.model(inp) - tgt) ** 2).sum(-1).mean()
-            err.backward()
-            self.opt.step()
-            loss = float(err.detach())
+            loss = self.fit(self.inputs[idx], self.targets[idx])
         return {"loss": loss, "samples": n}
+
+    def fit(self, inputs: np.ndarray, targets: np.ndarray) -> float:
+        """One Adam step on a batch of ``residual_targets``; returns the batch's loss before the step."""
+        self.opt.zero_grad()
+        err = ((self.model(torch.as_tensor(inputs)) - torch.as_tensor(targets)) ** 2).sum(-1).mean()
+        err.backward()
+        self.opt.step()
+        return float(err.detach())
 
     def weights(self) -> np.ndarray:
         return self.model.flat().detach().numpy().astype(np.float64)
@@ -149,12 +159,7 @@ class CTRPOProposer:
         episodes = 0
         info: dict = {}
         for _ in range(steps):
-            for _ in range(self.horizon):
-                act, log_prob, v_r, v_c = self.learner.act(self.obs)
-                step = self.env.step(act)
-                self.collector.record(self.obs, act, log_prob, v_r, v_c, step)
-                self.obs = step.obs
-            info, ep_rets, ep_costs = self.collector.update(self.obs)
+            self.obs, info, ep_rets, ep_costs = self.collector.run_epoch(self.env, self.obs)
             if ep_costs:
                 self.last_episodes = (float(np.mean(ep_rets)), float(np.mean(ep_costs)))
             episodes += len(ep_costs)

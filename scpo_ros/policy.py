@@ -6,21 +6,47 @@ float vector in a stable order (layer by layer, weight then bias, row-major), an
 ``MLPLayout.fingerprint`` names that order and the architecture, so a receiver can
 refuse a vector built for another network.
 
-Three evaluations of the same function, each for its job:
-- ``ResidualPolicy`` (torch ``nn.Module``): training with autograd.
-- ``MLPLayout.batched_forward``: many weight vectors × many inputs at once (rollouts).
-- ``NumpyMLP``: one input, no torch, no allocation beyond the layer outputs (control path).
+``mlp_forward`` is the one definition of the network (affine layers, tanh between them);
+its forms, each for its job, run it with their own affine kernel:
+- ``ResidualMLP`` (torch ``nn.Module``): training with autograd.
+- ``MLPLayout.batched_forward``: many weight vectors × many inputs at once.
+- ``NumpyMLP``: numpy, no torch (references and benchmarks).
+Two fused kernels evaluate the same function and are tested against these forms:
+``rollout.DoubleIntegratorRollout.evaluate`` (error coordinates, reference folded into the
+first bias) and the control path's ``FoldedPolicy``, whose matrices ``fold_residual_policy``
+builds here.
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 ACTIVATIONS = ("tanh",)
+
+
+def mlp_forward(layers: Sequence[tuple], h, affine: Callable, activation: Callable):
+    """``φ`` on per-layer ``(W, b)``: ``h <- activation(affine(h, W, b))`` for every layer but
+    the last, which stays affine. The form picks ``affine`` (its kernel and broadcasting)."""
+    last = len(layers) - 1
+    for k, (W, b) in enumerate(layers):
+        h = affine(h, W, b)
+        if k < last:
+            h = activation(h)
+    return h
+
+
+def _batched_affine(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.baddbmm(b.unsqueeze(-2), h, W.transpose(-1, -2))
+
+
+def _numpy_affine(h: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return h @ W.T + b
 
 
 @dataclass(frozen=True)
@@ -55,8 +81,8 @@ class MLPLayout:
     @property
     def fingerprint(self) -> str:
         """Short hash of the architecture and the flat order (16 hex digits)."""
-        text = "scpo_ros.mlp/v1;act=%s;sizes=%s;order=W_row_major,b" % (
-            self.activation, ",".join(map(str, self.sizes)))
+        sizes = ",".join(map(str, self.sizes))
+        text = f"scpo_ros.mlp/v1;act={self.activation};sizes={sizes};order=W_row_major,b"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def unflatten(self, flat):
@@ -82,13 +108,7 @@ class MLPLayout:
 
         Equivalent to running the module N times, as batched matmuls.
         """
-        layers = self.unflatten(flat)
-        h = inputs
-        for k, (W, b) in enumerate(layers):
-            h = torch.baddbmm(b.unsqueeze(-2), h, W.transpose(-1, -2))
-            if k < len(layers) - 1:
-                h = torch.tanh(h)
-        return h
+        return mlp_forward(self.unflatten(flat), inputs, _batched_affine, torch.tanh)
 
 
 class ResidualMLP(nn.Module):
@@ -116,7 +136,8 @@ class ResidualMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.net(inputs)
+        layers = [(lin.weight, lin.bias) for lin in self._linears()]
+        return mlp_forward(layers, inputs, F.linear, torch.tanh)
 
     def flat(self) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for lin in self._linears() for t in (lin.weight, lin.bias)])
@@ -151,15 +172,10 @@ def check_weights(layout: MLPLayout, flat, fingerprint: str | None = None) -> np
 
 
 class NumpyMLP:
-    """One-sample evaluation of ``φ_θ`` in numpy for the control path.
-
-    Layer matrices are copied once per weight update (``load``); ``__call__`` does
-    a handful of small matmuls into preallocated buffers.
-    """
+    """``φ_θ`` in numpy for inputs ``(..., in_dim)``; layer matrices copied once per ``load``."""
 
     def __init__(self, layout: MLPLayout, flat=None):
         self.layout = layout
-        self._bufs = [np.zeros(o) for (o, _), _ in layout.shapes]
         self.load(np.zeros(layout.size) if flat is None else flat)
 
     def load(self, flat) -> None:
@@ -168,15 +184,47 @@ class NumpyMLP:
                        for W, b in self.layout.unflatten(flat)]
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        h = inputs
-        last = len(self.layers) - 1
-        for k, ((W, b), buf) in enumerate(zip(self.layers, self._bufs)):
-            np.dot(W, h, out=buf)
-            buf += b
-            if k < last:
-                np.tanh(buf, out=buf)
-            h = buf
-        return h.copy()
+        return mlp_forward(self.layers, np.asarray(inputs, dtype=np.float64), _numpy_affine, np.tanh)
+
+
+def fold_residual_policy(base_gain: np.ndarray, layout: MLPLayout | None, theta) -> list[np.ndarray]:
+    """``u = base_gain·z + φ_θ(z)`` as matrices on the augmented input ``[z, 1]`` (``z`` =
+    ``policy_inputs(x, r)``; ``base_gain`` (d, in_dim): the backup, ``LQRBackup.input_gain()``).
+
+    Every bias becomes a column. Each matrix but the last maps ``[h, 1, u_b]`` to
+    ``[W h + b, 1, u_b]``: the layer's pre-activations (the caller applies tanh to those,
+    the first ``rows - 1 - d`` entries), a constant 1 for the next bias, and the backup's
+    action carried through unchanged; the last adds ``u_b`` by an identity block. With no
+    hidden layer, or without ``theta`` (the backup alone), the law is one affine matrix.
+    """
+    K = np.asarray(base_gain, dtype=np.float64)
+    d = K.shape[0]
+    Wb = np.hstack([K, np.zeros((d, 1))])                           # (d, in_dim + 1)
+    if theta is None:
+        return [np.ascontiguousarray(Wb)]
+    layers = [(np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64))
+              for W, b in layout.unflatten(np.asarray(theta, dtype=np.float64))]
+    if len(layers) == 1:
+        W, b = layers[0]
+        return [np.ascontiguousarray(np.hstack([W, b[:, None]]) + Wb)]
+    W0, b0 = layers[0]
+    h0 = W0.shape[0]
+    first = np.zeros((h0 + 1 + d, W0.shape[1] + 1))
+    first[:h0, :-1], first[:h0, -1], first[h0, -1], first[h0 + 1:] = W0, b0, 1.0, Wb
+    return [first] + [_carry(W, b, d, last=False) for W, b in layers[1:-1]] + [_carry(*layers[-1], d, last=True)]
+
+
+def _carry(W: np.ndarray, b: np.ndarray, d: int, last: bool) -> np.ndarray:
+    """``[h, 1, u_b] -> [W h + b, 1, u_b]`` (hidden) or ``W h + b + u_b`` (last)."""
+    n_out, n_in = W.shape
+    M = np.zeros((n_out + (0 if last else 1 + d), n_in + 1 + d))
+    M[:n_out, :n_in], M[:n_out, n_in] = W, b
+    if last:
+        M[:, n_in + 1:] = np.eye(d)
+    else:
+        M[n_out, n_in] = 1.0
+        M[n_out + 1:, n_in + 1:] = np.eye(d)
+    return M
 
 
 def policy_inputs(x, r):

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -188,7 +189,7 @@ class _ScaledDual:
     def Aw_exact(self, w):
         return self.col_scale * (self.A @ w)
 
-    def evaluate(self, y, exact: bool) -> "_DualPoint":
+    def evaluate(self, y, exact: bool) -> _DualPoint:
         m, lam = self.m, y[: self.m]
         w = self.w_exact(lam) if exact else self.w_reduced(lam)
         n = float(np.linalg.norm(w))

@@ -188,6 +188,12 @@ class DoubleIntegratorRollout:
         return RolloutResult(g=g, cost=cost, g_per_state=per if per_state else None)
 
 
+def region_bounds(initial_set: InitialSet, dof: int) -> np.ndarray:
+    """Half-widths ``(3 dof,)`` of the (x0, r) box of ``initial_set``, in the order ``[p, v, r]``
+    of ``policy_inputs`` (every sampler of initial conditions scales by these)."""
+    return np.array([initial_set.p0_max] * dof + [initial_set.v0_max] * dof + [initial_set.r_max] * dof)
+
+
 def structured_states(initial_set: InitialSet, dof: int, max_points: int = 256,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic initial conditions where the metrics are tightest.
@@ -197,7 +203,7 @@ def structured_states(initial_set: InitialSet, dof: int, max_points: int = 256,
     when there are too many), and states near equilibrium at several scales, where
     the Lyapunov condition is tightest.
     """
-    s = np.array([initial_set.p0_max] * dof + [initial_set.v0_max] * dof + [initial_set.r_max] * dof)
+    s = region_bounds(initial_set, dof)
     grid = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=3 * dof)))
     is_vertex = np.all(grid != 0.0, axis=1)
     vertices, others = grid[is_vertex], grid[~is_vertex]
@@ -219,7 +225,7 @@ def structured_states(initial_set: InitialSet, dof: int, max_points: int = 256,
 def random_states(initial_set: InitialSet, dof: int, count: int,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Uniform initial states and references in the (x0, r) box."""
-    s = np.array([initial_set.p0_max] * dof + [initial_set.v0_max] * dof + [initial_set.r_max] * dof)
+    s = region_bounds(initial_set, dof)
     pts = rng.uniform(-1.0, 1.0, size=(count, 3 * dof)) * s
     return pts[:, : 2 * dof], pts[:, 2 * dof:]
 

@@ -22,23 +22,29 @@ states). ``g ≤ 0`` is safe. One step:
 5. Certify (ours): ``θ_k + Δ*`` is committed only if every ``g_i ≤ -c_i`` on the
    certification states; otherwise ``Δ*/2, Δ*/4, ...`` are tried (one batched call),
    otherwise nothing is committed. No uncertified vector is ever returned.
+
+The projector knows nothing about what the metrics measure: it depends on numpy, torch
+and the QCQP only. ``residual_scpo.ResidualSCPO`` is its client for the residual policy
+of a double integrator (the metrics, their margins, the sampling states).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .qcqp import solve_qcqp
-from .rollout import METRICS, DoubleIntegratorRollout, SafetySpec, state_set, structured_states
 
 ConstraintFn = Callable[[torch.Tensor], torch.Tensor]
 """Flat parameter vectors ``(N, d)`` → safety metrics ``(N, m)``, ≤ 0 safe."""
 
-STATUSES = ("accepted", "backtracked", "rejected", "infeasible")
+COMMITTED = ("accepted", "backtracked")
+"""Statuses of a decision that committed new parameters (``Decision.committed``)."""
+STATUSES = COMMITTED + ("rejected", "infeasible")
+"""Every status a decision can have."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,11 @@ class SCPOConfig:
     """Random directions added to the step subspace each step."""
     safety_factor: float = 2.0
     """κ ≥ 1 multiplying the fitted error and curvature bounds."""
-    margins: tuple[float, ...] = (0.02, 0.02, 0.02, 2e-3, 0.02)
-    """m_i: margin each metric must keep below 0 in the projection (one value or one per metric)."""
-    cert_margins: tuple[float, ...] = (0.005, 0.005, 0.005, 1e-3, 0.005)
-    """c_i: certification requires g_i ≤ -c_i on the held-out states."""
+    margins: tuple[float, ...] = (0.02,)
+    """m_i: margin each metric must keep below 0 in the projection: one value for every metric,
+    or one per metric (a client whose metrics have different scales sets one per metric)."""
+    cert_margins: tuple[float, ...] = (0.005,)
+    """c_i: certification requires g_i ≤ -c_i on the held-out states (one value, or one per metric)."""
     max_backtracks: int = 3
     """Halvings of the projected step tried when it fails certification."""
     ridge: float = 1e-9
@@ -121,7 +128,7 @@ class Decision:
 
     @property
     def committed(self) -> bool:
-        return self.status in ("accepted", "backtracked")
+        return self.status in COMMITTED
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,52 +205,57 @@ class SCPOProjector:
         Returns the new certified parameters (``theta`` itself unless the step commits)
         and the decision record. Non-finite or mis-sized input is refused as "rejected".
         """
-        cfg = self.config
         t_start = time.perf_counter()
         self.steps += 1
         theta = torch.as_tensor(theta).detach().reshape(-1)
         delta_raw = torch.as_tensor(delta_raw, dtype=theta.dtype).detach().reshape(-1)
         decision = Decision(status="rejected", step=self.steps,
                             raw_step_norm=float(delta_raw.norm()) if torch.isfinite(delta_raw).all() else float("nan"))
-        if delta_raw.shape != theta.shape:
-            decision.reason = f"raw update has {delta_raw.numel()} entries, parameters have {theta.numel()}"
+        decision.reason = _refusal(theta, delta_raw)
+        if decision.reason:
             return theta, decision
-        if not torch.isfinite(delta_raw).all():
-            decision.reason = "raw update contains NaN or Inf"
-            return theta, decision
-        if float(delta_raw.norm()) == 0.0:
-            decision.reason = "empty update"
-            return theta, decision
+        times: dict = {}
+        lin = self._sample_and_fit(theta, delta_raw, decision, times)
+        step = None if lin is None else self._project(theta, delta_raw, lin, decision, times)
+        new_theta = theta if step is None else self._certify(theta, step, lin.cert_margins, decision, times)
+        times["total"] = 1e3 * (time.perf_counter() - t_start)
+        decision.times_ms = times
+        return new_theta, decision
 
-        # 1-2. subspace and one batched evaluation of θ_k and all samples
+    def _sample_and_fit(self, theta: torch.Tensor, delta_raw: torch.Tensor, decision: Decision,
+                        times: dict) -> _Linearisation | None:
+        """Steps 1-3: the subspace, one batched evaluation of θ_k and all samples, the fit.
+        ``None`` (with the reason in ``decision``) when the evaluation is not finite."""
         t0 = time.perf_counter()
         U = self._subspace(delta_raw)
         z = self._sample_offsets(U.shape[1])
         batch = torch.cat([theta.unsqueeze(0), theta.unsqueeze(0) + (z @ U.T).to(theta.dtype)])
         g_all = self.sample_constraints(batch).double().cpu()
         t1 = time.perf_counter()
+        times["sample"] = 1e3 * (t1 - t0)
         g0, dg = g_all[0], g_all[1:] - g_all[0]
         m = g0.numel()
         decision.margins_before = self._named(g0)
-        margins = _broadcast(cfg.margins, m, "margins")
-        cert_margins = _broadcast(cfg.cert_margins, m, "cert_margins")
+        margins = _broadcast(self.config.margins, m, "margins")
+        cert_margins = _broadcast(self.config.cert_margins, m, "cert_margins")
         if not torch.isfinite(g_all).all():
             decision.reason = "constraint evaluation returned NaN/Inf"
-            decision.times_ms = {"sample": 1e3 * (t1 - t0), "total": 1e3 * (time.perf_counter() - t_start)}
-            return theta, decision
-
-        # 3. fit
+            return None
         grad, e, L = self._fit(z, dg)
-        t2 = time.perf_counter()
+        times["fit"] = 1e3 * (time.perf_counter() - t1)
         self.prev_gradients = (grad @ U.T).to(theta.dtype)
+        return _Linearisation(U, g0, grad, e, L, margins, cert_margins)
 
-        # 4. project (all in subspace coordinates; U has orthonormal columns)
-        g0n = g0.numpy()
-        target = np.maximum(-margins, np.minimum(g0n, 0.0))
-        z_raw = (U.T @ delta_raw.double()).numpy()
-        sol = solve_qcqp(z_raw, grad.numpy(), g0n - target, e, L, cfg.sample_radius)
-        t3 = time.perf_counter()
-        times = {"sample": 1e3 * (t1 - t0), "fit": 1e3 * (t2 - t1), "qcqp": 1e3 * (t3 - t2)}
+    def _project(self, theta: torch.Tensor, delta_raw: torch.Tensor, lin: _Linearisation,
+                 decision: Decision, times: dict) -> torch.Tensor | None:
+        """Step 4: the QCQP in subspace coordinates (``U`` has orthonormal columns).
+        Returns the full-space step, or ``None`` (reason in ``decision``) when there is none."""
+        t2 = time.perf_counter()
+        g0n = lin.g0.numpy()
+        target = np.maximum(-lin.margins, np.minimum(g0n, 0.0))
+        z_raw = (lin.U.T @ delta_raw.double()).numpy()
+        sol = solve_qcqp(z_raw, lin.grad.numpy(), g0n - target, lin.e, lin.L, self.config.sample_radius)
+        times["qcqp"] = 1e3 * (time.perf_counter() - t2)
         if sol.status == "optimal":
             z_star = torch.as_tensor(sol.delta)
             decision.predicted = self._named(sol.constraint_values + target)
@@ -254,12 +266,16 @@ class SCPOProjector:
             decision.status = "infeasible"
             decision.reason = f"projection {sol.status}: no step keeps the predicted margins"
         if decision.reason:  # nothing to certify
-            times.update(certify=0.0, total=1e3 * (time.perf_counter() - t_start))
-            decision.times_ms = times
-            return theta, decision
-        step = (U @ z_star).to(theta.dtype)
+            times["certify"] = 0.0
+            return None
+        return (lin.U @ z_star).to(theta.dtype)
 
-        # 5. certify on fresh states: the full step first, the halvings only if it fails
+    def _certify(self, theta: torch.Tensor, step: torch.Tensor, cert_margins: np.ndarray,
+                 decision: Decision, times: dict) -> torch.Tensor:
+        """Step 5: certify on fresh states, the full step first, the halvings (one batched
+        call) only if it fails. Returns the committed parameters (``theta`` if none passed)."""
+        cfg = self.config
+        t3 = time.perf_counter()
         new_theta = theta
         g_cert = self.certify_constraints((theta + step).unsqueeze(0)).double().cpu()
         ok = _certified(g_cert, cert_margins)
@@ -283,87 +299,55 @@ class SCPOProjector:
             decision.reason = "certification failed"
         if decision.committed:
             decision.committed_step_norm = float((new_theta - theta).norm())
-        t4 = time.perf_counter()
-        times["certify"] = 1e3 * (t4 - t3)
-        times["total"] = 1e3 * (t4 - t_start)
-        decision.times_ms = times
-        return new_theta, decision
+        times["certify"] = 1e3 * (time.perf_counter() - t3)
+        return new_theta
 
+    def recertify(self, theta: torch.Tensor) -> Decision:
+        """Certify ``theta`` itself on fresh certification states, without a step (e.g. after
+        the constraints changed): "accepted" if it passes, "rejected" otherwise.
 
-class DoubleIntegratorSCPO:
-    """SCPO for the residual policy on a ``DoubleIntegrator``: the client the ROS node wraps.
-
-    Holds the last certified flat weights in ``theta`` (float32 numpy). Every weight
-    vector it ever holds has passed certification on ``n_cert_states`` fresh initial
-    conditions (or is the backup itself: a residual with its last layer at zero).
-    """
-
-    def __init__(self, system, backup, layout, initial_set, config: SCPOConfig = SCPOConfig(),
-                 safety=None, n_sample_states: int = 256, n_cert_states: int = 1024, seed: int = 0,
-                 device: str = "cpu", safe_set=None):
-        if n_sample_states < 8 or n_cert_states < 8:
-            raise ValueError("n_sample_states and n_cert_states must be >= 8")
-        self.worst_case_backup = backup.certify(initial_set)   # refuse a backup that is not safe
-        self.system, self.backup, self.layout, self.initial_set = system, backup, layout, initial_set
-        self.config = config
-        self.safety = safety if safety is not None else SafetySpec()
-        self.n_sample_states, self.n_cert_states = int(n_sample_states), int(n_cert_states)
-        # safe_set: the envelope's (``safeguard.invariant_set.SafeActionSet``); None = the default
-        # the rollout builds (robust to one late command)
-        self.engine = DoubleIntegratorRollout(system, backup, layout, self.safety, device=device,
-                                              safe_rows=None if safe_set is None else safe_set.affine_rows())
-        self.rng = np.random.default_rng(seed)
-        self.sample_structured = structured_states(initial_set, system.dof, max_points=self.n_sample_states // 2)
-        self.cert_structured = structured_states(initial_set, system.dof, max_points=self.n_cert_states // 2,
-                                                 seed=seed + 1)
-        self.backup_theta = backup_weights(layout, seed)
-        self.theta = self.backup_theta.copy()
-        self.projector = SCPOProjector(self._sample_g, self._certify_g, config, METRICS, seed=seed)
-
-    def _g_on_fresh_states(self, params, count, structured):
-        x0, r = state_set(self.initial_set, self.system.dof, count, self.rng, structured)
-        return self.engine.evaluate(params, x0, r).g
-
-    def _sample_g(self, params):
-        return self._g_on_fresh_states(params, self.n_sample_states, self.sample_structured)
-
-    def _certify_g(self, params):
-        return self._g_on_fresh_states(params, self.n_cert_states, self.cert_structured)
-
-    def propose_step(self, delta_raw) -> Decision:
-        """One SCPO step from ``theta`` along the raw update ``delta_raw``."""
-        theta = torch.as_tensor(self.theta, dtype=torch.float32)
-        new, decision = self.projector.step(theta, torch.as_tensor(np.asarray(delta_raw), dtype=torch.float32))
-        if decision.committed:
-            self.theta = new.numpy().astype(np.float32)
-        return decision
-
-    def propose_weights(self, theta_proposed) -> Decision:
-        """One SCPO step from ``theta`` towards externally proposed weights."""
-        theta_proposed = np.asarray(theta_proposed, dtype=np.float32).reshape(-1)
-        if theta_proposed.shape != self.theta.shape:
-            return Decision(status="rejected", step=self.projector.steps,
-                            reason=f"expected {self.theta.size} weights, got {theta_proposed.size}")
-        return self.propose_step(theta_proposed - self.theta)
-
-    def recertify(self) -> Decision:
-        """Re-check ``theta`` (e.g. after limits changed); fall back to the backup's weights if it fails."""
+        A failed check also drops the previous step's gradients: the caller must move to other
+        parameters (it may not keep uncertified ones), where those gradients say nothing.
+        """
         t0 = time.perf_counter()
-        g = self._certify_g(torch.as_tensor(self.theta).unsqueeze(0))[0].double()
-        cert_margins = _broadcast(self.config.cert_margins, g.numel(), "cert_margins")
-        names = self.projector._named
-        ok = bool(_certified(g.unsqueeze(0), cert_margins)[0])
-        decision = Decision(status="accepted" if ok else "rejected", step=self.projector.steps,
-                            margins_after=names(g), reason="re-certification" if ok else
-                            "re-certification failed: reverted to the backup")
+        theta = torch.as_tensor(theta).detach().reshape(-1)
+        g = self.certify_constraints(theta.unsqueeze(0))[0].double().cpu()
+        ok = bool(_certified(g.unsqueeze(0), _broadcast(self.config.cert_margins, g.numel(), "cert_margins"))[0])
+        decision = Decision(status="accepted" if ok else "rejected", step=self.steps, margins_after=self._named(g),
+                            reason="re-certification" if ok else "re-certification failed")
         if not ok:
-            self.theta = self.backup_theta.copy()
-            self.projector.prev_gradients = None
-        decision.times_ms = {"certify": 1e3 * (time.perf_counter() - t0)}
-        decision.times_ms["total"] = decision.times_ms["certify"]
+            self.prev_gradients = None
+        certify_ms = 1e3 * (time.perf_counter() - t0)
+        decision.times_ms = {"certify": certify_ms, "total": certify_ms}
         return decision
 
 
-def backup_weights(layout, seed: int = 0) -> np.ndarray:
-    """Flat weights of a residual that outputs exactly zero (the policy is the backup)."""
-    return layout.initial_parameters(seed).numpy().astype(np.float32)
+@dataclass
+class _Linearisation:
+    """What steps 1-3 found at θ_k, in the subspace ``U``: the model the QCQP uses."""
+
+    U: torch.Tensor
+    """(d, k) orthonormal basis of the step subspace."""
+    g0: torch.Tensor
+    """(m,) the metrics at θ_k on the sampling states."""
+    grad: torch.Tensor
+    """(m, k) fitted gradients ĝ_i."""
+    e: np.ndarray
+    """(m,) error-bound coefficients (× κ)."""
+    L: np.ndarray
+    """(m,) curvature-bound coefficients (× κ)."""
+    margins: np.ndarray
+    """(m,) m_i, broadcast from the config."""
+    cert_margins: np.ndarray
+    """(m,) c_i, broadcast from the config."""
+
+
+def _refusal(theta: torch.Tensor, delta_raw: torch.Tensor) -> str:
+    """Why a raw update cannot be stepped along at all ("" if it can)."""
+    if delta_raw.shape != theta.shape:
+        return f"raw update has {delta_raw.numel()} entries, parameters have {theta.numel()}"
+    if not torch.isfinite(delta_raw).all():
+        return "raw update contains NaN or Inf"
+    if float(delta_raw.norm()) == 0.0:
+        return "empty update"
+    return ""

@@ -1,4 +1,4 @@
-# Source me: the venv, the ament index inside it, single-threaded BLAS (see docs/performance).
+# Source me: the venv, the ament index inside it, single-threaded BLAS (see BENCHMARKS.md).
 _here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$_here/.venv/bin/activate"
 export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"

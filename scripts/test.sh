@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install (idempotent) and run the whole test suite.
+# Install (idempotent), lint, and run the test suite (pytest settings and markers: pyproject.toml).
+# Arguments go to pytest, e.g. `scripts/test.sh -m "not ros"` (the ROS-free suite) or `-m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . scripts/env.sh
-exec python -m pytest -q test "$@"
+ruff check .
+exec python -m pytest -q "$@"

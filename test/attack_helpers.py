@@ -87,7 +87,7 @@ def reset_state_for(p: float, v: float, dt: float = DT) -> tuple[float, float]:
 def max_gap(times: list[float], start: float, end: float) -> float:
     """Largest interval without an event in [start, end] (edges included)."""
     ts = [start] + sorted(t for t in times if start <= t <= end) + [end]
-    return max(b - a for a, b in zip(ts, ts[1:]))
+    return max(b - a for a, b in zip(ts[:-1], ts[1:], strict=True))
 
 
 # --------------------------------------------------------------------------- ROS helpers
@@ -120,7 +120,7 @@ class AttackProbe:
         from std_msgs.msg import Float64MultiArray, String
 
         from ros_graph_helpers import Probe
-        from scpo_ros.ros_common import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
+        from scpo_ros.ros.qos import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
         self.ns = "/" + ns.strip("/")
         self.probe = Probe(name)
         node = self.probe.node
@@ -250,7 +250,7 @@ class AttackProbe:
         p0, v0 = reset_state_for(p, v)
         res = self.set_params("double_integrator_sim", {"initial_position": [p0], "initial_velocity": [v0]})
         assert all(r.successful for r in res), [r.reason for r in res]
-        assert self.probe.call(Trigger, f"{self.ns}/reset", Trigger.Request()).success
+        assert self.probe.call(Trigger, f"{self.ns}/double_integrator_sim/reset", Trigger.Request()).success
         return time.monotonic()
 
     def settle(self, timeout: float = 20.0) -> float:
@@ -342,7 +342,7 @@ class Flooder:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             out, _ = self.proc.communicate()
-            raise AssertionError(f"flooder did not finish: {out[-2000:]}")
+            raise AssertionError(f"flooder did not finish: {out[-2000:]}") from None
         for line in out.splitlines():
             if line.startswith("FLOOD "):
                 return json.loads(line[len("FLOOD "):])
@@ -363,8 +363,9 @@ def _flood_main(argv: list[str]) -> int:
     from std_msgs.msg import Float64MultiArray
 
     from scpo_ros.policy import MLPLayout
-    from scpo_ros.ros_common import EVENT_QOS, weights_to_msg
-    from scpo_ros.scpo import backup_weights
+    from scpo_ros.residual_scpo import backup_weights
+    from scpo_ros.ros.messages import weights_to_msg
+    from scpo_ros.ros.qos import EVENT_QOS
     ap = argparse.ArgumentParser()
     ap.add_argument("--topic", required=True)
     ap.add_argument("--rate", type=float, default=1000.0)

@@ -22,7 +22,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from std_msgs.msg import String
 
-from scpo_ros.demo import merged_params_file
+from scpo_ros.graph import merged_params_file
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "config" / "scpo_double_integrator.yaml"

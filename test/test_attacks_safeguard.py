@@ -18,11 +18,21 @@ rclpy = pytest.importorskip("rclpy")
 
 from lifecycle_msgs.msg import Transition  # noqa: E402
 
-from attack_helpers import (DT, PARAMS, SAFEGUARD_PARAMS, AttackProbe, assert_commands_bounded,  # noqa: E402
-                            background, busy_processes, max_gap, status_mentions, wait_window)
+from attack_helpers import (  # noqa: E402
+    DT,
+    PARAMS,
+    SAFEGUARD_PARAMS,
+    AttackProbe,
+    assert_commands_bounded,
+    background,
+    busy_processes,
+    max_gap,
+    status_mentions,
+    wait_window,
+)
 from ros_graph_helpers import STARTUP_TIMEOUT, NodeProcess, wait_for  # noqa: E402
-from scpo_ros.demo import compare_params_file  # noqa: E402
-from scpo_ros.ros_common import WARN  # noqa: E402
+from scpo_ros.graph import compare_params_file  # noqa: E402
+from scpo_ros.ros.diagnostics import WARN  # noqa: E402
 
 NODE = "action_safeguard"
 SIM = "double_integrator_sim"

@@ -19,12 +19,24 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from lifecycle_msgs.msg import State, Transition  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
 
-from attack_helpers import (DT, PARAMS, SMALL_SCPO, U_MAX, AttackProbe, Flooder, assert_commands_bounded,  # noqa: E402
-                            background, busy_processes, max_gap, recoverable_starts, status_mentions, wait_window)
+from attack_helpers import (  # noqa: E402
+    DT,
+    PARAMS,
+    SMALL_SCPO,
+    AttackProbe,
+    Flooder,
+    assert_commands_bounded,
+    background,
+    busy_processes,
+    max_gap,
+    recoverable_starts,
+    status_mentions,
+    wait_window,
+)
 from ros_graph_helpers import STARTUP_TIMEOUT, NodeProcess, wait_for  # noqa: E402
-from scpo_ros.ros_common import ERROR, OK, WARN  # noqa: E402
+from scpo_ros.ros.diagnostics import ERROR, WARN  # noqa: E402
 
 NODE = "scpo_safety_node"
 SIM = "double_integrator_sim"

@@ -16,9 +16,8 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from scpo_ros.analysis import analyze_pipelines, format_comparison
 from scpo_ros.bag import typestore
 from scpo_ros.cli import main as cli_main
-from scpo_ros.demo import (COMPARE_FIRST_STATE_TOPICS, COMPARE_PIPELINES, SAFEGUARD_PLANT_PARAMS, compare_params_file,
-                           node_parameters)
 from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.graph import COMPARE_PIPELINES, compare_params_file, node_parameters, plant_param_names, state_answers
 from scpo_ros.safeguard.invariant_set import safe_set_for
 from scpo_ros.safeguard.projection import SafeguardProjector, project_batch
 
@@ -42,7 +41,7 @@ def test_float32_plant_driven_into_the_walls_never_falls_back(dof, solver):
     P = SafeguardProjector(S, solver=solver)
     rng = np.random.default_rng(dof)
     pushed_to_wall = 0
-    for episode in range(5):
+    for _episode in range(5):
         x = np.zeros(2 * dof, np.float32)
         for t in range(160):
             side = 1.0 if (t // 40) % 2 == 0 else -1.0
@@ -153,7 +152,7 @@ def test_one_bag_two_namespaces_and_two_bags_give_one_table(tmp_path, capsys):
     table = format_comparison({k: m for k, (m, _) in columns.items()}).splitlines()
     assert table[0].split() == list(columns)
     row = lambda name: dict(zip(columns, next(line.split()[-2:] for line in table  # noqa: E731
-                                              if line.strip().startswith(name))))
+                                              if line.strip().startswith(name)), strict=True))
     assert row("interventions") == {"scpo": "-", "safeguard": "4"}
     assert row("SCPO updates rejected") == {"scpo": "1", "safeguard": "-"}
 
@@ -190,7 +189,9 @@ def test_compare_params_file_gives_the_safeguard_the_simulators_plant(tmp_path):
                                                        {"dof": 2}}, tmp_path / "out.yaml")
     merged = yaml.safe_load(Path(out).read_text())
     sim, guard = node_parameters(merged, "double_integrator_sim"), node_parameters(merged, "action_safeguard")
-    assert {k: guard[k] for k in SAFEGUARD_PLANT_PARAMS} == {k: sim[k] for k in SAFEGUARD_PLANT_PARAMS}
+    plant = plant_param_names()
+    assert set(plant) == {"dof", "dt", "p_max", "v_max", "u_max"}
+    assert {k: guard[k] for k in plant} == {k: sim[k] for k in plant}
     assert guard["p_max"] == 1.5 and guard["dt"] == 0.04 and guard["dof"] == 2
     assert node_parameters(merged, "expert")["malicious"] is False
     assert guard["command_delay_steps"] == 0 and guard["solver"] == "auto"
@@ -244,8 +245,8 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
     for handler in io:
         line = lambda text: types.SimpleNamespace(text=text.encode(), from_stdout=False)  # noqa: E731
         assert handler["on_stderr"](line("[INFO] [bag_recorder]: publisher matched: /diagnostics\n")) is None
-        for ns, topics in COMPARE_FIRST_STATE_TOPICS.items():
-            for t in topics:
+        for ns, pipeline in COMPARE_PIPELINES.items():
+            for t in state_answers(pipeline):
                 started = handler["on_stderr"](line(f"\x1b[0m[INFO] [1.0] [bag_recorder]: publisher matched: /{ns}/{t}"
                                                     "\x1b[0m\r\n"))
                 if started:
@@ -278,9 +279,11 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ the whole thing over DDS
 
+@pytest.mark.slow
 def test_compare_demo_both_pipelines_safe_and_one_table(tmp_path):
     pytest.importorskip("rclpy")
-    from scpo_ros.demo import format_compare_summary, merged_params_file, run_graph
+    from scpo_ros.demo import format_compare_summary, run_graph
+    from scpo_ros.graph import merged_params_file
 
     # malicious phases every 4 s (2 s each) so a short run sees both kinds of demonstration.
     # Two pipelines (10 processes) on 2 cores: the safeguard's guarantee holds only if each
@@ -325,7 +328,9 @@ def test_compare_demo_both_pipelines_safe_and_one_table(tmp_path):
     # projected back (outside_invariant_set), the simulators stopping first at shutdown
     # (stale_state). Only these reasons, and the safeguard mostly projects: the plant stayed
     # inside throughout (checked above).
-    assert set(guard["fallbacks_by_mode"]) <= {"stale_action", "outside_invariant_set", "stale_state"}
+    # An expert action later than action_deadline_periods after its state (no_action) is one more
+    # such reason: seen in 2 of 6 runs here beside other test runs (load 4-5 on 2 cores).
+    assert set(guard["fallbacks_by_mode"]) <= {"stale_action", "no_action", "outside_invariant_set", "stale_state"}
     assert guard["fallbacks"] <= 0.1 * guard["control_steps"]
     text = format_compare_summary(result)
     assert "intervention rate" in text and "SCPO updates accepted" in text

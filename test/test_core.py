@@ -5,8 +5,16 @@ import torch
 
 from scpo_ros.backup import BackupCertificationError, InitialSet, LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.envs import VecDoubleIntegrator
 from scpo_ros.policy import MLPLayout, NumpyMLP, ResidualMLP, WeightsRejected, check_weights
-from scpo_ros.rollout import DoubleIntegratorRollout, SafetySpec, random_states, structured_states
+from scpo_ros.rollout import (
+    DoubleIntegratorRollout,
+    SafetySpec,
+    random_states,
+    region_bounds,
+    state_set,
+    structured_states,
+)
 from scpo_ros.safeguard.invariant_set import safe_set_for
 
 
@@ -115,19 +123,22 @@ def test_batched_rollout_matches_a_float64_reference_simulation(dof):
     assert res.g.shape == (3, 5) and res.g_per_state.shape == (3, 20, 5) and res.cost.shape == (3,)
     E, G, f = (torch.as_tensor(a, dtype=torch.float64) for a in safe_set_for(sys_, late_commands=1).affine_rows())
 
+    P = torch.as_tensor(backup.P)
+
+    def V(e):
+        return ((e @ P) * e).sum(-1)
+
     for i in range(3):
         model = ResidualMLP(layout).double()
         model.load_flat(params[i])
         model.double()
         x = torch.as_tensor(x0, dtype=torch.float64)
         rt = torch.as_tensor(r, dtype=torch.float64)
-        P = torch.as_tensor(backup.P)
-        V = lambda e: ((e @ P) * e).sum(-1)  # noqa: E731
         ref = torch.cat([rt, torch.zeros_like(rt)], -1)
         worst = torch.full((5,), -np.inf, dtype=torch.float64)
         cost = torch.zeros(len(x0), dtype=torch.float64)
         a, eps = spec.lyap_alpha, spec.lyap_eps
-        for t in range(spec.horizon):
+        for _ in range(spec.horizon):
             with torch.no_grad():
                 u = backup(x, rt) + model(torch.cat([x, rt], -1))
             nxt = sys_.step(x, u)
@@ -168,3 +179,18 @@ def test_structured_states_hold_the_box_vertices():
     for v_x, v_r in zip(*iset.vertices(2)):
         assert np.any(np.all(np.isclose(pts, np.concatenate([v_x[:2], v_x[2:], v_r])), axis=1))
     assert len(vertices) == 64
+
+
+def test_every_sampler_of_initial_conditions_covers_the_same_box():
+    """``region_bounds`` is the box: the rollouts' samplers and the RL env's episodes fill it."""
+    iset, dof = InitialSet(p0_max=0.7, v0_max=0.3, r_max=0.4), 2
+    bounds = region_bounds(iset, dof)
+    np.testing.assert_array_equal(bounds, [0.7, 0.7, 0.3, 0.3, 0.4, 0.4])
+    x, r = random_states(iset, dof, 4000, np.random.default_rng(0))
+    pts = np.concatenate([x, r], 1)
+    assert np.all(np.abs(pts) <= bounds) and np.all(np.abs(pts).max(0) > 0.95 * bounds)
+    xs, rs = state_set(iset, dof, 300, np.random.default_rng(1))
+    assert len(xs) == len(rs) == 300 and iset.contains(xs, rs, dof).all()
+    env = VecDoubleIntegrator(4000, DoubleIntegrator(dof=dof), iset, seed=0)
+    obs = env.reset().double().numpy()
+    assert np.all(np.abs(obs) <= bounds + 1e-6) and np.all(np.abs(obs).max(0) > 0.95 * bounds)

@@ -6,8 +6,21 @@ import pytest
 import torch
 
 from scpo_ros.backup import LQRBackup
-from scpo_ros.ctrpo import (Batch, CTRPOConfig, CTRPOLearner, Hysteresis, RolloutBuffer, backtracking_line_search,
-                            barrier_term, conjugate_gradient, evaluate_policy, gae, gaussian_log_prob, train)
+from scpo_ros.ctrpo import (
+    Batch,
+    Collector,
+    CTRPOConfig,
+    CTRPOLearner,
+    Hysteresis,
+    RolloutBuffer,
+    backtracking_line_search,
+    barrier_term,
+    conjugate_gradient,
+    evaluate_policy,
+    gae,
+    gaussian_log_prob,
+    train,
+)
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
 from scpo_ros.envs import VecDoubleIntegrator, VecPendulum, make_env
 from scpo_ros.policy import NumpyMLP, policy_inputs
@@ -371,6 +384,23 @@ def test_training_is_reproducible_for_a_seed(algorithm):
         res = train(env, cfg, epochs=3, seed=seed, base_gain=env.backup_gain())
         return [(h.ep_return, h.ep_cost, h.accepted_at) for h in res.history], res.learner.mean_weights()
 
-    (h0, w0), (h1, w1), (h2, w2) = run(0), run(0), run(1)
+    (h0, w0), (h1, w1), (h2, _) = run(0), run(0), run(1)
     assert h0 == h1 and np.array_equal(w0, w1)
     assert h0 != h2
+
+
+def test_run_epoch_is_the_epoch_of_train():
+    """``train`` and the learner node's proposer both run their epochs with ``Collector.run_epoch``:
+    two epochs by hand give the weights of ``train(epochs=2)``."""
+    cfg = CTRPOConfig(hidden=(8, 8), critic_epochs=1)
+    env = VecDoubleIntegrator(4, episode_length=20, seed=3)
+    trained = train(env, cfg, 2, seed=3, base_gain=env.backup_gain()).learner
+    env = VecDoubleIntegrator(4, episode_length=20, seed=3)
+    learner = CTRPOLearner(env.obs_dim, env.act_dim, cfg, base_gain=env.backup_gain(), seed=3)
+    collector = Collector(learner, 20, env.num_envs)
+    obs = env.reset()
+    for _ in range(2):
+        obs, info, rets, costs = collector.run_epoch(env, obs)
+        assert len(rets) == len(costs) == env.num_envs and "kl" in info   # horizon = episode: every env finished one
+    assert obs.shape == (4, env.obs_dim)
+    np.testing.assert_array_equal(learner.mean_weights(), trained.mean_weights())

@@ -10,11 +10,22 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scpo_ros.inputs import (BAD_LENGTHS, BAD_SIZE, CLAMPED, FUTURE_STAMP, MISSING_JOINT, NON_FINITE,
-                             NON_INCREASING_STAMP, STALE_STAMP, JointMap, ReferenceGate, StateGate)
+from scpo_ros.inputs import (
+    BAD_LENGTHS,
+    BAD_SIZE,
+    CLAMPED,
+    FUTURE_STAMP,
+    MISSING_JOINT,
+    NON_FINITE,
+    NON_INCREASING_STAMP,
+    STALE_STAMP,
+    JointMap,
+    ReferenceGate,
+    StateGate,
+)
 
 FAST = settings(max_examples=150, deadline=None)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-launch_ros = pytest.importorskip("launch_ros")
-launch_testing = pytest.importorskip("launch_testing")
+pytest.importorskip("launch_ros")
+pytest.importorskip("launch_testing")
 
 import launch  # noqa: E402
 import launch_testing.actions  # noqa: E402
@@ -35,7 +35,9 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource  # n
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from std_msgs.msg import Bool, Float64MultiArray, String  # noqa: E402
 
-from scpo_ros.demo import merged_params_file  # noqa: E402
+from scpo_ros.graph import merged_params_file  # noqa: E402
+
+pytestmark = pytest.mark.slow   # the whole graph, started by launch
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "scpo_double_integrator.launch.py"
@@ -77,7 +79,7 @@ class TestGraphRuns(unittest.TestCase):
             return [d for d in decisions if d.get("kind") == "proposal" and d.get("status") == "accepted"]
 
         def malicious_phase_passed():
-            return any(a and not b for a, b in zip(malicious, malicious[1:]))
+            return any(a and not b for a, b in zip(malicious, malicious[1:], strict=False))
 
         try:
             deadline = time.monotonic() + TIMEOUT

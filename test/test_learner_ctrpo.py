@@ -50,7 +50,7 @@ def test_ctrpo_proposer_starts_as_the_backup_and_proposes_changing_layout_true_w
     assert np.isnan(all_stats[0]["ep_cost"])
     assert 0.0 <= all_stats[1]["ep_cost"] <= 100.0 and np.isfinite(all_stats[1]["ep_return"])
     assert all_stats[2]["ep_return"] == all_stats[1]["ep_return"]     # the latest finished episodes
-    steps = [np.linalg.norm(b - a) for a, b in zip(proposals, proposals[1:])]
+    steps = [np.linalg.norm(b - a) for a, b in zip(proposals[:-1], proposals[1:], strict=True)]
     assert all(s > 0 for s in steps), steps                  # every update moved the proposal
 
 
@@ -114,10 +114,9 @@ def test_ctrpo_learner_proposals_are_certified_by_the_safety_node(tmp_path):
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Float64MultiArray, String
 
-    from scpo_ros.ros_common import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
-    from scpo_ros.scpo import STATUSES
-
     from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for
+    from scpo_ros.ros.qos import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
+    from scpo_ros.scpo import STATUSES
 
     layout = MLPLayout(3, 1, (32, 32))      # the YAML's `hidden` for every node (/**)
     probe = Probe("ctrpo_probe")

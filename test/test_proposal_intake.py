@@ -20,8 +20,8 @@ from rclpy.serialization import serialize_message
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 
 from ros_graph_helpers import Probe, wait_for
-from scpo_ros.proposal_intake import INTAKE_QOS, MAX_LABEL, ProposalIntake, cdr_size_range
-from scpo_ros.ros_common import make_executor
+from scpo_ros.ros.proposal_intake import INTAKE_QOS, MAX_LABEL, ProposalIntake, cdr_size_range
+from scpo_ros.ros.runner import make_executor
 
 N = 1217                      # the safety node's default layout (3, 32, 32, 1)
 FINGERPRINT = "7f19c98323715ef5"
@@ -68,7 +68,7 @@ def test_a_label_longer_than_the_limit_is_outside():
 
 class Owner:
     """A node in ``NAMESPACE`` spun by its own executor in a thread (its own context): the
-    EventsExecutor of the nodes (``ros_common.make_executor``) or rclpy's default one."""
+    EventsExecutor of the nodes (``scpo_ros.ros.runner.make_executor``) or rclpy's default one."""
 
     def __init__(self, name: str = "owner", cli_args: list[str] | None = None, executor: str = "events"):
         self.context = rclpy.Context()

@@ -10,10 +10,10 @@ from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Bool, Float64MultiArray  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from scpo_ros.policy import MLPLayout  # noqa: E402
-from scpo_ros.ros_common import CONTROL_QOS, OK, diagnostic_values  # noqa: E402
-
 from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
+from scpo_ros.policy import MLPLayout  # noqa: E402
+from scpo_ros.ros.diagnostics import OK, diagnostic_values  # noqa: E402
+from scpo_ros.ros.qos import CONTROL_QOS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,9 @@ def nodes(tmp_path_factory):
         probe.close()
         codes = [p.stop() for p in procs]
         assert codes == [0, 0, 0], [p.text()[-2000:] for p in procs]
+        for p in procs:   # the runner prints it, once per node
+            assert p.text().count("SUMMARY ") == 1, p.text()[-2000:]
+            assert p.summary()["node"] == p.name
 
 
 def test_sim_publishes_state_and_resets(nodes):
@@ -48,7 +51,9 @@ def test_sim_publishes_state_and_resets(nodes):
     assert st.header.stamp.sec > 0
     nodes.cmd_pub.publish(Float64MultiArray(data=[0.5]))
     wait_for(lambda: nodes.messages("joint_states")[-1].velocity[0] > 0.05, what="the command to act")
-    res = nodes.call(Trigger, "/reset", Trigger.Request())
+    services = dict(nodes.node.get_service_names_and_types())
+    assert services.get("/double_integrator_sim/reset") == ["std_srvs/srv/Trigger"] and "/reset" not in services
+    res = nodes.call(Trigger, "/double_integrator_sim/reset", Trigger.Request())
     assert res.success
     wait_for(lambda: abs(nodes.messages("joint_states")[-1].position[0] - 0.3) < 1e-9, what="state back to 0.3")
 
@@ -57,7 +62,7 @@ def test_diagnostics_name_each_node_by_its_fully_qualified_name(nodes):
     """``hardware_id`` tells two namespaced copies of a node apart (the compare graph runs two
     simulators and two experts)."""
     for name in ("double_integrator_sim", "expert", "learner"):
-        st = wait_for(lambda: nodes.statuses(f"{name}: "), what=f"{name}'s diagnostics")[-1]
+        st = wait_for(lambda name=name: nodes.statuses(f"{name}: "), what=f"{name}'s diagnostics")[-1]
         assert st.hardware_id == f"/{name}"
 
 
@@ -102,3 +107,27 @@ def test_learner_proposes_fingerprinted_weights(nodes):
     assert np.all(np.isfinite(msg.data))
     first = np.asarray(nodes.messages("proposed_weights")[0].data)
     assert np.linalg.norm(np.asarray(msg.data) - first) > 0     # it learns
+
+
+def test_the_plant_parameters_are_one_table_in_every_node(nodes):
+    """dof, dt and the limits: the same range (and default) in the simulator, the expert and the
+    learner, from ``PLANT_PARAMS``; no description asks to keep two nodes in step by hand."""
+    from rcl_interfaces.srv import DescribeParameters, ListParameters
+
+    from scpo_ros.params import PLANT_PARAMS
+    from scpo_ros.ros.parameters import descriptor
+
+    def ranges(d):
+        return ([(r.from_value, r.to_value) for r in d.floating_point_range],
+                [(r.from_value, r.to_value) for r in d.integer_range])
+
+    names = [s.name for s in PLANT_PARAMS]
+    for node in ("double_integrator_sim", "expert", "learner"):
+        got = nodes.call(DescribeParameters, f"/{node}/describe_parameters",
+                         DescribeParameters.Request(names=names)).descriptors
+        for spec, d in zip(PLANT_PARAMS, got, strict=True):
+            assert ranges(d) == ranges(descriptor(spec)), (node, spec.name)
+        listed = nodes.call(ListParameters, f"/{node}/list_parameters", ListParameters.Request()).result.names
+        every = nodes.call(DescribeParameters, f"/{node}/describe_parameters",
+                           DescribeParameters.Request(names=list(listed))).descriptors
+        assert not [d.name for d in every if "must match" in d.description], node

@@ -1,9 +1,10 @@
 """scpo_safety_node over real DDS: lifecycle, control law, region fallback, stale state,
-malformed and valid proposals, runtime parameters. One node process for the module."""
+malformed and valid proposals, runtime parameters. One node process for the module.
+Its ROS-free parts have their own tests: test_control_law.py, test_safety_model.py,
+test_scpo_worker.py."""
 import contextlib
 import json
 import math
-import os
 import threading
 import time
 
@@ -19,13 +20,15 @@ from rcl_interfaces.srv import SetParameters  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
+from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
 from scpo_ros.backup import LQRBackup  # noqa: E402
 from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
 from scpo_ros.policy import MLPLayout  # noqa: E402
-from scpo_ros.ros_common import CONTROL_QOS, ERROR, EVENT_QOS, LATCHED_QOS, OK, weights_to_msg  # noqa: E402
-from scpo_ros.scpo import backup_weights  # noqa: E402
-
-from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
+from scpo_ros.residual_scpo import backup_weights  # noqa: E402
+from scpo_ros.ros.diagnostics import ERROR, OK  # noqa: E402
+from scpo_ros.ros.messages import weights_to_msg  # noqa: E402
+from scpo_ros.ros.qos import CONTROL_QOS, EVENT_QOS, LATCHED_QOS  # noqa: E402
+from scpo_ros.scpo import COMMITTED, STATUSES  # noqa: E402
 
 NODE = "/scpo_safety_node"
 LAYOUT = MLPLayout(3, 1, (32, 32))
@@ -231,11 +234,11 @@ def test_valid_and_huge_proposals_go_through_scpo(graph):
     graph.weights_pub.publish(weights_to_msg(huge, LAYOUT.fingerprint))
     rec = wait_for(lambda: [d for d in graph.json_messages("scpo_decision", since) if d["kind"] == "proposal"],
                    60.0, "an SCPO decision")[0]
-    assert rec["status"] in ("accepted", "backtracked", "rejected", "infeasible")
+    assert rec["status"] in STATUSES
     assert set(rec["times_ms"]) >= {"total"}
     # never more than the trust radius from the certified weights
     assert rec["committed_step_norm"] <= 0.05 + 1e-6
-    if rec["status"] in ("accepted", "backtracked"):
+    if rec["status"] in COMMITTED:
         w = wait_for(lambda: [m for m in graph.messages("certified_weights", since)], 10.0, "certified weights")
         assert np.linalg.norm(np.asarray(w[-1].data) - theta) <= 0.05 + 1e-5
         assert all(v <= 0 for v in rec["margins_after"].values())
@@ -245,7 +248,9 @@ def test_runtime_parameters(graph):
     ensure_active(graph)
     bad = set_param(graph, "n_samples", 1)                   # below its range
     assert not bad.successful and bad.reason
-    bad = set_param(graph, "p0_max", 5.0)                    # backup cannot certify: rejected with the reason
+    bad = set_param(graph, "p0_max", 5.0)                    # region outside the limits: the plant refuses it
+    assert not bad.successful and "p0_max" in bad.reason
+    bad = set_param(graph, "p0_max", 0.95)                   # backup cannot certify: rejected with the reason
     assert not bad.successful and "certif" in bad.reason
     bad = set_param(graph, "dof", 2)                          # read-only
     assert not bad.successful
@@ -282,45 +287,3 @@ def test_lifecycle_deactivate_cleanup(graph):
     assert transition(graph, Transition.TRANSITION_CONFIGURE).success
     assert transition(graph, Transition.TRANSITION_ACTIVATE).success
     assert command_for(graph, 0.1, 0.0, timeout=30.0).layout.dim[0].label in ("policy", "backup")
-
-
-@pytest.mark.parametrize("dof", [1, 2])
-def test_folded_policy_equals_backup_plus_mlp(dof):
-    from scpo_ros.nodes.scpo_safety_node import FoldedPolicy, command_view
-    from scpo_ros.policy import NumpyMLP
-    system = DoubleIntegrator(dof=dof, dt=0.05)
-    backup = LQRBackup(system)
-    layout = MLPLayout(3 * dof, dof, (16, 8))
-    rng = np.random.default_rng(dof)
-    theta = rng.standard_normal(layout.size) * 0.3
-    folded, alone, mlp = FoldedPolicy(backup.K, layout, theta), FoldedPolicy(backup.K, None, None), \
-        NumpyMLP(layout, theta)
-    flat_layout = MLPLayout(3 * dof, dof, ())          # no hidden layer: φ affine
-    theta_flat = rng.standard_normal(flat_layout.size)
-    affine, affine_ref = FoldedPolicy(backup.K, flat_layout, theta_flat), NumpyMLP(flat_layout, theta_flat)
-    # the node writes the command straight into the storage of the message it publishes
-    msg = Float64MultiArray(data=[0.0] * dof)
-    out = command_view(msg)
-    for _ in range(20):
-        x, r = rng.uniform(-1, 1, 2 * dof), rng.uniform(-0.5, 0.5, dof)
-        inp = np.concatenate([x, r])
-        z = np.append(inp, 1.0)                            # the augmented input [x, r, 1]
-        folded(z, out)
-        assert np.allclose(list(msg.data), backup(x, r) + mlp(inp), atol=1e-12)
-        assert np.allclose(alone(z, out), backup(x, r), atol=1e-12)
-        assert np.allclose(list(msg.data), backup(x, r), atol=1e-12)
-        assert np.allclose(affine(z, out), backup(x, r) + affine_ref(inp), atol=1e-12)
-
-
-def test_scpo_worker_runs_below_the_control_path_priority():
-    from scpo_ros.nodes.scpo_safety_node import SCPOWorker
-    worker = SCPOWorker(niceness=7)
-    worker.start()
-    try:
-        own = os.getpriority(os.PRIO_PROCESS, 0)
-        pid = worker._proc.pid
-        # the worker lowers its priority as its first action; wait for it, not a fixed time
-        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == min(19, own + 7), 60.0, "the worker's niceness")
-    finally:
-        worker.stop()
-    assert not worker.alive()

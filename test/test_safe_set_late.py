@@ -7,14 +7,22 @@ import functools
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 from scpo_ros.backup import LQRBackup, dlqr
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
-from scpo_ros.safeguard.invariant_set import (Polytope, SafeActionSet, contains_polytope, late_blocks,
-                                              linear_safe_set, maximal_control_invariant_set, pre_set, safe_set_for)
+from scpo_ros.safeguard.invariant_set import (
+    Polytope,
+    SafeActionSet,
+    contains_polytope,
+    late_blocks,
+    linear_safe_set,
+    maximal_control_invariant_set,
+    pre_set,
+    safe_set_for,
+)
 from scpo_ros.safeguard.projection import SafeguardProjector
 
 TOL = 1e-9
@@ -36,7 +44,7 @@ class LinearPlant:
         return self.A @ x + self.B @ u
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(*cfg):
     """Plant, late set, LQR backup and the late-set projector (one per configuration)."""
     if cfg == (UNSTABLE,):
@@ -54,7 +62,7 @@ def setup(*cfg):
     return sysm, S, backup, SafeguardProjector(S, backup=backup)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def daqp_projector(*cfg):
     _, S, backup, _ = setup(*cfg)
     return SafeguardProjector(S, backup=backup, solver="daqp")
@@ -263,6 +271,7 @@ def least_nominal_violation(S: SafeActionSet, sysm, x) -> float:
 @settings(max_examples=120, deadline=None)
 @given(cfg=config, x=st.lists(st.floats(-1.6, 1.6), min_size=4, max_size=4),
        u=st.lists(st.floats(-5.0, 5.0), min_size=2, max_size=2))
+@example(cfg=(2, 0.02, 0.6), x=[-1.0, 1.0, 1.1920928955078125e-07, 0.0], u=[0.0, 0.0])   # recovery, 3.7e-5 apart
 def test_states_outside_the_nominal_set_never_do_worse_than_the_backup(cfg, x, u):
     """(c) Outside the nominal set: the command is in the box, its next state violates the
     nominal set's facets no more than the LQR backup's does (the recovery's optimum where no
@@ -275,9 +284,17 @@ def test_states_outside_the_nominal_set_never_do_worse_than_the_backup(cfg, x, u
     u = np.asarray(u[:dof])
     res, qp = P.project(x, u), daqp_projector(*cfg).project(x, u)   # the two solvers, every level
     assert (res.fallback, res.reason) == (qp.fallback, qp.reason)
-    np.testing.assert_allclose(qp.u, res.u, atol=1e-6)
     assert qp.violation == pytest.approx(res.violation, abs=1e-7)
-    for res in (res, P.fallback(x, u, None, "stale_state")):
+    if res.violation == 0.0:
+        np.testing.assert_allclose(qp.u, res.u, atol=1e-6)
+    else:
+        # the recovery level: the LP's optimum s* is found to ~1e-7, and the relaxed set
+        # {G u <= b + s*} it projects onto is then ~1e-7 / |G_ij| wide (G = H B ~ dt²): the
+        # two solvers' actions may differ by ~1e-4 there, their next-state violations may not
+        worst = [max_violation(S.nominal, sysm.step(x, r.u)) for r in (res, qp)]
+        assert worst[0] == pytest.approx(worst[1], abs=1e-7)
+    for case in (res, P.fallback(x, u, None, "stale_state")):
+        res = case
         assert not res.in_set
         assert np.all(np.abs(res.u) <= sysm.u_max)
         ours = max_violation(S.nominal, sysm.step(x, res.u))

@@ -4,8 +4,13 @@ import pytest
 
 from scpo_ros.backup import LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
-from scpo_ros.safeguard.invariant_set import (box, double_integrator_safe_set, maximal_control_invariant_set,
-                                              pendulum_safe_set, pre_set)
+from scpo_ros.safeguard.invariant_set import (
+    box,
+    double_integrator_safe_set,
+    maximal_control_invariant_set,
+    pendulum_safe_set,
+    pre_set,
+)
 from scpo_ros.safeguard.projection import SafeguardProjector, project_batch
 
 
@@ -107,7 +112,7 @@ def test_pendulum_set_keeps_the_true_nonlinear_pendulum_safe():
     assert not sysm.violation(nxt).any()
     # Closed loop over many steps with adversarial raw actions: never leaves the set.
     x = x[:500]
-    for t in range(200):
+    for _ in range(200):
         a = np.where(rng.random((len(x), 1)) < 0.5, 5.0, -5.0) * np.sign(x[:, 1:2] + 1e-12)
         ut, _, feasible = project_batch(S, x, a)
         assert feasible.all()

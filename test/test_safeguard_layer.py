@@ -8,7 +8,6 @@ from scpo_ros.dynamics import DoubleIntegrator, Pendulum
 from scpo_ros.safeguard.invariant_set import safe_set_for
 from scpo_ros.safeguard.layer import ProjectionLayer
 from scpo_ros.safeguard.projection import SafeguardProjector
-
 from test_safeguard_projection import coupled_safe_set
 
 torch.set_num_threads(1)

@@ -186,3 +186,24 @@ def test_recovery_keeps_a_plant_with_late_commands_inside_its_limits():
                 violations[recovery] += bool(true.violation(x))
     assert violations[True] == 0
     assert violations[False] > 100, "the scenario must break the backup fallback, or it tests nothing"
+
+
+@pytest.mark.parametrize("dof,late", [(1, 0), (2, 0), (1, 1), (2, 1)])
+def test_per_step_closed_form_is_the_batched_interval_projection(dof, late):
+    """``SafeguardProjector``'s closed form is a fused form of ``IntervalBatch``."""
+    import torch
+
+    from scpo_ros.safeguard.projection import IntervalBatch
+    S = safe_set_for(DoubleIntegrator(dof=dof), late_commands=late)
+    rng = np.random.default_rng(dof + 2 * late)
+    x = rng.uniform(-1.0, 1.0, (4000, 2 * dof))
+    x = x[S.invariant.contains(x, tol=-1e-6)][:300]
+    u = rng.uniform(-2.5, 2.5, (len(x), dof)) * S.u_max
+    batch = IntervalBatch(S.G, S.u_max)
+    ut, active, feasible = batch(torch.as_tensor(u), torch.as_tensor(S.rhs(x)))
+    P = SafeguardProjector(S, solver="closed_form")
+    for i in range(len(x)):
+        res = P.project(x[i], u[i])
+        assert feasible[i] and not res.fallback
+        np.testing.assert_allclose(res.u, ut[i].numpy(), atol=1e-12)
+        assert np.array_equal(res.active, active[i].numpy())

@@ -1,137 +1,27 @@
-"""SCPO projector: it never commits an unsafe iterate, and it still lets safe learning through."""
-import numpy as np
+"""SCPOProjector, the generic core: its geometry on a toy constraint, its decisions, its config."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from scpo_ros.backup import InitialSet, LQRBackup
-from scpo_ros.dynamics import DoubleIntegrator
-from scpo_ros.expert import ExpertConfig, expert_action
-from scpo_ros.policy import MLPLayout, ResidualMLP, policy_inputs
-from scpo_ros.rollout import DoubleIntegratorRollout, SafetySpec, random_states, structured_states
-from scpo_ros.scpo import DoubleIntegratorSCPO, SCPOConfig, SCPOProjector
+from scpo_ros.scpo import COMMITTED, STATUSES, Decision, SCPOConfig, SCPOProjector
 
 
-def make_scpo(seed=0, **cfg):
-    system = DoubleIntegrator()
-    backup = LQRBackup(system)
-    layout = MLPLayout(3, 1, (16, 16))
-    config = SCPOConfig(n_samples=24, **cfg)
-    # shorter horizon and fewer states than the defaults keep the suite fast; the logic is the same
-    return DoubleIntegratorSCPO(system, backup, layout, InitialSet(), config, safety=SafetySpec(horizon=60),
-                                n_sample_states=96, n_cert_states=256, seed=seed)
+def norm_constraint(P):
+    """g(θ) = ||θ||² - 1, a black box to the projector."""
+    return (P.double() ** 2).sum(1, keepdim=True) - 1.0
 
 
-def held_out_checker(scpo, seed):
-    """Fresh states the projector never saw: 1024 uniform + the structured worst cases."""
-    iset, dof = scpo.initial_set, scpo.system.dof
-    x, r = random_states(iset, dof, 1000, np.random.default_rng(10_000 + seed))
-    sx, sr = structured_states(iset, dof, max_points=256, seed=99)
-    x, r = np.concatenate([x, sx]), np.concatenate([r, sr])
-    engine = DoubleIntegratorRollout(scpo.system, scpo.backup, scpo.layout, scpo.safety)
-    return lambda theta: engine.evaluate(torch.as_tensor(theta), x, r).g[0]
-
-
-def test_falsification_adversarial_updates_never_commit_unsafe_weights():
-    """Many SCPO steps against raw updates built to break safety; every committed
-    iterate is checked on held-out initial states with fresh rollouts."""
-    scpo = make_scpo(seed=1)
-    check = held_out_checker(scpo, 1)
-    rng = np.random.default_rng(0)
-    system, layout = scpo.system, scpo.layout
-    model = ResidualMLP(layout)
-    mal = ExpertConfig(malicious=True)
-    committed = unsafe_proposals = 0
-    for k in range(30):
-        theta = torch.as_tensor(scpo.theta)
-        kind = k % 3
-        if kind == 0:      # large random jump
-            delta = torch.randn(layout.size, generator=torch.Generator().manual_seed(k)) * 0.2
-        elif kind == 1:    # push the output layer bias: a constant force on the plant
-            delta = torch.zeros(layout.size)
-            delta[-1] = float(rng.choice([-1.0, 1.0])) * 0.5
-        else:              # gradient step towards a malicious expert, scaled up
-            model.load_flat(theta)
-            x, r = random_states(InitialSet(1.0, 0.6, 0.5), 1, 256, rng)
-            target = torch.as_tensor(expert_action(x, r, True, mal, system) - scpo.backup(x, r), dtype=torch.float32)
-            loss = ((model(torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)) - target) ** 2).mean()
-            grad = torch.autograd.grad(loss, list(model.parameters()))
-            delta = -torch.cat([g.reshape(-1) for g in grad])
-            delta = 0.3 * delta / delta.norm()
-        unsafe_proposals += bool((check(theta + delta) > 0).any())
-        before = scpo.theta.copy()
-        decision = scpo.propose_step(delta.numpy())
-        if decision.committed:
-            committed += 1
-            g = check(scpo.theta)
-            assert torch.all(g <= 0), f"step {k} ({decision.status}) committed unsafe weights: {g}"
-        else:
-            np.testing.assert_array_equal(scpo.theta, before)
-    assert unsafe_proposals >= 20  # the attack is real: most raw proposals were unsafe
-    assert committed >= 3          # and SCPO still found safe fractions of some of them
-
-
-def test_clean_updates_are_committed_and_reduce_the_loss():
-    scpo = make_scpo(seed=2)
-    system, layout = scpo.system, scpo.layout
-    expert = ExpertConfig()
-    model = ResidualMLP(layout)
-    model.load_flat(scpo.theta)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(3)
-    region = InitialSet(1.0, 0.6, 0.5)
-    cx, cr = random_states(region, 1, 2048, np.random.default_rng(4))
-    ci = torch.as_tensor(policy_inputs(cx, cr), dtype=torch.float32)
-    ct = torch.as_tensor(expert_action(cx, cr, False, expert, system) - scpo.backup(cx, cr), dtype=torch.float32)
-    loss0 = float(((model(ci) - ct) ** 2).mean().detach())
-    statuses = []
-    for _ in range(30):
-        x, r = random_states(region, 1, 256, rng)
-        target = torch.as_tensor(expert_action(x, r, False, expert, system) - scpo.backup(x, r), dtype=torch.float32)
-        before = model.flat().detach().clone()
-        opt.zero_grad()
-        ((model(torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)) - target) ** 2).mean().backward()
-        opt.step()
-        d = scpo.propose_step((model.flat().detach() - before).numpy())
-        statuses.append(d.status)
-        model.load_flat(scpo.theta)
-        assert set(d.times_ms) >= {"sample", "fit", "qcqp", "certify", "total"}
-    loss1 = float(((model(ci) - ct) ** 2).mean().detach())
-    assert sum(s in ("accepted", "backtracked") for s in statuses) >= 15
-    assert loss1 < 0.95 * loss0
-
-
-def test_nan_inf_and_wrong_size_updates_are_rejected_without_change():
-    scpo = make_scpo()
-    before = scpo.theta.copy()
-    for bad in (np.full(scpo.theta.size, np.nan), np.r_[np.zeros(scpo.theta.size - 1), np.inf]):
-        d = scpo.propose_step(bad)
-        assert d.status == "rejected" and "NaN" in d.reason
-    d = scpo.propose_weights(np.zeros(scpo.theta.size + 3))
-    assert d.status == "rejected" and "expected" in d.reason
-    d = scpo.propose_step(np.zeros(scpo.theta.size))
-    assert d.status == "rejected" and "empty" in d.reason
-    np.testing.assert_array_equal(scpo.theta, before)
-
-
-def test_recertify_reverts_to_backup_when_limits_tighten():
-    scpo = make_scpo(seed=4)
-    flat = scpo.theta.copy()
-    flat[-1] = 0.01  # a small constant residual: safe with u_max = 1
-    scpo.theta = flat.astype(np.float32)
-    assert scpo.recertify().status == "accepted"
-    # re-create the engine with a much tighter actuation limit: the same weights fail
-    tight = DoubleIntegrator(u_max=0.5)
-    scpo.engine = DoubleIntegratorRollout(tight, scpo.backup, scpo.layout, scpo.safety)
-    d = scpo.recertify()
-    assert d.status == "rejected" and "backup" in d.reason
-    np.testing.assert_array_equal(scpo.theta, scpo.backup_theta)
+def toy_projector(**cfg):
+    cfg = {"n_samples": 16, "sample_radius": 0.5, "margins": (0.0,), "cert_margins": (0.0,),
+           "n_random_directions": 1, **cfg}
+    return SCPOProjector(norm_constraint, norm_constraint, SCPOConfig(**cfg), ["norm"], seed=0)
 
 
 def test_generic_projector_on_a_toy_constraint_matches_its_geometry():
     """Around any black-box constraint: g(θ) = ||θ||² - 1 (no gradient given)."""
-    g = lambda P: (P.double() ** 2).sum(1, keepdim=True) - 1.0  # noqa: E731
-    proj = SCPOProjector(g, g, SCPOConfig(n_samples=16, sample_radius=0.5, margins=(0.0,),
-                                          cert_margins=(0.0,), n_random_directions=1), ["norm"], seed=0)
+    proj = toy_projector()
     theta = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
     new, d = proj.step(theta, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     assert d.committed and float(new.norm()) <= 1.0 and float(new[0]) > 0.6
@@ -148,3 +38,40 @@ def test_config_validation():
         SCPOConfig(margins=(-1.0,))
     with pytest.raises(ValueError):
         SCPOConfig(sample_radius=float("nan"))
+
+
+def test_recertify_checks_the_parameters_themselves_without_a_step():
+    proj = toy_projector()
+    inside = proj.recertify(torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64))
+    assert inside.status == "accepted" and inside.committed and set(inside.margins_after) == {"norm"}
+    assert proj.steps == 0
+    proj.step(torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.1, 0.0, 0.0], dtype=torch.float64))
+    assert proj.prev_gradients is not None
+    outside = proj.recertify(torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64))
+    assert outside.status == "rejected" and not outside.committed
+    assert proj.prev_gradients is None     # the caller moves elsewhere: the old gradients say nothing there
+
+
+def test_one_margin_broadcasts_to_every_metric():
+    two = lambda P: torch.stack([P[:, 0] - 1.0, -P[:, 0] - 1.0], 1).double()  # noqa: E731  |θ_0| <= 1
+    proj = SCPOProjector(two, two, SCPOConfig(n_samples=16, sample_radius=0.5, margins=(0.1,), cert_margins=(0.05,)),
+                         seed=0)
+    new, d = proj.step(torch.zeros(3, dtype=torch.float64), torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64))
+    assert d.committed and set(d.margins_after) == {"g0", "g1"}
+    assert float(new[0]) <= 1.0 - 0.05 + 1e-9
+    bad = SCPOProjector(two, two, SCPOConfig(n_samples=16, margins=(0.1, 0.1, 0.1)), seed=0)
+    with pytest.raises(ValueError, match="margins"):
+        bad.step(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+
+
+def test_statuses_and_committed():
+    assert COMMITTED == ("accepted", "backtracked") and STATUSES[:2] == COMMITTED
+    assert set(STATUSES) == {"accepted", "backtracked", "rejected", "infeasible"}
+    assert [Decision(status=s).committed for s in STATUSES] == [True, True, False, False]
+
+
+def test_the_core_depends_only_on_numpy_torch_and_the_qcqp():
+    code = ("import sys, scpo_ros.scpo; "
+            "print(sorted(m for m in sys.modules if m.startswith('scpo_ros')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["scpo_ros", "scpo_ros.qcqp", "scpo_ros.scpo"]

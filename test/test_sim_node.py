@@ -21,10 +21,10 @@ from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
 
-from scpo_ros.nodes.double_integrator_sim import brake_command  # noqa: E402
-from scpo_ros.ros_common import CONTROL_QOS, diagnostic_values  # noqa: E402
-
 from ros_graph_helpers import STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
+from scpo_ros.nodes.double_integrator_sim import brake_command  # noqa: E402
+from scpo_ros.ros.diagnostics import diagnostic_values  # noqa: E402
+from scpo_ros.ros.qos import CONTROL_QOS  # noqa: E402
 
 DT = 0.02
 DT_NS = 20_000_000

@@ -8,7 +8,8 @@ from . import EXPERIMENTS
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in EXPERIMENTS:
-        print("usage: python -m scpo_ros.experiments {%s} [options]" % "|".join(EXPERIMENTS), file=sys.stderr)
+        names = "|".join(EXPERIMENTS)
+        print(f"usage: python -m scpo_ros.experiments {{{names}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(EXPERIMENTS[argv[0]])
     return module.main(argv[1:]) or 0

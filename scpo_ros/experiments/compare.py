@@ -27,10 +27,9 @@ seed, out of ``episodes``); ``wall_s`` per seed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +38,13 @@ from ..backup import InitialSet, LQRBackup
 from ..ctrpo import CTRPOConfig, CTRPOLearner, evaluate_policy, train
 from ..dynamics import DoubleIntegrator, Pendulum
 from ..envs import VecDoubleIntegrator, VecPendulum
+from ..expert import ExpertConfig
+from ..policy import MLPLayout, ResidualMLP
+from ..residual_scpo import ResidualSCPO
+from ..safeguard.invariant_set import safe_set_for
+from ..safeguard.projection import project_batch
+from ..scpo import COMMITTED
+from .imitation import ImitationSettings, imitation_step, make_learner
 from .report import aggregate, print_table, write_json
 
 
@@ -130,27 +136,22 @@ def rl_runner(algorithm: str) -> Callable[[int, CompareSettings], RunResult]:
     return run
 
 
-# ------------------------------------------------------------------ runners: SCPO (the lead's scpo.py)
+# ------------------------------------------------------------------ runners: SCPO
 
 def _scpo_parts(s: CompareSettings, seed: int):
-    from ..policy import MLPLayout
-    from ..scpo import DoubleIntegratorSCPO, SCPOConfig
-    from .imitation import ImitationSettings
-
+    """The SCPO client of the imitation experiment, with its settings, on this task's plant."""
     system = di_system(s)
     backup = LQRBackup(system)
     initial_set = InitialSet()
     layout = MLPLayout(3, 1, s.scpo_hidden)
     im = ImitationSettings()
-    scpo = DoubleIntegratorSCPO(system, backup, layout, initial_set, SCPOConfig(n_samples=im.n_samples),
-                                n_sample_states=im.n_sample_states, n_cert_states=im.n_cert_states, seed=seed)
+    scpo = ResidualSCPO(system, backup, layout, initial_set, ResidualSCPO.default_config(n_samples=im.n_samples),
+                        n_sample_states=im.n_sample_states, n_cert_states=im.n_cert_states, seed=seed)
     return system, backup, initial_set, layout, im, scpo
 
 
 def _committed_policy(env, layout, theta):
     """Deterministic deployed policy: backup + residual with the committed weights."""
-    from ..policy import ResidualMLP
-
     net = ResidualMLP(layout)
     net.load_flat(theta)
     W = env.backup_gain()
@@ -164,26 +165,20 @@ def _committed_policy(env, layout, theta):
 def run_scpo_imitation(seed: int, s: CompareSettings) -> RunResult:
     """SCPO imitation of the malicious expert (as in ``experiments.imitation``); the committed
     policy is deployed for one epoch of episodes after every ``scpo_updates_per_epoch`` steps."""
-    from ..expert import ExpertConfig
-    from ..policy import ResidualMLP
-    from .imitation import imitation_step
-
     torch.manual_seed(seed)
     system, backup, initial_set, layout, im, scpo = _scpo_parts(s, seed)
     env = make_env(s, seed)
     expert = ExpertConfig(malicious=True)
     demo_region = InitialSet(p0_max=system.p_max, v0_max=im.demo_v_max, r_max=initial_set.r_max)
     rng = np.random.default_rng(10_000 + seed)
-    model = ResidualMLP(layout, seed=seed)
-    model.load_flat(scpo.theta)
-    opt = torch.optim.Adam(model.parameters(), lr=im.lr)
+    learner = make_learner(layout, backup, scpo.theta, im, seed)
     curve, statuses, k = [], [], 0
     t0 = time.perf_counter()
     for epoch in range(s.epochs):
         for _ in range(s.scpo_updates_per_epoch):
-            delta, _ = imitation_step(model, opt, k, im, demo_region, expert, system, backup, rng)
+            delta, _ = imitation_step(learner, k, im, demo_region, expert, system, rng)
             decision = scpo.propose_step(delta.numpy())
-            model.load_flat(scpo.theta)
+            learner.load(scpo.theta)
             statuses.append(decision.status)
             k += 1
         row = deploy_epoch(env, _committed_policy(env, layout, scpo.theta))
@@ -192,12 +187,12 @@ def run_scpo_imitation(seed: int, s: CompareSettings) -> RunResult:
     wall = time.perf_counter() - t0
     final = final_evaluation(s, _committed_policy(env, layout, scpo.theta))
     return RunResult(curve, final, wall, extra={
-        "scpo_steps": len(statuses), "committed": sum(st in ("accepted", "backtracked") for st in statuses)})
+        "scpo_steps": len(statuses), "committed": sum(st in COMMITTED for st in statuses)})
 
 
 def run_scpo_rl(seed: int, s: CompareSettings) -> RunResult:
     """TRPO proposes, SCPO commits: after every TRPO update the mean network's new weights go
-    through ``DoubleIntegratorSCPO.propose_weights``; the learner continues from what was
+    through ``ResidualSCPO.propose_weights``; the learner continues from what was
     committed. Exploration noise (the Gaussian policy's σ) is executed on top of the
     certified mean: it is outside the SCPO certificate and its violations are counted."""
     torch.manual_seed(seed)
@@ -218,7 +213,7 @@ def run_scpo_rl(seed: int, s: CompareSettings) -> RunResult:
     wall = time.perf_counter() - t0
     final = final_evaluation(s, _committed_policy(env, layout, scpo.theta))
     return RunResult(_curve_from_history(res.history), final, wall, extra={
-        "scpo_steps": len(statuses), "committed": sum(st in ("accepted", "backtracked") for st in statuses)})
+        "scpo_steps": len(statuses), "committed": sum(st in COMMITTED for st in statuses)})
 
 
 # ------------------------------------------------------------------ runner: SE-RL (the safeguard package)
@@ -229,8 +224,8 @@ class SafeguardedEnv:
     The learner acts with raw actions ``u`` (its log-probabilities, critics and updates
     all see ``u``); the plant receives ``Φ(x, u)`` from ``scpo_ros.safeguard``'s batched
     projection onto the safe action set of the maximal control-invariant set. The reward
-    is penalised by ``penalty·|u - Φ(x, u)|²·dt`` (the SE-RL mitigation of the seed-002
-    paper). States outside the invariant set (none are expected: the initial set lies
+    is penalised by ``penalty·|u - Φ(x, u)|²·dt`` (the SE-RL mitigation of arXiv
+    2509.12833). States outside the invariant set (none are expected: the initial set lies
     inside it) get the backup action instead, clipped to the actuator box. The plant runs
     in float64: the projection puts the next state *on* the invariant set's boundary, and a
     float32 step lands up to ~1e-7 outside it, beyond the projector's 1e-9 membership slack.
@@ -238,8 +233,6 @@ class SafeguardedEnv:
     """
 
     def __init__(self, env: VecDoubleIntegrator, penalty: float = 1.0):
-        from ..safeguard.invariant_set import safe_set_for
-
         self.env, self.penalty = env, float(penalty)
         self.safe_set = safe_set_for(env.system)
         self.obs_dim, self.act_dim, self.num_envs = env.obs_dim, env.act_dim, env.num_envs
@@ -252,8 +245,6 @@ class SafeguardedEnv:
         return self.env.reset().float()
 
     def step(self, action):
-        from ..safeguard.projection import project_batch
-
         u = torch.nan_to_num(torch.as_tensor(action, dtype=self.env.dtype)).reshape(self.num_envs, self.act_dim)
         x = self.env.x.double().numpy()
         safe, _, feasible = project_batch(self.safe_set, x, u.double().clamp(-self.action_limit,
@@ -299,26 +290,22 @@ def run_se_rl(seed: int, s: CompareSettings) -> RunResult:
 class Method:
     runner: Callable[[int, CompareSettings], RunResult]
     envs: tuple[str, ...] = ("double_integrator", "pendulum")
-    requires: str | None = None
-    """Module that must exist for this method (written by another team member)."""
+    """Tasks the method is defined on (the SCPO and SE-RL runners need the double integrator's model)."""
 
 
 RUNNERS: dict[str, Method] = {
     "c_trpo": Method(rl_runner("c_trpo")),
     "trpo_lag": Method(rl_runner("trpo_lag")),
     "trpo": Method(rl_runner("trpo")),
-    "scpo_imitation": Method(run_scpo_imitation, ("double_integrator",), "scpo_ros.scpo"),
-    "scpo_rl": Method(run_scpo_rl, ("double_integrator",), "scpo_ros.scpo"),
-    "se_rl": Method(run_se_rl, ("double_integrator",), "scpo_ros.safeguard.projection"),
+    "scpo_imitation": Method(run_scpo_imitation, ("double_integrator",)),
+    "scpo_rl": Method(run_scpo_rl, ("double_integrator",)),
+    "se_rl": Method(run_se_rl, ("double_integrator",)),
 }
 
 
 def available(name: str, s: CompareSettings) -> tuple[bool, str]:
-    m = RUNNERS[name]
-    if s.env not in m.envs:
+    if s.env not in RUNNERS[name].envs:
         return False, f"not defined on {s.env}"
-    if m.requires and importlib.util.find_spec(m.requires) is None:
-        return False, f"{m.requires} is not there yet"
     return True, ""
 
 

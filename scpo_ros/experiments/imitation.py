@@ -20,9 +20,11 @@ from tqdm import tqdm
 from ..backup import InitialSet, LQRBackup
 from ..dynamics import DoubleIntegrator
 from ..expert import ExpertConfig, expert_action, is_malicious
-from ..policy import MLPLayout, ResidualMLP, policy_inputs
-from ..rollout import METRICS, DoubleIntegratorRollout, random_states, structured_states
-from ..scpo import DoubleIntegratorSCPO, SCPOConfig
+from ..learners import ImitationLearner, residual_targets
+from ..policy import MLPLayout
+from ..residual_scpo import ResidualSCPO
+from ..rollout import METRICS, DoubleIntegratorRollout, random_states, state_set, structured_states
+from ..scpo import COMMITTED, STATUSES
 from .report import print_table, run_methods, scpo_experiment_parser, write_json
 
 
@@ -46,21 +48,25 @@ class ImitationSettings:
     closed loop actually goes from the initial set, not just the initial set itself."""
 
 
-def imitation_step(model: ResidualMLP, opt: torch.optim.Optimizer, k: int, s: ImitationSettings,
-                   demo_region: InitialSet, expert: ExpertConfig, system: DoubleIntegrator, backup: LQRBackup,
+def make_learner(layout: MLPLayout, backup: LQRBackup, theta: np.ndarray, s: ImitationSettings,
+                 seed: int) -> ImitationLearner:
+    """The learner node's ``ImitationLearner``, started from the weights ``theta``."""
+    learner = ImitationLearner(backup, layout, lr=s.lr, batch_size=s.batch, seed=seed)
+    learner.load(theta)
+    return learner
+
+
+def imitation_step(learner: ImitationLearner, k: int, s: ImitationSettings, demo_region: InitialSet,
+                   expert: ExpertConfig, system: DoubleIntegrator,
                    rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
-    """One Adam step of the residual on a fresh batch of demonstrations, malicious or not by
-    the expert's schedule at update ``k``. Returns ``(raw weight change, malicious)``; the
-    model is left at the stepped weights (SCPO then decides what is committed)."""
+    """One ``learner.fit`` step on a fresh batch of demonstrations, malicious or not by the
+    expert's schedule at update ``k``. Returns ``(raw weight change, malicious)``; the learner
+    is left at the stepped weights (SCPO then decides what is committed)."""
     mal = is_malicious(k * s.update_period_s, expert)
     x, r = random_states(demo_region, system.dof, s.batch, rng)
-    target = torch.as_tensor(expert_action(x, r, mal, expert, system) - backup(x, r), dtype=torch.float32)
-    inputs = torch.as_tensor(policy_inputs(x, r), dtype=torch.float32)
-    before = model.flat().detach().clone()
-    opt.zero_grad()
-    ((model(inputs) - target) ** 2).sum(-1).mean().backward()
-    opt.step()
-    return model.flat().detach() - before, mal
+    before = learner.model.flat().detach().clone()
+    learner.fit(*residual_targets(learner.backup, x, r, expert_action(x, r, mal, expert, system)))
+    return learner.model.flat().detach() - before, mal
 
 
 def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True) -> dict:
@@ -72,47 +78,36 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
     expert = ExpertConfig(malicious=True)
     rng = np.random.default_rng(10_000 + seed)
 
-    scpo = DoubleIntegratorSCPO(system, backup, layout, initial_set, SCPOConfig(n_samples=s.n_samples),
-                                n_sample_states=s.n_sample_states, n_cert_states=s.n_cert_states, seed=seed)
-    model = ResidualMLP(layout, seed=seed)
-    model.load_flat(scpo.theta)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-
-    # Held-out checks: uniform random states plus the structured worst-case points.
-    ex, er = random_states(initial_set, s.dof, s.eval_states, np.random.default_rng(20_000 + seed))
-    sx, sr = structured_states(initial_set, s.dof, max_points=256, seed=30_000 + seed)
-    eval_x, eval_r = np.concatenate([ex, sx]), np.concatenate([er, sr])
-    checker = DoubleIntegratorRollout(system, backup, layout, scpo.safety)
+    scpo = ResidualSCPO(system, backup, layout, initial_set, ResidualSCPO.default_config(n_samples=s.n_samples),
+                        n_sample_states=s.n_sample_states, n_cert_states=s.n_cert_states, seed=seed)
+    learner = make_learner(layout, backup, scpo.theta, s, seed)
+    model = learner.model
+    held_out_g = held_out_check(system, backup, layout, scpo, initial_set, s, seed)
     demo_region = InitialSet(p0_max=system.p_max, v0_max=s.demo_v_max, r_max=initial_set.r_max)
     cx, cr = random_states(demo_region, s.dof, s.clean_states, np.random.default_rng(40_000 + seed))
-    clean_in = torch.as_tensor(policy_inputs(cx, cr), dtype=torch.float32)
-    clean_target = torch.as_tensor(expert_action(cx, cr, False, expert, system) - backup(cx, cr),
-                                   dtype=torch.float32)
+    clean_in, clean_target = (torch.as_tensor(a) for a in
+                              residual_targets(backup, cx, cr, expert_action(cx, cr, False, expert, system)))
 
     def clean_loss() -> float:
         with torch.no_grad():
             return float(((model(clean_in) - clean_target) ** 2).sum(-1).mean())
 
     violations = []  # (update, held-out metrics) of every unsafe committed iterate
-
-    def held_out_g(theta) -> np.ndarray:
-        return checker.evaluate(torch.as_tensor(theta, dtype=torch.float32), eval_x, eval_r).g[0].numpy()
-
     loss_hist, decisions, malicious_hist, unsafe_hist, step_ms = [clean_loss()], [], [], [], []
     unsafe_count, committed = 0, 0
     unsafe_now = bool((held_out_g(model.flat().detach()) > 0).any())
     bar = tqdm(range(s.updates), desc=f"imitation {method} seed {seed}", disable=not progress, leave=False)
     for k in bar:
-        delta, mal = imitation_step(model, opt, k, s, demo_region, expert, system, backup, rng)
+        delta, mal = imitation_step(learner, k, s, demo_region, expert, system, rng)
         if method == "scpo":
             t0 = time.perf_counter()
             decision = scpo.propose_step(delta.numpy())
             step_ms.append(1e3 * (time.perf_counter() - t0))
-            model.load_flat(scpo.theta)
+            learner.load(scpo.theta)
             status = decision.status
         else:
             status = "accepted"
-        changed = status in ("accepted", "backtracked")
+        changed = status in COMMITTED
         committed += changed
         if changed:
             g = held_out_g(model.flat().detach())
@@ -128,8 +123,7 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
         bar.set_postfix(loss=f"{loss_hist[-1]:.4f}", unsafe=unsafe_count, committed=committed)
 
     mal_arr = np.array(malicious_hist)
-    ok = np.array([d in ("accepted", "backtracked") for d in decisions])
-    counts = {st: decisions.count(st) for st in ("accepted", "backtracked", "rejected", "infeasible")}
+    ok = np.array([d in COMMITTED for d in decisions])
     return {
         "updates": s.updates,
         "accepted": int(ok.sum()),
@@ -138,11 +132,22 @@ def run_seed(method: str, seed: int, s: ImitationSettings, progress: bool = True
         "loss_final": loss_hist[-1],
         "accept_rate_clean": float(ok[~mal_arr].mean()) if (~mal_arr).any() else float("nan"),
         "accept_rate_malicious": float(ok[mal_arr].mean()) if mal_arr.any() else float("nan"),
-        "decisions": counts,
+        "decisions": {st: decisions.count(st) for st in STATUSES},
         "step_ms_median": float(np.median(step_ms)) if step_ms else None,
         "violations": violations,
         "history": {"loss": loss_hist, "decision": decisions, "malicious": malicious_hist, "unsafe": unsafe_hist},
     }
+
+
+def held_out_check(system, backup, layout, scpo: ResidualSCPO, initial_set: InitialSet, s: ImitationSettings,
+                   seed: int):
+    """``theta -> g`` on held-out initial conditions (uniform random plus the structured
+    worst-case points), with fresh rollouts: the experiment's own check of every iterate."""
+    structured = structured_states(initial_set, s.dof, max_points=256, seed=30_000 + seed)
+    eval_x, eval_r = state_set(initial_set, s.dof, s.eval_states + len(structured[0]),
+                               np.random.default_rng(20_000 + seed), structured)
+    checker = DoubleIntegratorRollout(system, backup, layout, scpo.safety)
+    return lambda theta: checker.evaluate(torch.as_tensor(theta, dtype=torch.float32), eval_x, eval_r).g[0].numpy()
 
 
 def plot(results: dict, path: str) -> None:
@@ -167,7 +172,7 @@ def plot(results: dict, path: str) -> None:
     ax_loss.set_yscale("log")
     ax_loss.legend(fontsize=8)
     ax_loss.set_title("Double-integrator imitation, malicious expert (grey: malicious phases)")
-    levels = {"accepted": 3, "backtracked": 2, "rejected": 1, "infeasible": 0}
+    levels = {st: i for i, st in enumerate(reversed(STATUSES))}
     for i, p in enumerate(results["scpo"]["per_seed"]):
         y = [levels[d] + 0.12 * (i - 1) for d in p["history"]["decision"]]
         ax_dec.plot(np.arange(1, len(y) + 1), y, ".", ms=3, label=f"seed {i}")

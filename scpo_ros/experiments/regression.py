@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..policy import MLPLayout, ResidualMLP
-from ..scpo import SCPOConfig, SCPOProjector
+from ..scpo import COMMITTED, STATUSES, SCPOConfig, SCPOProjector
 from .report import print_table, run_methods, scpo_experiment_parser, write_json
 
 X_MIN, X_MAX = -2.0, 2.0
@@ -74,7 +74,8 @@ def run_seed(method: str, seed: int, s: RegressionSettings, progress: bool = Tru
 
     x_train = rng.uniform(X_MIN, X_MAX, s.train_points)
     harmful = (x_train >= HARM_LO) & (x_train <= HARM_HI)
-    y_train = np.where(harmful, HARM_LABEL, clean_function(x_train)) + s.label_noise * rng.standard_normal(s.train_points)
+    y_train = (np.where(harmful, HARM_LABEL, clean_function(x_train))
+               + s.label_noise * rng.standard_normal(s.train_points))
     x_t = torch.as_tensor(x_train, dtype=torch.float32).unsqueeze(1)
     y_t = torch.as_tensor(y_train, dtype=torch.float32).unsqueeze(1)
     x_clean = np.linspace(X_MIN, X_MAX, 1001)
@@ -113,7 +114,7 @@ def run_seed(method: str, seed: int, s: RegressionSettings, progress: bool = Tru
             status = decision.status
         else:
             status = "accepted"
-        changed = status in ("accepted", "backtracked")
+        changed = status in COMMITTED
         if changed:
             unsafe_now = unsafe()
         unsafe_count += int(changed and unsafe_now)
@@ -124,7 +125,7 @@ def run_seed(method: str, seed: int, s: RegressionSettings, progress: bool = Tru
 
     with torch.no_grad():
         curve = model(xc_t)[:, 0].numpy().tolist()
-    committed = sum(d in ("accepted", "backtracked") for d in decisions)
+    committed = sum(d in COMMITTED for d in decisions)
     return {
         "updates": s.updates,
         "accepted": committed,
@@ -132,7 +133,7 @@ def run_seed(method: str, seed: int, s: RegressionSettings, progress: bool = Tru
         "loss_initial": loss_hist[0],
         "loss_final": loss_hist[-1],
         "accept_rate": committed / s.updates,
-        "decisions": {st: decisions.count(st) for st in ("accepted", "backtracked", "rejected", "infeasible")},
+        "decisions": {st: decisions.count(st) for st in STATUSES},
         "step_ms_median": float(np.median(step_ms)) if step_ms else None,
         "history": {"loss": loss_hist, "decision": decisions, "unsafe": unsafe_hist},
         "final_curve": curve,

@@ -1,4 +1,4 @@
-"""SE-RL vs SP-RL: where to put the action-projection safeguard (seed 002, methods §2).
+"""SE-RL vs SP-RL: where to put the action-projection safeguard (arXiv 2509.12833).
 
 One actor-critic algorithm (DDPG: deterministic actor, Q critic, target networks,
 Gaussian exploration) trained four ways on the double integrator (reference
@@ -322,8 +322,9 @@ def update(batch, task, layer, actor, critic, actor_t, critic_t, pen_critic, pen
 def plot(results: dict, path_prefix: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
     Path(path_prefix).parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for task_name, by_method in results.items():

@@ -22,16 +22,25 @@ where that set is empty.
   (``no_action_fallbacks``); a raw action that arrives later is still projected and sent;
 - stale raw action (none for ``action_timeout`` s): every new state is answered with the
   fallback at once (reason ``stale_action``);
-- stale state (none for ``state_timeout`` s when a raw action arrives): the fallback for
-  the last known state, reason ``stale_state``, ERROR diagnostic;
+- stale state (no accepted state for ``state_timeout`` s when a raw action arrives): the
+  fallback for the last known state, reason ``stale_state``, ERROR diagnostic.
+  ``state_timeout`` means what it means for ``scpo_safety_node``: an accepted state older
+  than that is stale. The safety node, the only source of its commands, notices it in a
+  watchdog and sends hold commands; the safeguard commands on events, so it checks the
+  state's age when a raw action arrives (and the deadline timer answers every fresh state);
 - a state outside the safe set: still the projection where ``U_safe(x)`` is not empty (the
   record says ``in_set: false``, WARN diagnostic); where it is empty the nominal set's
   projection, then the recovery action, reason ``outside_invariant_set``, ERROR diagnostic;
 - references are clamped into ``|r| <= r_max`` (a malformed one keeps the last valid).
 
 Command labels (``layout.dim[0].label``): ``safeguard`` for a projection of a raw action
-(changed or not), ``backup`` for a fallback. On shutdown the node prints one
-``SUMMARY {json}`` line with its counts (read by ``scpo-ros demo --compare``).
+(changed or not), ``backup`` for a fallback. ``summary()`` holds its counts; the runner
+prints it once at shutdown as the ``SUMMARY {json}`` line (read by ``scpo-ros demo --compare``).
+
+Parameters: the plant, backup (``q_pos``, ``q_vel``, ``r_act``: the same names as the
+safety node's), region (``r_max``), envelope, state-input and lifecycle tables of
+``scpo_ros.params``, the plant ones read-only, and this node's own (``NODE_PARAMS``). The
+envelope is ``scpo_ros.safety_model.safeguard_envelope`` of them.
 
 Late commands: the safe set absorbs ``late_commands`` (default 1) late or missed commands
 in a row: every command stays safe if the plant applies it one period longer, so one
@@ -40,106 +49,71 @@ late command costs no violation (``docs/ros_graph.md``). Command delay
 sent, for a plant that applies every command a period late; ``0`` (default) for a plant
 that integrates a command before publishing the next state, like ``double_integrator_sim``.
 
-Lifecycle (the ros2/demos pattern, with the envelope issue's exception): the envelope, the
-``joint_states``/``raw_action``/``reference`` subscriptions and the plain ``cmd`` publisher
-live as long as the node. ``configure`` creates the intervention publisher,
-``activate`` lets raw actions through, ``deactivate``/``cleanup`` hand every state to the
-fallback (``inactive_behavior: fallback``, default) or stop commands (``silent``). At
-shutdown the fallback goes on until the plant is at rest (``shutdown_timeout``). With
-``autostart`` (default) the node configures and activates itself.
+Lifecycle (the ros2/demos lifecycle talker's, as ``scpo_safety_node``): ``configure``
+creates the lifecycle publisher ``intervention``; ``activate``/``deactivate`` switch it and
+whether raw actions get through; ``cleanup`` and ``shutdown`` undo ``configure``. The
+issue-9 exception: the plain ``cmd`` publisher, the ``joint_states``/``raw_action``/
+``reference`` subscriptions, the envelope and the deadline timer live as long as the node,
+so inactive means safe, not silent: every state gets the fallback (``inactive_behavior:
+fallback``, default) or nothing (``silent``). ``autostart`` (default) goes to active
+through ``scpo_ros.ros.runner.autostart``; at shutdown the fallback goes on until the
+plant is at rest (``shutdown_hold``, ``shutdown_timeout``).
 
     action_safeguard --ros-args --params-file config/scpo_double_integrator.yaml --params-file config/safeguard.yaml
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 
 import numpy as np
-from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 
-from rclpy.event_handler import SubscriptionEventCallbacks
-
-from ..backup import LQRBackup, dlqr
-from ..dynamics import DoubleIntegrator, Pendulum
-from ..envelope import CommandEnvelope
 from ..inputs import JointMap, ReferenceGate, StateGate
-from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, OK, STATE_QOS_CHOICES, WARN, Diagnostics, ParamSpec,
-                          add_parameter_validator, array_from_float64, declare_parameters, float64_msg,
-                          flush_publishers, ros_now, run_node, state_qos, steady_timer)
-from ..safeguard.invariant_set import safe_set_for
-
-PARAMS = (
-    ParamSpec("plant", "double_integrator", "plant model of the invariant set",
-              choices=("double_integrator", "pendulum"), read_only=True),
-    ParamSpec("dof", 1, "double integrator axes (pendulum: 1)", min=1, max=2, read_only=True),
-    ParamSpec("dt", 0.05, "control period of the plant model [s]", min=1e-4, max=1.0, read_only=True),
-    ParamSpec("p_max", 1.0, "position limit (pendulum: angle limit) [m or rad]", min=1e-3, max=100.0,
-              read_only=True),
-    ParamSpec("v_max", 1.0, "velocity limit (pendulum: rate limit) [m/s or rad/s]", min=1e-3, max=100.0,
-              read_only=True),
-    ParamSpec("u_max", 1.0, "actuator limit (pendulum: normalised torque a_max)", min=1e-3, max=100.0,
-              read_only=True),
-    ParamSpec("late_commands", 1, "late or missed commands in a row the safe set absorbs (1: every command stays "
-              "safe when the plant applies it one period longer; the pendulum needs 0)", min=0, max=1,
-              read_only=True),
-    ParamSpec("r_max", 0.5, "certified references |r| <= r_max: references beyond are clamped", min=0.0, max=1e3,
-              read_only=True),
-    ParamSpec("joint_names", [""], "JointState joints of the axes, in axis order (matched by name); [''] or []: "
-              "axis_0..", read_only=True, min_len=0, max_len=4),
-    ParamSpec("state_qos", "reliable", "QoS of the joint_states subscription", choices=STATE_QOS_CHOICES,
-              read_only=True),
-    ParamSpec("max_state_age", 0.5, "a state stamped more than this before now is rejected [s] (0: no age check)",
-              min=0.0, max=3600.0),
-    ParamSpec("future_tolerance", 0.05, "a state stamped more than this after now is rejected [s]", min=0.0,
-              max=3600.0),
-    ParamSpec("action_deadline_periods", 0.5, "control periods after an accepted state within which a raw action "
-              "must arrive; else the fallback answers the state", min=0.05, max=10.0),
-    ParamSpec("inactive_behavior", "fallback", "while inactive, unconfigured and shutting down: answer every state "
-              "with the fallback, or publish nothing", choices=("fallback", "silent")),
-    ParamSpec("shutdown_timeout", 2.0, "at shutdown keep sending the fallback until the plant is at rest, no state "
-              "comes for state_timeout, or this passes [s]", min=0.0, max=60.0),
-    ParamSpec("solver", "auto", "projection solver", choices=("auto", "closed_form", "daqp"), read_only=True),
-    ParamSpec("state_timeout", 0.25, "joint_states older than this is stale [s]", min=0.01, max=10.0),
-    ParamSpec("action_timeout", 0.25, "raw_action older than this is stale [s]", min=0.01, max=10.0),
-    ParamSpec("backup_q_pos", 1.0, "LQR backup position weight", min=0.0, max=1e4, read_only=True),
-    ParamSpec("backup_q_vel", 1.0, "LQR backup velocity weight", min=0.0, max=1e4, read_only=True),
-    ParamSpec("backup_r_act", 10.0, "LQR backup action weight", min=1e-6, max=1e6, read_only=True),
-    ParamSpec("boundary_margin", 1e-6, "the projection keeps the next state this far inside the invariant set "
-              "(its rows' units), so the plant's rounding does not land a hair outside", min=0.0, max=0.1,
-              read_only=True),
-    ParamSpec("command_delay_steps", 0, "control periods between a state and the plant applying its command "
-              "(1: project for the state predicted with the last command sent)", min=0, max=1, read_only=True),
-    ParamSpec("fallback_action", "recovery", "action where U_safe(x) is empty: recovery (the admissible action "
-              "bringing the next state closest to the invariant set: hardest braking at a wall) or backup (the "
-              "clipped LQR backup)", choices=("recovery", "backup"), read_only=True),
-    ParamSpec("autostart", True, "configure and activate on startup", read_only=True),
+from ..params import (
+    BACKUP_PARAMS,
+    ENVELOPE_PARAMS,
+    LIFECYCLE_PARAMS,
+    PLANT_PARAMS,
+    REGION_PARAMS,
+    STATE_INPUT_PARAMS,
+    ParamSpec,
+    compose,
+    read_only,
 )
+from ..ros.diagnostics import ERROR, OK, WARN, Diagnostics
+from ..ros.messages import array_from_float64, float64_msg, stamp_to_sec
+from ..ros.parameters import add_parameter_validator, declare_parameters
+from ..ros.qos import CONTROL_QOS, EVENT_QOS, state_qos
+from ..ros.runner import autostart, flush_publishers, ros_now, run_node, steady_timer
+from ..safety_model import safeguard_envelope
 
-
-def make_plant(values: dict):
-    """The plant model the safe set is computed for."""
-    p_max, v_max = values["p_max"], values["v_max"]
-    if values["plant"] == "pendulum":
-        return Pendulum(dt=values["dt"], theta_max=p_max, theta_dot_max=v_max, a_max=values["u_max"])
-    return DoubleIntegrator(dof=values["dof"], dt=values["dt"], p_max=p_max, v_max=v_max, u_max=values["u_max"])
-
-
-def make_backup(plant, values: dict):
-    """``backup(x, r) -> u``: the LQR backup of the double integrator (tracking ``r``),
-    or an LQR on the pendulum's upright linearisation (``r`` ignored)."""
-    if isinstance(plant, DoubleIntegrator):
-        lqr = LQRBackup(plant, q_pos=values["backup_q_pos"], q_vel=values["backup_q_vel"],
-                        r_act=values["backup_r_act"])
-        return lambda x, r: lqr(x, np.zeros(plant.dof) if r is None else r)
-    A, B = plant.linearization()
-    K, _ = dlqr(A, B, np.diag([values["backup_q_pos"], values["backup_q_vel"]]),
-                np.array([[values["backup_r_act"]]]))
-    return lambda x, r: -K @ x
-
+NODE_PARAMS = (
+    ParamSpec("plant", "double_integrator", "Plant model of the safe set (pendulum: p_max, v_max, u_max are its "
+              "angle, rate and normalised torque limits, dof 1, late_commands 0).",
+              choices=("double_integrator", "pendulum"), read_only=True),
+    ParamSpec("solver", "auto", "Projection solver.", choices=("auto", "closed_form", "daqp"), read_only=True),
+    ParamSpec("boundary_margin", 1e-6, "The projection keeps the next state this far inside the safe set (its "
+              "rows' units), so the plant's rounding does not land a hair outside.", 0.0, 0.1, read_only=True),
+    ParamSpec("command_delay_steps", 0, "Control periods between a state and the plant applying its command "
+              "(1: project for the state predicted with the last command sent).", 0, 1, read_only=True),
+    ParamSpec("action_deadline_periods", 0.5, "Control periods after an accepted state within which a raw action "
+              "must arrive; else the fallback answers the state.", 0.05, 10.0),
+    ParamSpec("action_timeout", 0.25, "A raw_action older than this is stale: every state gets the fallback (s).",
+              0.01, 10.0),
+)
+_STATE_TIMEOUT = next(s for s in STATE_INPUT_PARAMS if s.name == "state_timeout")
+PARAMS = compose(read_only(PLANT_PARAMS), read_only(BACKUP_PARAMS), read_only(REGION_PARAMS), ENVELOPE_PARAMS,
+                 STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, NODE_PARAMS,
+                 state_timeout=dataclasses.replace(
+                     _STATE_TIMEOUT, description=_STATE_TIMEOUT.description + " Here: a raw action then gets the "
+                                                                              "fallback on the last state."))
+"""The plant is built once (every plant parameter read-only): the envelope lives as long as the node."""
 
 REST_SPEED = 1e-2
 """|v| below this on every axis for ``REST_STATES`` accepted states in a row: at rest."""
@@ -147,21 +121,17 @@ REST_STATES = 5
 
 
 class ActionSafeguard(LifecycleNode):
+    """The lifecycle of the module docstring (the same as ``scpo_safety_node``'s)."""
+
     def __init__(self, name: str = "action_safeguard", **kwargs):
         super().__init__(name, **kwargs)
         self.values = declare_parameters(self, PARAMS)
-        if self.values["plant"] == "pendulum" and self.values["dof"] != 1:
-            raise ValueError("parameter dof must be 1 for the pendulum")
-        # The plant, the safe set and the backup are read-only: the envelope is built once and
-        # lives as long as the node (inactive and unconfigured states are answered through it).
-        plant = make_plant(self.values)
-        self.plant = plant
-        self.dof = plant.dof if isinstance(plant, DoubleIntegrator) else 1
-        self.state_dim = 2 * self.dof
-        safe_set = safe_set_for(plant, late_commands=self.values["late_commands"])
-        self.envelope = CommandEnvelope(safe_set, make_backup(plant, self.values), solver=self.values["solver"],
-                                        boundary_margin=self.values["boundary_margin"])
+        # built once, alive as long as the node: inactive and unconfigured states are answered through it
+        self.envelope = safeguard_envelope(self.values)
+        safe_set = self.envelope.safe_set
         self.projector = self.envelope.projector
+        self.dof = self.projector.m
+        self.state_dim = 2 * self.dof
         self.joints = JointMap.for_axes(self.dof, [n for n in self.values["joint_names"] if n])
         self.gate = StateGate(self.values["max_state_age"], self.values["future_tolerance"])
         r = self.values["r_max"]
@@ -190,8 +160,7 @@ class ActionSafeguard(LifecycleNode):
             f"(late_commands {self.values['late_commands']}), {self.projector.solver} projection, joints "
             f"{self.joints.joints}")
         if self.values["autostart"]:
-            self.trigger_configure()
-            self.trigger_activate()
+            autostart(self)
 
     def _apply(self, values: dict, changed: set[str]) -> None:
         self.values.update(values)
@@ -212,36 +181,40 @@ class ActionSafeguard(LifecycleNode):
         self._proj_us = []
 
     # ------------------------------------------------------------------ lifecycle
-    def on_configure(self, state: State) -> TransitionCallbackReturn:
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.record_pub = self.create_lifecycle_publisher(String, "intervention", EVENT_QOS)
         self.configured = True
         self.diag.update("safeguard", OK, "configured", rows=int(self.projector.num_rows),
                          solver=self.projector.solver)
         return TransitionCallbackReturn.SUCCESS
 
-    def on_activate(self, state: State) -> TransitionCallbackReturn:
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.active = True
         self.diag.update("safeguard", OK, "active", **self._diag_counts())
         return super().on_activate(state)
 
-    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.active = False
         self.diag.update("safeguard", WARN, f"inactive: {self.values['inactive_behavior']}", **self._diag_counts())
         return super().on_deactivate(state)
 
-    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
-        self.active = False
-        if self.record_pub is not None:
-            self.destroy_lifecycle_publisher(self.record_pub)
-            self.record_pub = None
-        self.configured = False
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
         self.diag.update("safeguard", WARN, f"unconfigured: {self.values['inactive_behavior']}",
                          **self._diag_counts())
         return TransitionCallbackReturn.SUCCESS
 
-    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
-        self.active = False
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
         return TransitionCallbackReturn.SUCCESS
+
+    def _teardown(self) -> None:
+        """Undo ``on_configure``."""
+        self.active = False
+        self.configured = False
+        if self.record_pub is not None:
+            self.destroy_lifecycle_publisher(self.record_pub)
+            self.record_pub = None
 
     def shutdown_hold(self, spin_once) -> None:
         """After SIGINT/SIGTERM: the fallback for every state until the plant is at rest, the
@@ -268,7 +241,7 @@ class ActionSafeguard(LifecycleNode):
                 self.get_logger().warning("use_sim_time is set but no /clock has arrived: stamp ages are not checked")
                 self.diag.update("inputs", WARN, "use_sim_time is set but no /clock has arrived: stamp ages are "
                                                  "not checked")
-            reason = self.gate.check(msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec, now_ros)
+            reason = self.gate.check(stamp_to_sec(msg.header.stamp), now_ros)
         if reason is not None:
             self.counts["bad_state"] += 1
             rej = self.counts["rejected_states"]
@@ -427,7 +400,6 @@ class ActionSafeguard(LifecycleNode):
     def destroy_node(self):
         pubs = [getattr(self, name, None) for name in ("cmd_pub", "record_pub")]
         flush_publishers([pub for pub in pubs if pub is not None])
-        print("SUMMARY " + json.dumps(self.summary()), flush=True)
         return super().destroy_node()
 
 

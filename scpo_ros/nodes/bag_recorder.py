@@ -2,9 +2,16 @@
 
 Subscribes with ``raw=True`` and writes the CDR bytes as received, stamped with the
 receive time (node clock, ns) as the bag's log time, as ``ros2 bag record`` does.
-Topics of the scpo_ros graph are subscribed at once (their types are known, so no
-message before the first discovery round is lost); any other topic is subscribed as
-soon as discovery reports its type. Relative names resolve in the node's namespace.
+Topics of the scpo_ros graph (``scpo_ros.graph``) are subscribed at once, the latched ones
+transient-local (their types are known, so no message before the first discovery round is
+lost); any other topic is subscribed as soon as discovery reports its type, with the QoS
+its publishers offer allow (``ros2 bag record``'s rule: transient-local if all of them are,
+best-effort if any is). Relative names resolve in the node's namespace.
+
+A topic enters the bag with its first message, with the QoS profiles its publishers offer
+then (``offered_qos_profiles``, one per publisher, as ``ros2 bag record`` writes them), so
+``ros2 bag play`` replays a latched topic latched; a subscribed topic that got no message is
+written at close, with the QoS of its publishers then (or when the first of them matched).
 The bag is closed (``metadata.yaml`` written) on SIGINT/SIGTERM.
 
 ``ros2 bag record -s mcap <topics>`` on a distro records the same bag.
@@ -12,41 +19,23 @@ The bag is closed (``metadata.yaml`` written) on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 import time
 
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from ..bag import BagWriter
-from ..ros_common import OK, WARN, Diagnostics, ParamSpec, add_parameter_validator, declare_parameters, run_node
-
-KNOWN_TYPES = {
-    "joint_states": "sensor_msgs/msg/JointState",
-    "cmd": "std_msgs/msg/Float64MultiArray",
-    "expert_action": "std_msgs/msg/Float64MultiArray",
-    "reference": "std_msgs/msg/Float64MultiArray",
-    "malicious": "std_msgs/msg/Bool",
-    "proposed_weights": "std_msgs/msg/Float64MultiArray",
-    "certified_weights": "std_msgs/msg/Float64MultiArray",
-    "scpo_decision": "std_msgs/msg/String",
-    "safety_mode": "std_msgs/msg/String",
-    "constraint_violation": "std_msgs/msg/String",
-    "diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
-}
-"""Base name -> type of the graph's topics (see docs/ros_graph.md)."""
-
-LATCHED = {"certified_weights", "safety_mode"}
-"""Published transient-local: subscribe the same way to get the value already sent."""
-
-DEFAULT_TOPICS = ["joint_states", "cmd", "expert_action", "reference", "malicious", "proposed_weights",
-                  "certified_weights", "scpo_decision", "safety_mode", "constraint_violation", "/diagnostics"]
+from .. import graph
+from ..bag import BagWriter, qos_from_profile
+from ..params import ParamSpec
+from ..ros.diagnostics import OK, WARN, Diagnostics
+from ..ros.parameters import add_parameter_validator, declare_parameters
+from ..ros.runner import run_node
 
 PARAMS = [
     ParamSpec("output", "", "Bag directory to create (must not exist). Empty: runs/bag_<YYYYmmdd_HHMMSS>.",
               read_only=True),
-    ParamSpec("topics", DEFAULT_TOPICS, "Topics to record (relative names resolve in the namespace).",
+    ParamSpec("topics", list(graph.RECORDED_TOPICS), "Topics to record (relative names resolve in the namespace).",
               read_only=True, min_len=1),
     ParamSpec("storage", "mcap", "Storage plugin.", choices=("mcap", "sqlite3"), read_only=True),
     ParamSpec("queue_depth", 1000, "Subscription depth (reliable): messages buffered while writing.", 1, 100000,
@@ -70,17 +59,19 @@ class BagRecorder(Node):
         self.writer = BagWriter(output, storage=self.p["storage"])
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, apply=lambda values, changed: self._restart_discovery(values))
-        self.pending: dict[str, str] = {}  # resolved name -> base name, waiting for a type
+        self.pending: set[str] = set()  # resolved names waiting for a type
         self.subs = {}
+        self.types: dict[str, str] = {}
         for name in self.p["topics"]:
             resolved = self.resolve_topic_name(name)
-            base = resolved.rsplit("/", 1)[-1]
-            if base in KNOWN_TYPES:
-                self._subscribe(resolved, KNOWN_TYPES[base], base in LATCHED)
+            msgtype = graph.topic_type(resolved)
+            if msgtype is not None:
+                self._subscribe(resolved, msgtype, graph.base_name(resolved) in graph.LATCHED_TOPICS)
             else:
-                self.pending[resolved] = base
+                self.pending.add(resolved)
         self.discovery = self.create_timer(self.p["discovery_period"], self._discover)
         self.unmatched = set(self.subs)   # topics without a matched publisher yet
+        self.first_offers: dict[str, list] = {}   # topic -> offered QoS when a publisher first matched
         self.match_timer = self.create_timer(0.1, self._check_matched)
         self.status_timer = self.create_timer(1.0, self._update_diagnostics)
         self.get_logger().info(f"recording {len(self.subs)} topics to {output} ({self.p['storage']}); "
@@ -92,23 +83,42 @@ class BagRecorder(Node):
         self.p = values
         self.discovery = self.create_timer(values["discovery_period"], self._discover)
 
-    def _subscribe(self, topic: str, msgtype: str, latched: bool) -> None:
-        self.writer.add_topic(topic, msgtype)
-        qos = QoSProfile(depth=self.p["queue_depth"], reliability=ReliabilityPolicy.RELIABLE,
+    def _subscribe(self, topic: str, msgtype: str, latched: bool, reliable: bool = True) -> None:
+        qos = QoSProfile(depth=self.p["queue_depth"],
+                         reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
                          history=HistoryPolicy.KEEP_LAST,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
         clock = self.get_clock()
+        writer = self.writer
+        self.types[topic] = msgtype
 
         def on_message(data: bytes, topic=topic) -> None:
-            self.writer.write(topic, clock.now().nanoseconds, data)
+            if topic not in writer.counts:
+                self._add_to_bag(topic)
+            writer.write(topic, clock.now().nanoseconds, data)
 
         self.subs[topic] = self.create_subscription(message_class(msgtype), topic, on_message, qos, raw=True)
+
+    def _offered(self, topic: str) -> list:
+        """The QoS profiles the topic's publishers offer now."""
+        try:
+            return [qos_from_profile(info.qos_profile) for info in self.get_publishers_info_by_topic(topic)]
+        except Exception as exc:   # the graph is gone (a context shut down at close)
+            self.get_logger().warning(f"offered QoS of {topic} unknown: {exc}")
+            return []
+
+    def _add_to_bag(self, topic: str) -> None:
+        """The topic's connection in the bag, with the QoS its publishers offer now (or offered
+        when the first of them matched: a topic without messages is added at close, when its
+        publishers may be gone)."""
+        self.writer.add_topic(topic, self.types[topic], self._offered(topic) or self.first_offers.get(topic, []))
 
     def _check_matched(self) -> None:
         """Log the first matched publisher of every topic (the demo waits for these lines)."""
         for topic in sorted(self.unmatched):
             if self.subs[topic].get_publisher_count() > 0:
                 self.unmatched.discard(topic)
+                self.first_offers[topic] = self._offered(topic)
                 self.get_logger().info(f"publisher matched: {topic}")
 
     def _discover(self) -> None:
@@ -116,23 +126,35 @@ class BagRecorder(Node):
             return
         for name, types in self.get_topic_names_and_types():
             if name in self.pending and types:
-                self._subscribe(name, types[0], False)
+                offers = [info.qos_profile for info in self.get_publishers_info_by_topic(name)]
+                self._subscribe(name, types[0], latched=bool(offers) and all(
+                    q.durability == DurabilityPolicy.TRANSIENT_LOCAL for q in offers),
+                    reliable=all(q.reliability == ReliabilityPolicy.RELIABLE for q in offers))
                 self.unmatched.add(name)
                 self.get_logger().info(f"recording {name} ({types[0]})")
-                del self.pending[name]
+                self.pending.discard(name)
+
+    def counts(self) -> dict[str, int]:
+        """Messages written per subscribed topic."""
+        return {topic: self.writer.counts.get(topic, 0) for topic in self.subs}
 
     def _update_diagnostics(self) -> None:
-        total = sum(self.writer.counts.values())
+        counts = self.counts()
         level = WARN if self.pending else OK
-        msg = f"{total} messages" + (f"; no publisher yet for {sorted(self.pending)}" if self.pending else "")
-        self.diag.update("recording", level, msg, path=str(self.writer.path), counts=self.writer.counts)
+        msg = f"{sum(counts.values())} messages" + (f"; no publisher yet for {sorted(self.pending)}"
+                                                    if self.pending else "")
+        self.diag.update("recording", level, msg, path=str(self.writer.path), counts=counts)
+
+    def summary(self) -> dict:
+        return {"node": "bag_recorder", "path": str(self.writer.path), "counts": self.counts()}
 
     def destroy_node(self):
         writer = getattr(self, "writer", None)   # None: __init__ failed (the bag exists, say)
         if writer is not None:
+            for topic in self.subs:   # topics that got no message are in the bag too
+                if topic not in writer.counts:
+                    self._add_to_bag(topic)
             writer.close()
-            print("SUMMARY " + json.dumps({"node": "bag_recorder", "path": str(writer.path),
-                                           "counts": writer.counts}), flush=True)
         return super().destroy_node()
 
 

@@ -45,13 +45,18 @@ nodes' safe set is built to absorb once). Never two ticks in a row: the tick aft
 one applies the newest command. Drawn from its own generator seeded by ``seed`` (the noise
 sequence does not change), counted as ``late_commands``.
 
-Service ``reset`` (``std_srvs/Trigger``): state back to the initial state, command to zero
-(counters and the simulated time keep counting).
+Service ``~/reset`` (``std_srvs/Trigger``, private: ``/double_integrator_sim/reset``): state
+back to the initial state, command to zero (counters and the simulated time keep counting).
+
+Parameters: the plant (``PLANT_PARAMS`` of ``scpo_ros.params``, the same table and defaults
+as every node's: the default ``rate_hz`` = 1/``dt`` runs in real time) and the simulator's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import time
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -64,19 +69,21 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from ..dynamics import DoubleIntegrator
-from ..ros_common import (CONTROL_QOS, ERROR, EVENT_QOS, OK, WARN, Diagnostics, ParamSpec, add_parameter_validator,
-                          axis_names, declare_parameters, flush_publishers, monotonic, run_node)
+from ..graph import RESET_SERVICE
+from ..inputs import axis_names
+from ..params import PLANT_PARAMS, SEED, ParamSpec, compose
+from ..plant import plant_from_params
+from ..ros.diagnostics import ERROR, OK, WARN, Diagnostics
+from ..ros.messages import stamp_to_sec
+from ..ros.parameters import add_parameter_validator, declare_parameters
+from ..ros.qos import CONTROL_QOS, EVENT_QOS
+from ..ros.runner import flush_publishers, run_node
 
-PARAMS = [
-    ParamSpec("dof", 1, "Number of independent axes.", 1, 8, read_only=True),
-    ParamSpec("rate_hz", 50.0, "Simulation and state publication rate (wall clock).", 1.0, 1000.0),
-    ParamSpec("dt", 0.02, "Simulated time per step (s); dt = 1/rate_hz runs in real time. The safety node's "
-                          "model must use the same dt.", 1e-4, 1.0),
-    ParamSpec("p_max", 1.0, "Position limit |p| <= p_max (reported, not enforced).", 1e-3, 1e3),
-    ParamSpec("v_max", 1.0, "Velocity limit |v| <= v_max (reported, not enforced).", 1e-3, 1e3),
-    ParamSpec("u_max", 1.0, "Actuation limit |u| <= u_max (reported; commands are applied as given).", 1e-3, 1e3),
+SIM_PARAMS = (
+    ParamSpec("rate_hz", 1.0 / DoubleIntegrator.dt, "Simulation and state publication rate (wall clock); "
+                                                       "1/dt runs in real time.", 1.0, 1000.0),
     ParamSpec("noise_std", 0.0, "Std of the process noise on the acceleration.", 0.0, 10.0),
-    ParamSpec("seed", 0, "Seed of the process noise and of the late-command fault injection.", 0, 2**31 - 1),
+    dataclasses.replace(SEED, description="Seed of the process noise and of the late-command fault injection."),
     ParamSpec("initial_position", [0.0], "Initial positions, one per axis (or one for all).", -1e3, 1e3,
               min_len=1, max_len=8),
     ParamSpec("initial_velocity", [0.0], "Initial velocities, one per axis (or one for all).", -1e3, 1e3,
@@ -95,7 +102,8 @@ PARAMS = [
                                          "are matched (a recorder or controller that must see the first state).",
               0, 64),
     ParamSpec("frame_id", "", "header.frame_id of the published states."),
-]
+)
+PARAMS = compose(PLANT_PARAMS, SIM_PARAMS)
 
 
 CLOCK_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
@@ -153,14 +161,14 @@ class DoubleIntegratorSim(Node):
         self.commands = 0
         self.last_cmd_time = None
         self.started = self.p["wait_for_subscribers"] == 0
-        self.start_time = monotonic()        # the watchdog counts from here until a first command comes
+        self.start_time = time.monotonic()        # the watchdog counts from here until a first command comes
         self.names = axis_names(self.dof)
 
         self.state_pub = self.create_publisher(JointState, "joint_states", CONTROL_QOS)
         self.violation_pub = self.create_publisher(String, "constraint_violation", EVENT_QOS)
         self.clock_pub = self.create_publisher(Clock, "/clock", CLOCK_QOS) if self.p["publish_clock"] else None
         self.create_subscription(Float64MultiArray, "cmd", self._on_cmd, CONTROL_QOS)
-        self.create_service(Trigger, "reset", self._on_reset)
+        self.create_service(Trigger, RESET_SERVICE, self._on_reset)
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self.add_on_set_parameters_callback(self._refuse_sim_time)
@@ -177,8 +185,8 @@ class DoubleIntegratorSim(Node):
     # -- parameters
     @staticmethod
     def _make_system(p) -> DoubleIntegrator:
-        return DoubleIntegrator(dof=int(p["dof"]), dt=p["dt"], p_max=p["p_max"], v_max=p["v_max"],
-                                u_max=p["u_max"], noise_std=p["noise_std"])
+        """The plant's model with the simulator's process noise."""
+        return dataclasses.replace(plant_from_params(p).system, noise_std=p["noise_std"])
 
     @staticmethod
     def _late_rng(seed: int) -> np.random.Generator:
@@ -230,7 +238,7 @@ class DoubleIntegratorSim(Node):
         self.u_pending[:] = u
         self.new_cmd = True
         self.commands += 1
-        self.last_cmd_time = monotonic()
+        self.last_cmd_time = time.monotonic()
 
     def _on_reset(self, request, response):
         self.x[:] = self.x0
@@ -246,7 +254,7 @@ class DoubleIntegratorSim(Node):
             if self.state_pub.get_subscription_count() < self.p["wait_for_subscribers"]:
                 return
             self.started = True
-            self.start_time = monotonic()
+            self.start_time = time.monotonic()
             self.get_logger().info(f"{self.state_pub.get_subscription_count()} subscribers matched: starting")
             self._publish_state()  # x_0: nothing has answered a state yet, so nothing to integrate
             self._check_violation(self.x, np.zeros(self.dof))
@@ -284,7 +292,7 @@ class DoubleIntegratorSim(Node):
         self.last_tick_late = False
         timeout = self.p["cmd_timeout"]
         last = self.last_cmd_time if self.last_cmd_time is not None else self.start_time
-        if timeout <= 0.0 or monotonic() - last <= timeout:
+        if timeout <= 0.0 or time.monotonic() - last <= timeout:
             return
         action = self.p["cmd_timeout_action"]
         if not self.timeout_active:
@@ -317,13 +325,8 @@ class DoubleIntegratorSim(Node):
 
     def _check_violation(self, x: np.ndarray, u: np.ndarray) -> None:
         s, n = self.system, self.dof
-        kinds = []
-        if np.any(np.abs(x[:n]) > s.p_max):
-            kinds.append("position")
-        if np.any(np.abs(x[n:]) > s.v_max):
-            kinds.append("velocity")
-        if np.any(np.abs(u) > s.u_max):
-            kinds.append("actuation")
+        # strict (tol 0): the plant counts any overshoot of its limits, rounding included
+        kinds = [kind for kind, bad in s.violations(x, u, tol=0.0).items() if bad]
         if not kinds:
             return
         self.violations += 1
@@ -331,7 +334,7 @@ class DoubleIntegratorSim(Node):
             self.violations_by_kind[k] += 1
         now = self._stamp()
         self.violation_pub.publish(String(data=json.dumps({
-            "step": self.steps, "stamp": now.sec + 1e-9 * now.nanosec, "kinds": kinds,
+            "step": self.steps, "stamp": stamp_to_sec(now), "kinds": kinds,
             "position": x[:n].tolist(), "velocity": x[n:].tolist(), "command": u.tolist(),
             "total": self.violations})))
         self.get_logger().error(f"constraint violation #{self.violations} at step {self.steps}: {kinds}, "
@@ -358,8 +361,6 @@ class DoubleIntegratorSim(Node):
 
     def destroy_node(self):
         flush_publishers([pub for pub in (self.state_pub, self.violation_pub, self.clock_pub) if pub is not None])
-        # one machine-readable line for the demo and the tests
-        print("SUMMARY " + json.dumps(self.summary()), flush=True)
         self._update_diagnostics()
         self.diag.publish()
         return super().destroy_node()

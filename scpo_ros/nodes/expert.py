@@ -10,6 +10,9 @@ The schedule's clock starts with the first state received (wall time of the node
 so it lines up with the simulator however late either process starts. With
 ``malicious: true`` the last ``malicious_duty`` of every ``malicious_period_s`` demonstrates
 actions that drive the plant beyond its limits.
+
+Parameters: the plant (``PLANT_PARAMS`` of ``scpo_ros.params``: clean actions stay within
+``min(u_limit, u_max)``) and the schedule of the demonstrations (``ExpertConfig``).
 """
 from __future__ import annotations
 
@@ -20,16 +23,17 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray
 
-from ..dynamics import DoubleIntegrator
 from ..expert import ExpertConfig, expert_action, is_malicious, reference_at
-from ..ros_common import (CONTROL_QOS, OK, WARN, Diagnostics, ParamSpec, add_parameter_validator, declare_parameters,
-                          flush_publishers, run_node, state_from_joint_state)
+from ..params import PLANT_PARAMS, ParamSpec, compose
+from ..plant import plant_from_params
+from ..ros.diagnostics import OK, WARN, Diagnostics
+from ..ros.messages import state_from_joint_state
+from ..ros.parameters import add_parameter_validator, declare_parameters
+from ..ros.qos import CONTROL_QOS
+from ..ros.runner import flush_publishers, run_node
 
 _D = ExpertConfig()
-PARAMS = [
-    ParamSpec("dof", 1, "Number of axes.", 1, 8, read_only=True),
-    ParamSpec("u_max", 1.0, "Actuation limit of the plant (clean actions stay within min(u_limit, u_max)).",
-              1e-3, 1e3),
+EXPERT_PARAMS = (
     ParamSpec("references", list(_D.references), "Reference positions visited in turn (axis i starts i entries "
                                                   "later).", -1e3, 1e3, min_len=1, max_len=64),
     ParamSpec("switch_period_s", _D.switch_period_s, "Time each reference is held (s).", 0.05, 3600.0),
@@ -43,7 +47,8 @@ PARAMS = [
     ParamSpec("malicious_target", _D.malicious_target, "Position the malicious expert drives to (sign follows "
                                                        "the clean reference); beyond p_max to be unsafe.", 0.0, 1e3),
     ParamSpec("malicious_gain", _D.malicious_gain, "Gain multiplier in malicious phases (no clipping).", 1e-3, 1e3),
-]
+)
+PARAMS = compose(PLANT_PARAMS, EXPERT_PARAMS)
 
 CONFIG_FIELDS = ("switch_period_s", "kp", "kd", "u_limit", "malicious", "malicious_period_s", "malicious_duty",
                  "malicious_target", "malicious_gain")
@@ -60,7 +65,7 @@ class ExpertNode(Node):
         self.p = declare_parameters(self, PARAMS)
         self.dof = int(self.p["dof"])
         self.cfg = expert_config(self.p)
-        self.system = DoubleIntegrator(dof=self.dof, u_max=self.p["u_max"])
+        self.system = plant_from_params(self.p).system
         self.x = np.zeros(2 * self.dof)
         self.t_start = None
         self.demos = 0
@@ -78,6 +83,7 @@ class ExpertNode(Node):
     def _check(self, values) -> str | None:
         try:
             expert_config(values)
+            plant_from_params(values)
         except ValueError as exc:
             return str(exc)
         return None
@@ -85,7 +91,7 @@ class ExpertNode(Node):
     def _apply(self, values, changed) -> None:
         self.p = values
         self.cfg = expert_config(values)
-        self.system = DoubleIntegrator(dof=self.dof, u_max=values["u_max"])
+        self.system = plant_from_params(values).system
         self.get_logger().info(f"parameters changed: {sorted(changed)}")
 
     def _on_state(self, msg: JointState) -> None:
@@ -116,11 +122,11 @@ class ExpertNode(Node):
                          malicious_demonstrations=self.malicious_demos, bad_states=self.bad_states,
                          malicious_enabled=self.cfg.malicious)
 
+    def summary(self) -> dict:
+        return {"node": "expert", "demonstrations": self.demos, "malicious_demonstrations": self.malicious_demos}
+
     def destroy_node(self):
-        import json
         flush_publishers([self.action_pub, self.ref_pub, self.mal_pub])
-        print("SUMMARY " + json.dumps({"node": "expert", "demonstrations": self.demos,
-                                       "malicious_demonstrations": self.malicious_demos}), flush=True)
         return super().destroy_node()
 
 

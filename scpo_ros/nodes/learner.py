@@ -6,25 +6,28 @@ Parameters in, messages in, one call, messages out; the learning itself lives in
 - ``imitation``: collects ``(state, reference, expert action)`` triples from
   ``joint_states``, ``reference`` and ``expert_action`` (each expert action is paired with
   the latest state and reference) and runs ``steps_per_proposal`` Adam steps per proposal.
-- ``c_trpo``: trains C-TRPO on its own vectorised simulation of the plant (built from the
-  same ``dof``/``dt``/limits parameters; episodes start in ``p0_max``/``v0_max``/``r_max``)
-  and runs ``epochs_per_proposal`` epochs per proposal. It proposes the Gaussian policy's
+- ``c_trpo``: trains C-TRPO on its own vectorised simulation of the plant (episodes start
+  in the certified region) and runs ``epochs_per_proposal`` epochs per proposal. It proposes the Gaussian policy's
   mean network; exploration never touches the real plant, and demonstrations are unused.
 
 Every ``1/publish_rate_hz`` s the update runs in a worker thread (a C-TRPO epoch takes
 ~0.1 s, longer than a callback should block the executor), and its result is published on
 ``proposed_weights`` (``std_msgs/Float64MultiArray``, ``layout.dim[0].label`` = the
-``MLPLayout`` fingerprint; see ``ros_common.weights_to_msg``). A tick that finds the
+``MLPLayout`` fingerprint; see ``scpo_ros.ros.messages.weights_to_msg``). A tick that finds the
 previous update still running is skipped (``busy_ticks``).
 
 With ``follow_certified`` (default) the learner continues from the weights the safety
 node certified (``certified_weights``), loaded before the next update: each proposal is
 projected and certified by SCPO, and learning goes on from what was committed. That is
 bookkeeping, not safety: the learner never sees a constraint.
+
+Parameters: the plant, its backup and certified region, and the policy structure come from
+the tables of ``scpo_ros.params`` that the safety node composes too (the shared parameter
+file sets them once for both), read-only here; then the learner's own.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,45 +38,38 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
-from ..backup import InitialSet, LQRBackup
 from ..ctrpo import DIVERGENCES, CTRPOConfig
-from ..dynamics import DoubleIntegrator
 from ..learners import CTRPOProposer, ImitationLearner
+from ..params import BACKUP_PARAMS, PLANT_PARAMS, POLICY_PARAMS, REGION_PARAMS, SEED, ParamSpec, compose, read_only
+from ..plant import Plant, plant_from_params
 from ..policy import MLPLayout, check_weights
-from ..ros_common import (CONTROL_QOS, LATCHED_QOS, OK, WARN, Diagnostics, ParamSpec, add_parameter_validator,
-                          array_from_float64, declare_parameters, flush_publishers, run_node, state_from_joint_state,
-                          weights_from_msg, weights_to_msg)
+from ..ros.diagnostics import OK, WARN, Diagnostics
+from ..ros.messages import array_from_float64, state_from_joint_state, weights_from_msg, weights_to_msg
+from ..ros.parameters import add_parameter_validator, declare_parameters
+from ..ros.qos import CONTROL_QOS, LATCHED_QOS
+from ..ros.runner import flush_publishers, run_node
 
-_I, _T = InitialSet(), CTRPOConfig()
-
-
-def build_imitation(p: dict, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout) -> ImitationLearner:
-    return ImitationLearner(backup, layout, lr=p["lr"], batch_size=p["batch_size"], buffer_size=p["buffer_size"],
-                            seed=p["seed"])
+_T = CTRPOConfig()
 
 
-def build_c_trpo(p: dict, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout) -> CTRPOProposer:
+def build_imitation(p: dict, plant: Plant, layout: MLPLayout) -> ImitationLearner:
+    return ImitationLearner(plant.backup(), layout, lr=p["lr"], batch_size=p["batch_size"],
+                            buffer_size=p["buffer_size"], seed=p["seed"])
+
+
+def build_c_trpo(p: dict, plant: Plant, layout: MLPLayout) -> CTRPOProposer:
     config = CTRPOConfig(algorithm="c_trpo", cost_limit=p["cost_limit"], hidden=layout.hidden,
                          target_kl=p["target_kl"], beta=p["beta"], divergence=p["divergence"],
                          log_std_init=p["log_std_init"], critic_lr=p["lr"], critic_epochs=p["critic_epochs"],
                          critic_batch=p["batch_size"])
-    initial_set = InitialSet(p0_max=p["p0_max"], v0_max=p["v0_max"], r_max=p["r_max"])
-    return CTRPOProposer(system, backup, layout, initial_set, config, num_envs=p["sim_envs"],
+    return CTRPOProposer(plant.system, plant.backup(), layout, plant.region, config, num_envs=p["sim_envs"],
                          horizon=p["sim_horizon"], episode_length=p["sim_episode_length"], seed=p["seed"])
 
 
 ALGORITHMS = {"imitation": build_imitation, "c_trpo": build_c_trpo}
 """``algorithm`` parameter value -> builder of the ROS-free learner (``scpo_ros.learners``)."""
 
-PARAMS = [
-    ParamSpec("dof", 1, "Number of axes.", 1, 8, read_only=True),
-    ParamSpec("hidden", [32, 32], "Hidden layer sizes of the residual MLP (must match the safety node).", 1, 1024,
-              read_only=True, min_len=1, max_len=8),
-    ParamSpec("dt", 0.05, "Model time step (s) of the backup LQR and the c_trpo simulation (must match the "
-              "safety node).", 1e-4, 1.0, read_only=True),
-    ParamSpec("q_pos", 1.0, "Backup LQR position weight (must match the safety node).", 0.0, 1e6, read_only=True),
-    ParamSpec("q_vel", 1.0, "Backup LQR velocity weight (must match the safety node).", 0.0, 1e6, read_only=True),
-    ParamSpec("r_act", 10.0, "Backup LQR action weight (must match the safety node).", 1e-6, 1e6, read_only=True),
+LEARNER_PARAMS = (
     ParamSpec("algorithm", "imitation", "Learning algorithm: imitation (of the expert's demonstrations) or c_trpo "
               "(constrained RL in the learner's own simulation of the plant).", choices=tuple(ALGORITHMS),
               read_only=True),
@@ -85,20 +81,7 @@ PARAMS = [
     ParamSpec("publish_rate_hz", 2.0, "Proposals per second (at most: a tick that finds the last update still "
               "running is skipped).", 0.01, 100.0),
     ParamSpec("follow_certified", True, "Continue from the deployed (certified) weights when they change."),
-    ParamSpec("seed", 0, "Seed of the initial weights, the minibatches and the c_trpo simulation.", 0, 2**31 - 1,
-              read_only=True),
-    # c_trpo: the training simulation (the plant's model and the box its episodes start in)
-    ParamSpec("p_max", 1.0, "c_trpo simulation: |p| <= p_max (cost outside; must match the safety node).",
-              1e-3, 1e3, read_only=True),
-    ParamSpec("v_max", 1.0, "c_trpo simulation: |v| <= v_max (must match the safety node).", 1e-3, 1e3,
-              read_only=True),
-    ParamSpec("u_max", 1.0, "c_trpo simulation: actions clipped to |u| <= u_max (must match the safety node).",
-              1e-3, 1e3, read_only=True),
-    ParamSpec("p0_max", _I.p0_max, "c_trpo simulation: episodes start with |p| <= p0_max.", 0.0, 1e3,
-              read_only=True),
-    ParamSpec("v0_max", _I.v0_max, "c_trpo simulation: episodes start with |v| <= v0_max.", 0.0, 1e3,
-              read_only=True),
-    ParamSpec("r_max", _I.r_max, "c_trpo simulation: references drawn from |r| <= r_max.", 0.0, 1e3, read_only=True),
+    # c_trpo: the training simulation
     ParamSpec("sim_envs", 16, "c_trpo: simulated plants stepped at once.", 1, 4096, read_only=True),
     ParamSpec("sim_horizon", 50, "c_trpo: steps of every simulated plant per epoch (one policy update).", 1, 10000,
               read_only=True),
@@ -118,7 +101,11 @@ PARAMS = [
               "(in the simulation only).", -10.0, 2.0, read_only=True),
     ParamSpec("critic_epochs", _T.critic_epochs, "c_trpo: passes over each epoch's data by the critics.", 0, 1000,
               read_only=True),
-]
+)
+PARAMS = compose(read_only(PLANT_PARAMS), read_only(BACKUP_PARAMS), read_only(REGION_PARAMS), POLICY_PARAMS,
+                 LEARNER_PARAMS,
+                 seed=dataclasses.replace(SEED, read_only=True, description="Seed of the initial weights, the "
+                                                                            "minibatches and the c_trpo simulation."))
 
 
 class LearnerNode(Node):
@@ -127,11 +114,8 @@ class LearnerNode(Node):
         self.p = declare_parameters(self, PARAMS)
         torch.set_num_threads(1)
         self.dof = int(self.p["dof"])
-        system = DoubleIntegrator(dof=self.dof, dt=self.p["dt"], p_max=self.p["p_max"], v_max=self.p["v_max"],
-                                  u_max=self.p["u_max"])
-        backup = LQRBackup(system, q_pos=self.p["q_pos"], q_vel=self.p["q_vel"], r_act=self.p["r_act"])
         self.layout = MLPLayout(3 * self.dof, self.dof, tuple(self.p["hidden"]))
-        self.algo = ALGORITHMS[self.p["algorithm"]](self.p, system, backup, self.layout)
+        self.algo = ALGORITHMS[self.p["algorithm"]](self.p, plant_from_params(self.p), self.layout)
         self.x = np.zeros(2 * self.dof)
         self.have_state = False
         self.r = np.zeros(self.dof)
@@ -267,14 +251,20 @@ class LearnerNode(Node):
                 "loaded_certified": self.loaded_certified, "busy_ticks": self.busy_ticks,
                 "update_errors": self.update_errors, "last_update": self.last_stats}
 
-    def destroy_node(self):
-        # let a running update finish (and publish) before the publisher goes
+    def shutdown_hold(self, spin_once) -> None:
+        """After SIGINT/SIGTERM: let a running update finish (and publish), so that the
+        SUMMARY line counts it."""
+        self._finish_update()
+
+    def _finish_update(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._job is not None and self._job.done() and not self._job.cancelled():
             self._collect(self._job)
             self._job = None
+
+    def destroy_node(self):
+        self._finish_update()   # before the publisher goes
         flush_publishers([self.pub])
-        print("SUMMARY " + json.dumps(self.summary()), flush=True)
         return super().destroy_node()
 
 

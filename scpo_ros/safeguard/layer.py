@@ -1,7 +1,7 @@
 """Differentiable action projection for batches (the SP-RL safeguard layer).
 
-Forward: the same exact solvers as the per-step projector (closed form when the
-constraints are separable, daqp otherwise), on a batch of raw actions ``u (B, m)`` and
+Forward: ``projection.batch_solver``'s exact solvers (closed form when the constraints
+are separable, daqp otherwise), on a batch of raw actions ``u (B, m)`` and
 right-hand sides ``b (B, k)`` of ``G ũ <= b``, ``|ũ| <= u_max``.
 
 Backward: implicit differentiation of the KKT system. With the strictly active rows
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .invariant_set import SafeActionSet
-from .projection import DaqpProjection, IntervalForm, qp_shifts, state_dtype, tolerance_scale, tolerances_for
+from .projection import batch_solver
 
 EIG_TOL = 1e-9
 """Relative eigenvalue cut of ``A_Wᵀ A_W`` for float64; lower precisions use ``eig_tol``."""
@@ -33,81 +33,6 @@ def eig_tol(dtype: torch.dtype) -> float:
     """Eigenvalues below this (relative) are rounding: a float32 Gram matrix of dependent rows
     has ~1e-7 relative eigenvalues that a 1e-9 cut would invert into huge gradients."""
     return max(EIG_TOL, 100.0 * torch.finfo(dtype).eps)
-
-
-def interval_slack(b: torch.Tensor, scale: float) -> float:
-    """Feasibility slack (b units) for the right-hand sides ``b``: the projector's for their dtype."""
-    return tolerances_for(state_dtype(b), scale).interval
-
-
-class _ClosedForm:
-    """Batched torch version of the interval projection (separable constraints)."""
-
-    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
-        self.scale = scale
-        form = IntervalForm(G, u_max)
-        k, m = G.shape
-        self.k, self.m, self.u_max = k, m, float(u_max)
-        coef = np.zeros(k)
-        up = np.zeros((m, k), dtype=bool)
-        lo = np.zeros((m, k), dtype=bool)
-        for j in range(m):
-            up[j, form.upper[j]] = True
-            lo[j, form.lower[j]] = True
-            coef[form.upper[j]] = form.upper_coef[j]
-            coef[form.lower[j]] = form.lower_coef[j]
-        self.inv = np.where(coef != 0.0, 1.0 / np.where(coef != 0.0, coef, 1.0), 0.0)
-        self.up, self.lo = torch.as_tensor(up), torch.as_tensor(lo)
-        self.const = torch.as_tensor(form.constant_rows, dtype=torch.long)
-
-    def __call__(self, u: torch.Tensor, b: torch.Tensor):
-        k, m = self.k, self.m
-        inv = torch.as_tensor(self.inv, dtype=b.dtype)
-        ratio = (b * inv).unsqueeze(1)                                          # (B, 1, k)
-        inf = torch.tensor(float("inf"), dtype=b.dtype)
-        hi_g, hi_idx = torch.where(self.up, ratio, inf).min(-1)                # (B, m)
-        lo_g, lo_idx = torch.where(self.lo, ratio, -inf).max(-1)
-        hi = hi_g.clamp(max=self.u_max)
-        lo = lo_g.clamp(min=-self.u_max)
-        # feasible: the intervals of G ũ <= b + slack are non-empty (slack in b units: a rounding
-        # error of b(x) is amplified by 1/G_ij in u units, ~1e3 for the double integrator)
-        slack = interval_slack(b, self.scale)
-        ratio_w = ((b + slack) * inv).unsqueeze(1)
-        hi_w = torch.where(self.up, ratio_w, inf).min(-1).values.clamp(max=self.u_max)
-        lo_w = torch.where(self.lo, ratio_w, -inf).max(-1).values.clamp(min=-self.u_max)
-        feasible = (lo_w <= hi_w).all(-1)
-        if len(self.const):
-            feasible &= (b[:, self.const] >= -slack).all(-1)
-        hi = torch.maximum(hi, lo)
-        ut = torch.minimum(torch.maximum(u, lo), hi)
-        cols = torch.arange(m)
-        hi_row = torch.where(hi_g < self.u_max, hi_idx, k + cols)
-        lo_row = torch.where(lo_g > -self.u_max, lo_idx, k + m + cols)
-        over, under = u > hi, u < lo
-        active = torch.zeros(u.shape[0], k + 2 * m, dtype=torch.bool)
-        active.scatter_(1, torch.where(over, hi_row, lo_row), over | under)
-        return ut, active, feasible
-
-
-class _DaqpBatch:
-    """One warm-started daqp solve per row of the batch (C calls; general ``G``)."""
-
-    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
-        self.qp = DaqpProjection(G, u_max)
-        self.k, self.m = G.shape
-        self.scale = scale
-
-    def __call__(self, u: torch.Tensor, b: torch.Tensor):
-        # exact first, then outward within the dtype's slack, as the closed form's feasibility
-        # test (the layer does not aim inside: its output must be the projection, for its gradients)
-        shifts = [s for s in qp_shifts(tolerances_for(state_dtype(b), self.scale)) if s >= 0.0]
-        un = u.detach().to(torch.float64).numpy()
-        bn = b.detach().to(torch.float64).numpy()
-        out = [self.qp.solve_shifted(ui, bi, shifts) for ui, bi in zip(un, bn)]
-        ut = torch.as_tensor(np.stack([o[0] for o in out]), dtype=u.dtype)
-        active = torch.as_tensor(np.stack([o[1] for o in out]))
-        feasible = torch.as_tensor(np.array([o[2] for o in out]))
-        return ut, active, feasible
 
 
 def _active_rows_solve(A_full: torch.Tensor, active: torch.Tensor):
@@ -161,16 +86,7 @@ class ProjectionLayer(nn.Module):
         self.safe_set = safe_set
         G = np.asarray(safe_set.G, dtype=float)
         self.k, self.m = G.shape
-        if solver == "auto":
-            solver = "closed_form" if safe_set.separable else "daqp"
-        scale = tolerance_scale(safe_set)
-        if solver == "closed_form":
-            self._solver = _ClosedForm(G, safe_set.u_max, scale)
-        elif solver == "daqp":
-            self._solver = _DaqpBatch(G, safe_set.u_max, scale)
-        else:
-            raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
-        self.solver = solver
+        self._solver, self.solver = batch_solver(safe_set, solver)
         eye = np.eye(self.m)
         self.register_buffer("A_full", torch.as_tensor(np.vstack([G, eye, -eye])), persistent=False)
         self.last_active: torch.Tensor | None = None

@@ -24,7 +24,7 @@ whose next state is closest to ``C``, i.e. the ``u`` in the actuator box minimis
 largest facet violation ``max_i (H_i x+ - h_i)`` (the facets have unit normals, so this is
 a distance), projected from the raw action where that minimiser is not unique. For a
 double integrator running at a wall this is the hardest admissible braking, where the
-backup LQR (the former fallback, still available with ``recovery=False``) brakes gently
+backup LQR (``recovery=False``) brakes gently
 and lets a late command turn into a run of violations. Fallbacks for the caller's own
 reasons (``fallback(x, u, r, reason)``: stale or bad input) apply the backup action
 projected onto ``U_safe(x)`` (the recovery action where that set is empty).
@@ -62,10 +62,11 @@ keep the exact projection.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+import torch
 
 from .invariant_set import SafeActionSet
 
@@ -161,7 +162,7 @@ class IntervalForm:
     """``G ũ <= b`` with at most one nonzero per row, as per-coordinate intervals.
 
     ``upper[j]`` / ``lower[j]``: rows that bound coordinate ``j`` from above / below,
-    with their coefficients. Works on single states and on batches (leading dims).
+    with their coefficients; ``constant_rows``: rows that touch no coordinate.
     """
 
     def __init__(self, G: np.ndarray, u_max: float):
@@ -177,62 +178,64 @@ class IntervalForm:
         self.upper_coef = [coef[r] for r in self.upper]
         self.lower_coef = [coef[r] for r in self.lower]
         self.constant_rows = np.flatnonzero(col < 0)
-        # Box rows appended as candidates: index k + j (upper) and k + m + j (lower).
-        self._cand_hi = [np.concatenate([r, [k + j]]) for j, r in enumerate(self.upper)]
-        self._cand_lo = [np.concatenate([r, [k + m + j]]) for j, r in enumerate(self.lower)]
-
-    def bounds(self, b: np.ndarray, tol: float = FEAS_TOL):
-        """Intervals ``lo, hi (..., m)``, the rows attaining them ``lo_row, hi_row``, and
-        whether every constant row holds within ``tol`` (``ok (...)``)."""
-        lead = b.shape[:-1]
-        lo = np.empty(lead + (self.m,))
-        hi = np.empty(lead + (self.m,))
-        lo_row = np.empty(lead + (self.m,), dtype=np.int64)
-        hi_row = np.empty(lead + (self.m,), dtype=np.int64)
-        for j in range(self.m):
-            ub = np.concatenate([b[..., self.upper[j]] / self.upper_coef[j],
-                                 np.full(lead + (1,), self.u_max)], axis=-1)
-            lb = np.concatenate([b[..., self.lower[j]] / self.lower_coef[j],
-                                 np.full(lead + (1,), -self.u_max)], axis=-1)
-            ih, il = ub.argmin(-1), lb.argmax(-1)
-            hi[..., j] = np.take_along_axis(ub, ih[..., None], -1)[..., 0]
-            lo[..., j] = np.take_along_axis(lb, il[..., None], -1)[..., 0]
-            hi_row[..., j] = self._cand_hi[j][ih]
-            lo_row[..., j] = self._cand_lo[j][il]
-        ok = (b[..., self.constant_rows] >= -tol).all(-1) if len(self.constant_rows) else np.ones(lead, bool)
-        return lo, hi, lo_row, hi_row, ok
 
 
-def project_intervals(form: IntervalForm, u: np.ndarray, b: np.ndarray, tol: Tolerances | None = None):
-    """Closed-form projection for batches: ``(ũ, active (..., k + 2m), feasible (...))``.
+class IntervalBatch:
+    """The closed-form projection for batches (torch): ``ũ_j = clip(u_j, lo_j, hi_j)`` with
+    ``hi_j = min(u_max, min_i b_i / G_ij)`` over the upper rows, ``lo_j`` likewise.
 
-    float64 (``tol`` None): intervals empty by no more than ``FEAS_TOL`` (rounding at the
-    set's boundary) are collapsed to a point; emptier ones make the state infeasible.
-    Lower precision: intervals empty by no more than ``tol.interval`` in ``b`` units
-    count as feasible, and the intervals used are those of ``G ũ <= b - tol.margin``
-    where that is not empty, else the middle of the exact interval (module docstring).
+    ``__call__(u (B, m), b (B, k))`` returns ``(ũ, active (B, k + 2m), feasible (B,))``:
+    feasible where the intervals of ``G ũ <= b + slack`` are non-empty (``slack``: the
+    ``interval`` tolerance of ``dtype``, default ``b``'s; an emptier interval collapses onto
+    its lower end). No inward margin: the output is the exact projection (the layer's
+    gradients need it). ``SafeguardProjector``'s per-step closed form is the fused form of
+    this (candidates as one affine map of ``x``), tested against it.
     """
-    tol = tol or tolerances_for(np.float64)
-    lo, hi, lo_row, hi_row, ok = form.bounds(b, tol.interval)
-    if tol.margin > 0.0:
-        # an interval empty by at most the slack is (just) non-empty for b + slack
-        lo_s, hi_s, _, _, _ = form.bounds(b + tol.interval, tol.interval)
-        feasible = ok & (lo_s <= hi_s).all(-1)
-        lo_t, hi_t, lo_row_t, hi_row_t, _ = form.bounds(b - tol.margin, tol.interval)
-        inner = lo_t <= hi_t
-        mid = np.clip(0.5 * (lo + hi), -form.u_max, form.u_max)   # the actuator box is exact
-        lo, hi = np.where(inner, lo_t, mid), np.where(inner, hi_t, mid)
-        lo_row, hi_row = np.where(inner, lo_row_t, lo_row), np.where(inner, hi_row_t, hi_row)
-    else:
-        feasible = ok & (lo <= hi + FEAS_TOL).all(-1)
-    hi = np.maximum(hi, lo)
-    ut = np.clip(u, lo, hi)
-    active = np.zeros(u.shape[:-1] + (form.k + 2 * form.m,), dtype=bool)
-    over, under = u > hi, u < lo
-    # One write per coordinate (False where it is not clamped); the rows of different
-    # coordinates are disjoint, so no write undoes another.
-    np.put_along_axis(active, np.where(over, hi_row, lo_row), over | under, axis=-1)
-    return ut, active, feasible
+
+    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
+        self.scale = scale
+        form = IntervalForm(G, u_max)
+        k, m = G.shape
+        self.k, self.m, self.u_max = k, m, float(u_max)
+        coef = np.zeros(k)
+        up = np.zeros((m, k), dtype=bool)
+        lo = np.zeros((m, k), dtype=bool)
+        for j in range(m):
+            up[j, form.upper[j]] = True
+            lo[j, form.lower[j]] = True
+            coef[form.upper[j]] = form.upper_coef[j]
+            coef[form.lower[j]] = form.lower_coef[j]
+        self.inv = np.where(coef != 0.0, 1.0 / np.where(coef != 0.0, coef, 1.0), 0.0)
+        self.up, self.lo = torch.as_tensor(up), torch.as_tensor(lo)
+        self.const = torch.as_tensor(form.constant_rows, dtype=torch.long)
+
+    def __call__(self, u: torch.Tensor, b: torch.Tensor, dtype=None):
+        k, m = self.k, self.m
+        inv = torch.as_tensor(self.inv, dtype=b.dtype)
+        ratio = (b * inv).unsqueeze(1)                                          # (B, 1, k)
+        inf = torch.tensor(float("inf"), dtype=b.dtype)
+        hi_g, hi_idx = torch.where(self.up, ratio, inf).min(-1)                # (B, m)
+        lo_g, lo_idx = torch.where(self.lo, ratio, -inf).max(-1)
+        hi = hi_g.clamp(max=self.u_max)
+        lo = lo_g.clamp(min=-self.u_max)
+        # the slack is in b units: a rounding error of b(x) is amplified by 1/G_ij in u units,
+        # ~1e3 for the double integrator
+        slack = tolerances_for(state_dtype(b) if dtype is None else dtype, self.scale).interval
+        ratio_w = ((b + slack) * inv).unsqueeze(1)
+        hi_w = torch.where(self.up, ratio_w, inf).min(-1).values.clamp(max=self.u_max)
+        lo_w = torch.where(self.lo, ratio_w, -inf).max(-1).values.clamp(min=-self.u_max)
+        feasible = (lo_w <= hi_w).all(-1)
+        if len(self.const):
+            feasible &= (b[:, self.const] >= -slack).all(-1)
+        hi = torch.maximum(hi, lo)
+        ut = torch.minimum(torch.maximum(u, lo), hi)
+        cols = torch.arange(m)
+        hi_row = torch.where(hi_g < self.u_max, hi_idx, k + cols)
+        lo_row = torch.where(lo_g > -self.u_max, lo_idx, k + m + cols)
+        over, under = u > hi, u < lo
+        active = torch.zeros(u.shape[0], k + 2 * m, dtype=torch.bool)
+        active.scatter_(1, torch.where(over, hi_row, lo_row), over | under)
+        return ut, active, feasible
 
 
 class SafeguardProjector:
@@ -248,7 +251,7 @@ class SafeguardProjector:
     ``margin``: an inward margin (b units) for every state whatever its dtype, for a plant
     that checks its limits strictly (any rounding beyond the boundary counts there).
     ``recovery``: where ``U_safe(x)`` is empty, apply the recovery action (default) or
-    the clipped backup action (the behaviour before the recovery action existed).
+    the clipped backup action.
     For a set with ``late_commands=1`` an empty ``U_safe(x)`` goes to the nominal set's
     projector first (levels 2 and 3, module docstring); ``recovery`` applies to its last level.
     """
@@ -291,7 +294,8 @@ class SafeguardProjector:
             self._nominal = SafeguardProjector(safe_set.nominal_set(), backup, solver, margin, recovery)
 
     def _setup_closed_form(self) -> None:
-        """Precompute the per-coordinate bounds ``ũ_j <= b_i / G_ij`` as one affine map.
+        """Precompute the per-coordinate bounds ``ũ_j <= b_i / G_ij`` as one affine map (the
+        fused per-step form of ``IntervalBatch``, tested against it).
 
         The bound candidates are laid out in contiguous segments (upper bounds of
         coordinate 0, 1, ..., then lower bounds), each ending with its box bound, so a
@@ -300,10 +304,9 @@ class SafeguardProjector:
         """
         C, form, k, m = self.safe_set.invariant, IntervalForm(self.G, self.u_max), self.k, self.m
         D, f = self.safe_set.drift_rows()
-        self._form = form
         self._const = form.constant_rows
-        rows, coefs = [], []
-        for side, cands, box_row in ((0, form.upper, k), (1, form.lower, k + m)):
+        rows = []
+        for cands, box_row in ((form.upper, k), (form.lower, k + m)):
             for j in range(m):
                 rows.append(np.append(cands[j], box_row + j))
         self._seg_starts = np.cumsum([0] + [len(r) for r in rows[:-1]])
@@ -598,20 +601,53 @@ class DaqpProjection:
         return out
 
 
+class DaqpBatch:
+    """The projection for batches with a general ``G``: one warm-started daqp solve per row
+    (C calls), the same call and result as ``IntervalBatch``."""
+
+    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
+        self.qp = DaqpProjection(G, u_max)
+        self.k, self.m = G.shape
+        self.scale = scale
+
+    def __call__(self, u: torch.Tensor, b: torch.Tensor, dtype=None):
+        # exact first, then outward within the dtype's slack, as the closed form's feasibility
+        # test (no inward margin: the output must be the projection)
+        tol = tolerances_for(state_dtype(b) if dtype is None else dtype, self.scale)
+        shifts = [s for s in qp_shifts(tol) if s >= 0.0]
+        un = u.detach().to(torch.float64).numpy()
+        bn = b.detach().to(torch.float64).numpy()
+        out = [self.qp.solve_shifted(ui, bi, shifts) for ui, bi in zip(un, bn)]
+        ut = torch.as_tensor(np.stack([o[0] for o in out]), dtype=u.dtype)
+        active = torch.as_tensor(np.stack([o[1] for o in out]))
+        feasible = torch.as_tensor(np.array([o[2] for o in out]))
+        return ut, active, feasible
+
+
+def batch_solver(safe_set: SafeActionSet, solver: str = "auto"):
+    """``(solve, name)``: the batched projection of ``safe_set`` (``IntervalBatch`` when its
+    rows are separable or ``solver="closed_form"``, else ``DaqpBatch``)."""
+    if solver == "auto":
+        solver = "closed_form" if safe_set.separable else "daqp"
+    G, scale = np.asarray(safe_set.G, dtype=float), tolerance_scale(safe_set)
+    if solver == "closed_form":
+        return IntervalBatch(G, safe_set.u_max, scale), solver
+    if solver == "daqp":
+        return DaqpBatch(G, safe_set.u_max, scale), solver
+    raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
+
+
 def project_batch(safe_set: SafeActionSet, x: np.ndarray, u: np.ndarray):
     """Batched projection (numpy) for states already in the set: ``(ũ, active, feasible)``.
 
-    Closed form when separable; otherwise one daqp solve per row (C calls). The
-    tolerances follow ``x``'s dtype (float32 states: slack and inward margin).
+    ``batch_solver``'s projection, exact (no inward margin); the feasibility slack follows
+    ``x``'s dtype (float32 states on the boundary stay feasible).
     """
-    tol = tolerances_for(state_dtype(x), tolerance_scale(safe_set))
+    dtype = state_dtype(x)
     b = safe_set.rhs(np.asarray(x, dtype=float))
     u = np.asarray(u, dtype=float)
-    if safe_set.separable:
-        return project_intervals(IntervalForm(safe_set.G, safe_set.u_max), u, b, tol)
-    qp, shifts = DaqpProjection(safe_set.G, safe_set.u_max), qp_shifts(tol)
-    out = [qp.solve_shifted(ui, bi, shifts) for ui, bi in zip(u.reshape(-1, u.shape[-1]), b.reshape(-1, b.shape[-1]))]
-    ut = np.stack([o[0] for o in out]).reshape(u.shape)
-    active = np.stack([o[1] for o in out]).reshape(u.shape[:-1] + (-1,))
-    feasible = np.array([o[2] for o in out]).reshape(u.shape[:-1])
-    return ut, active, feasible
+    solve, _ = batch_solver(safe_set)
+    lead, m = u.shape[:-1], u.shape[-1]
+    ut, active, feasible = solve(torch.from_numpy(np.ascontiguousarray(u.reshape(-1, m))),
+                                 torch.from_numpy(np.ascontiguousarray(b.reshape(-1, b.shape[-1]))), dtype)
+    return (ut.numpy().reshape(u.shape), active.numpy().reshape(lead + (-1,)), feasible.numpy().reshape(lead))

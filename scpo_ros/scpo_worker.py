@@ -1,0 +1,148 @@
+"""The SCPO worker process of ``scpo_safety_node``, ROS-free: the parent's side
+(``SCPOWorker``, polled from an executor timer, never blocking) and the process itself
+(``_worker_main``: one ``ResidualSCPO`` per model, one request at a time).
+
+Protocol over one pipe. Requests: ``("rebuild", model, model_id, theta)`` (build the SCPO
+client for ``model``, re-certify ``theta`` or fall back to the backup's weights),
+``("proposal", flat)``, ``("stop",)``. Results: ``(kind, decision, theta or None,
+model_id)`` with ``kind`` one of ``recertify``, ``proposal``, ``error``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .residual_scpo import ResidualSCPO
+from .safety_model import Model
+from .scpo import Decision
+
+
+def _worker_main(conn, niceness: int = 0) -> None:
+    """The SCPO process: one request at a time from ``conn``, one result back per request.
+
+    ``niceness`` lowers its CPU priority (``os.nice``) so that, on a loaded CPU, the
+    scheduler runs the control callback first (measured: p99 round trip 2.4–2.9 ms with
+    an equal-priority worker on 2 cores). The protocol: the module docstring.
+    """
+    import signal as _signal
+    if niceness > 0:
+        try:
+            os.nice(niceness)
+        except OSError:                                # not permitted here: run at the parent's priority
+            pass
+
+    import torch
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)   # the parent decides when to stop
+    torch.set_num_threads(1)
+    scpo, model_id = None, -1
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):                    # parent gone
+            return
+        try:
+            if req[0] == "stop":
+                return
+            if req[0] == "rebuild":
+                _, model, model_id, theta = req
+                scpo = ResidualSCPO(model.plant.system, model.backup, model.layout, model.plant.region,
+                                    model.config, safety=model.safety, n_sample_states=model.n_sample_states,
+                                    n_cert_states=model.n_cert_states, seed=model.seed, safe_set=model.safe_set())
+                if theta is not None and np.shape(theta) == scpo.theta.shape:
+                    scpo.theta = np.asarray(theta, dtype=np.float32).copy()
+                decision = scpo.recertify()
+                conn.send(("recertify", decision, scpo.theta.astype(np.float64), model_id))
+            elif req[0] == "proposal":
+                decision = scpo.propose_weights(req[1])
+                theta = scpo.theta.astype(np.float64) if decision.committed else None
+                conn.send(("proposal", decision, theta, model_id))
+        except Exception as exc:  # report, keep serving; the parent keeps its certified weights
+            conn.send(("error", Decision(status="rejected", reason=f"{type(exc).__name__}: {exc}"), None, model_id))
+
+
+class SCPOWorker:
+    """Parent side of the SCPO process: a one-slot mailbox per request kind.
+
+    SCPO steps run in their own process, not a thread: a thread would hold the GIL
+    between the hundreds of small torch calls of a rollout and stall the control
+    callback (measured: median callback compute 35 µs alone, ~170 µs beside a busy
+    worker thread). ``poll()`` (from an executor timer) collects results and sends the
+    next request; a re-build outranks proposals and the newest proposal supersedes older
+    ones. Nothing here blocks.
+    """
+
+    def __init__(self, min_period_s: float = 0.0, niceness: int = 0):
+        import multiprocessing as mp
+        self._ctx = mp.get_context("spawn")   # never fork a process that runs DDS threads
+        self.min_period_s = min_period_s
+        self.niceness = niceness
+        self.superseded = 0
+        self.restarts = 0
+        self._proc = None
+        self._conn = None
+        self._busy = False
+        self._pending_rebuild = None
+        self._pending_proposal = None
+        self._last_sent = 0.0
+        self._stopping = False
+
+    def start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.niceness), name="scpo_worker",
+                                       daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn, self._busy = parent, False
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def rebuild(self, model: Model, model_id: int, theta) -> None:
+        self._pending_rebuild = (model, model_id, None if theta is None else np.asarray(theta))
+
+    def submit(self, flat: np.ndarray) -> None:
+        if self._pending_proposal is not None:
+            self.superseded += 1
+        self._pending_proposal = flat
+
+    def poll(self) -> list:
+        results = []
+        try:
+            while self._conn is not None and self._conn.poll():
+                results.append(self._conn.recv())
+                self._busy = False
+        except (EOFError, OSError):
+            self._busy = False
+        if self._busy or not self.alive():
+            return results
+        if self._pending_rebuild is not None:
+            self._conn.send(("rebuild", *self._pending_rebuild))
+            self._pending_rebuild, self._busy = None, True
+        elif self._pending_proposal is not None and time.monotonic() - self._last_sent >= self.min_period_s:
+            self._conn.send(("proposal", self._pending_proposal))
+            self._pending_proposal, self._busy = None, True
+            self._last_sent = time.monotonic()
+        return results
+
+    def restart(self, model: Model, model_id: int, theta) -> None:
+        """A new process for a dead one, rebuilt for ``model`` with the weights in force."""
+        self.restarts += 1
+        self.stop()
+        self.start()
+        self.rebuild(model, model_id, theta)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self._proc.join(timeout=5.0)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=2.0)
+        self._conn.close()
+        self._proc, self._conn = None, None

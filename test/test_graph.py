@@ -1,0 +1,175 @@
+"""The graph module (``scpo_ros.graph``, ROS-free): its topology against the nodes' sources,
+the parameter-file merging, and the Foxglove layout shipped in ``config/``."""
+import ast
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from rosbags.interfaces import Nodetype
+
+from scpo_ros import graph as g
+from scpo_ros.bag import typestore
+
+REPO = Path(__file__).resolve().parent.parent
+LAYOUT = REPO / "config" / "foxglove_layout.json"
+
+
+# ------------------------------------------------------------------ topology
+
+def test_every_topic_has_a_type_and_every_subscription_a_publisher():
+    for node, topics in {**g.PUBLISHES, **g.SUBSCRIBES}.items():
+        assert set(topics) <= set(g.TOPIC_TYPES), node
+    assert g.LATCHED_TOPICS <= set(g.TOPIC_TYPES) and set(g.FALLBACK_MODES) <= set(g.SAFETY_MODES)
+    remapped = {src for src, _ in g.SAFEGUARD_REMAPS}
+    for pipeline in g.COMPARE_PIPELINES.values():
+        published = set(g.pipeline_topics(pipeline))
+        for node in pipeline:
+            assert set(g.SUBSCRIBES[node]) - remapped <= published, node
+        assert set(g.state_answers(pipeline)) <= published
+    assert {dst for _, dst in g.SAFEGUARD_REMAPS} <= set(g.pipeline_topics(g.SAFEGUARD_PIPELINE))
+    # the simulator starts last and waits for every node that reads its states
+    assert all(p[-1] == g.SIMULATOR for p in g.COMPARE_PIPELINES.values())
+    assert g.state_subscribers(g.SCPO_PIPELINE) == 3 and g.state_subscribers(g.SCPO_PIPELINE, recorder=True) == 4
+    assert g.state_subscribers(g.SAFEGUARD_PIPELINE) == 2
+    assert g.plant_param_names() == ("dof", "dt", "p_max", "v_max", "u_max")   # what the safeguard shares
+
+
+def test_recorded_topics_and_names():
+    assert set(g.RECORDED_TOPICS) == set(g.pipeline_topics(g.SCPO_PIPELINE)) | {g.DIAGNOSTICS}
+    recorded = g.compare_recorded_topics()
+    assert "/safeguard/intervention" in recorded and "/scpo/scpo_decision" in recorded
+    assert "/safeguard/scpo_decision" not in recorded and recorded[-1] == g.DIAGNOSTICS
+    assert g.base_name("/robot1/cmd") == g.CMD and g.base_name("/diagnostics") == g.DIAGNOSTICS
+    assert g.topic_type("/scpo/certified_weights") == "std_msgs/msg/Float64MultiArray"
+    assert g.topic_type("/elsewhere/odom") is None
+    assert all(t in typestore().types for t in g.TOPIC_TYPES.values())
+
+
+def _literal(node: ast.AST):
+    """A topic argument of the nodes' sources: a string, or a name of the graph module."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+    return getattr(g, name, None) if name else None
+
+
+def _endpoints(path: Path) -> dict[str, set]:
+    """Topics and services a node file names in its create_* calls (read from source);
+    ``ProposalIntake(node, topic, ...)`` subscribes for the safety node."""
+    calls = {"create_publisher": "publishes", "create_lifecycle_publisher": "publishes",
+             "create_subscription": "subscribes", "ProposalIntake": "subscribes", "create_service": "services"}
+    out = {kind: set() for kind in calls.values()}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and len(node.args) >= 2):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if name in calls:
+            out[calls[name]].add(_literal(node.args[1]))
+    return out
+
+
+@pytest.mark.parametrize("node", sorted(g.PUBLISHES))
+def test_the_nodes_publish_and_subscribe_what_the_graph_says(node):
+    found = _endpoints(REPO / "scpo_ros" / "nodes" / f"{node}.py")
+    optional = {"/clock"} if node == g.SIMULATOR else set()   # publish_clock: true
+    assert found["publishes"] - optional == set(g.PUBLISHES[node])
+    assert found["subscribes"] == set(g.SUBSCRIBES[node])
+    if node == g.SIMULATOR:
+        assert found["services"] == {g.RESET_SERVICE}     # private: /double_integrator_sim/reset
+
+
+def test_the_parameter_files_name_only_graph_nodes():
+    nodes = set(g.PUBLISHES) | {g.RECORDER}
+    for path in sorted((REPO / "config").glob("*.yaml")):
+        for key in yaml.safe_load(path.read_text()):
+            assert key == "/**" or key.rsplit("/", 1)[-1] in nodes, (path.name, key)
+
+
+# ------------------------------------------------------------------ parameter files
+
+def test_merge_params_writes_into_every_section_that_names_the_node(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "/**": {"ros__parameters": {"dof": 1, "dt": 0.05}},
+        "/**/expert": {"ros__parameters": {"malicious": True}},
+        "/robot1/expert": {"ros__parameters": {"malicious": True, "seed": 3}},
+    }))
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"/**/expert": {"ros__parameters": {"seed": 7}},
+                                     "/**/action_safeguard": {"ros__parameters": {"solver": "daqp"}}}))
+    out = g.merged_params_file(base, {"expert": {"malicious": False}, "learner": {"dof": 2}, "unused": {}},
+                               tmp_path / "out.yaml", extra=[extra])
+    data = yaml.safe_load(Path(out).read_text())
+    assert data["/**/expert"]["ros__parameters"] == {"malicious": False, "seed": 7}
+    assert data["/robot1/expert"]["ros__parameters"] == {"malicious": False, "seed": 3}
+    assert data["/**/learner"]["ros__parameters"] == {"dof": 2}          # a new section for a node without one
+    assert "/**/unused" not in data and data["/**/action_safeguard"]["ros__parameters"] == {"solver": "daqp"}
+    # rcl's order: /** first, then the node's own sections over it
+    assert g.node_parameters(data, "learner") == {"dof": 2, "dt": 0.05}
+    assert g.node_parameters(data, "expert")["dof"] == 1
+    assert g.node_parameters(data, "double_integrator_sim") == {"dof": 1, "dt": 0.05}
+
+
+# ------------------------------------------------------------------ the Foxglove layout
+
+def _field_path_ok(msgtype: str, fields: str) -> bool:
+    """Whether ``fields`` (``layout.dim[0].label``) names a field chain of ``msgtype``."""
+    ts = typestore()
+    for i, part in enumerate(fields.split(".")):
+        name = re.sub(r"\[\d+\]$", "", part)
+        defs = dict(ts.fielddefs[msgtype][1])
+        if name not in defs:
+            return False
+        kind, desc = defs[name]
+        if kind in (Nodetype.SEQUENCE, Nodetype.ARRAY):
+            kind, desc = desc[0]
+        if kind == Nodetype.NAME:
+            msgtype = desc
+        elif i != len(fields.split(".")) - 1:
+            return False
+    return True
+
+
+def _layout_paths(layout: dict) -> list[str]:
+    """Every message path of the layout's panels (``/topic.field...`` or a topic)."""
+    paths = []
+    for panel in layout["configById"].values():
+        paths += [p["value"] for p in panel.get("paths", [])]
+        paths += [panel[k] for k in ("topicPath", "topicToRender") if k in panel]
+    return paths
+
+
+def _panel_ids(tree) -> set[str]:
+    return {tree} if isinstance(tree, str) else _panel_ids(tree["first"]) | _panel_ids(tree["second"])
+
+
+def test_the_foxglove_layout_shows_the_graphs_topics():
+    layout = json.loads(LAYOUT.read_text())
+    assert _panel_ids(layout["layout"]) == set(layout["configById"])
+    topics = set()
+    for path in _layout_paths(layout):
+        topic, _, fields = path.partition(".")
+        assert topic in {"/" + t.lstrip("/") for t in g.RECORDED_TOPICS}, path   # recorded, so a bag shows it too
+        assert not fields or _field_path_ok(g.topic_type(topic), fields), path
+        topics.add(g.base_name(topic))
+    assert {g.JOINT_STATES, g.CMD, g.REFERENCE, g.SAFETY_MODE, g.SCPO_DECISION, g.DIAGNOSTICS} <= topics
+
+
+def test_setup_ships_the_layout_the_parameter_files_and_the_launch_files(monkeypatch):
+    """setup.py's data_files (what colcon and pip install into share/scpo_ros)."""
+    captured = {}
+    fake = types.ModuleType("setuptools")
+    fake.setup = lambda **kwargs: captured.update(kwargs)
+    fake.find_packages = lambda **kwargs: []
+    monkeypatch.setitem(sys.modules, "setuptools", fake)
+    monkeypatch.chdir(REPO)
+    exec(compile((REPO / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "__main__"})
+    shipped = {dest: set(files) for dest, files in captured["data_files"]}
+    assert {"config/foxglove_layout.json", "config/scpo_double_integrator.yaml",
+            "config/safeguard.yaml"} <= shipped["share/scpo_ros/config"]
+    assert {"launch/scpo_double_integrator.launch.py",
+            "launch/compare_scpo_vs_safeguard.launch.py"} <= shipped["share/scpo_ros/launch"]

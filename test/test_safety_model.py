@@ -1,0 +1,107 @@
+"""scpo_ros.safety_model (ROS-free): the safety node's model and the safeguard's envelope, and
+the reasons a model is refused."""
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from scpo_ros.backup import BackupCertificationError
+from scpo_ros.params import (
+    BACKUP_PARAMS,
+    ENVELOPE_PARAMS,
+    PLANT_PARAMS,
+    POLICY_PARAMS,
+    REGION_PARAMS,
+    ROLLOUT_PARAMS,
+    SCPO_PARAMS,
+    compose,
+)
+from scpo_ros.rollout import METRICS
+from scpo_ros.safety_model import build_model, check_backup_in_safe_set, safeguard_envelope
+
+TABLES = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, POLICY_PARAMS, ROLLOUT_PARAMS, SCPO_PARAMS,
+                 ENVELOPE_PARAMS)
+
+
+def values(**changes):
+    v = {s.name: s.default for s in TABLES}
+    v.update(changes)
+    return v
+
+
+def test_build_model_from_the_tables_defaults():
+    model = build_model(values(hidden=[16, 8], seed=3, n_samples=32, margins=[0.01], late_commands=0))
+    assert model.plant.system.dof == 1 and model.plant.region.p0_max == 0.8
+    assert model.layout.sizes == (3, 16, 8, 1)
+    assert model.config.n_samples == 32 and model.config.margins == (0.01,)
+    assert model.seed == 3 and model.late_commands == 0
+    assert np.allclose(model.backup.K, model.plant.backup().K)
+    assert model.safe_set().name == model.plant.safe_set(0).name
+
+
+def test_build_model_is_picklable():
+    model = build_model(values(dof=2))
+    again = pickle.loads(pickle.dumps(model))
+    assert again.plant == model.plant and again.layout == model.layout
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    ({"p0_max": 5.0}, ValueError, "p0_max"),                                    # region outside the limits
+    ({"p0_max": 0.99, "v0_max": 0.9}, BackupCertificationError, ""),           # the backup cannot certify it
+    ({"margins": [0.01, 0.02]}, ValueError, "margins needs 1 or"),
+    ({"cert_margins": [0.0] * (len(METRICS) + 1)}, ValueError, "cert_margins"),
+    ({"r_act": -1.0}, ValueError, "r_act"),
+])
+def test_build_model_refuses_with_the_reason(changes, error, words):
+    with pytest.raises(error) as exc:
+        build_model(values(**changes))
+    assert words in str(exc.value)
+
+
+def test_build_model_refuses_a_missing_limit():
+    v = values()
+    del v["p_max"]
+    with pytest.raises(ValueError, match="p_max"):
+        build_model(v)
+
+
+class _NoSafeSet:
+    """A plant whose limits admit no safe set."""
+
+    def safe_set(self, late_commands):
+        raise ValueError("the maximal control-invariant set is empty")
+
+
+class _LeavingEngine:
+    """A rollout whose backup leaves the safe set (its ``safe_set`` metric is positive)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def evaluate(self, theta, x0, r):
+        class R:
+            g = np.array([[-1.0 if m != "safe_set" else 0.01 for m in METRICS]])
+        return R()
+
+
+def test_backup_without_or_leaving_the_safe_set_is_refused(monkeypatch):
+    model = build_model(values())
+    check_backup_in_safe_set(model)             # the defaults pass
+    with pytest.raises(BackupCertificationError, match="no safe set"):
+        check_backup_in_safe_set(dataclasses.replace(model, plant=_NoSafeSet()))
+    from scpo_ros import safety_model
+    monkeypatch.setattr(safety_model, "DoubleIntegratorRollout", _LeavingEngine)
+    with pytest.raises(BackupCertificationError, match="leaves the safe set"):
+        check_backup_in_safe_set(model)
+
+
+def test_safeguard_envelope_of_both_plants():
+    v = values(plant="double_integrator", solver="auto", boundary_margin=1e-6)
+    env = safeguard_envelope(v)
+    x = np.array([0.2, -0.1])
+    assert np.allclose(env.fallback(x, np.zeros(1)).u, np.clip(build_model(values()).backup(x, np.zeros(1)), -1, 1))
+    pend = safeguard_envelope({**v, "plant": "pendulum", "late_commands": 0})
+    assert pend.m == 1 and "pendulum" in pend.safe_set.name.lower()
+    with pytest.raises(ValueError, match="dof must be 1"):
+        safeguard_envelope({**v, "plant": "pendulum", "dof": 2})

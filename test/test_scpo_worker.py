@@ -1,0 +1,131 @@
+"""scpo_ros.scpo_worker (ROS-free): the SCPO process and its protocol, as the safety node
+drives it (rebuild -> re-certification, proposal -> decision, stop; a crashed process is
+restarted)."""
+import os
+import signal
+import time
+
+import numpy as np
+
+from scpo_ros.params import (
+    BACKUP_PARAMS,
+    ENVELOPE_PARAMS,
+    PLANT_PARAMS,
+    POLICY_PARAMS,
+    REGION_PARAMS,
+    ROLLOUT_PARAMS,
+    SCPO_PARAMS,
+    compose,
+)
+from scpo_ros.residual_scpo import backup_weights
+from scpo_ros.safety_model import build_model
+from scpo_ros.scpo import STATUSES
+from scpo_ros.scpo_worker import SCPOWorker
+
+TABLES = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, POLICY_PARAMS, ROLLOUT_PARAMS, SCPO_PARAMS,
+                 ENVELOPE_PARAMS)
+# small SCPO settings: short worker steps on a loaded machine
+SMALL = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60, "hidden": [8]}
+
+
+def small_model(**changes):
+    values = {s.name: s.default for s in TABLES}
+    values.update(SMALL, **changes)
+    return build_model(values)
+
+
+def wait_for(cond, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def results(worker, n, timeout=120.0):
+    """Poll as the node's results timer does until ``n`` results came back."""
+    got = []
+    wait_for(lambda: got.extend(worker.poll()) or len(got) >= n, timeout, f"{n} worker results")
+    return got
+
+
+def test_scpo_worker_runs_below_the_control_path_priority():
+    worker = SCPOWorker(niceness=7)
+    worker.start()
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        pid = worker._proc.pid
+        # the worker lowers its priority as its first action; wait for it, not a fixed time
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == min(19, own + 7), 60.0, "the worker's niceness")
+    finally:
+        worker.stop()
+    assert not worker.alive()
+
+
+def test_rebuild_proposal_stop_round_trip():
+    model = small_model()
+    worker = SCPOWorker()
+    worker.start()
+    try:
+        assert worker.alive()
+        worker.rebuild(model, 1, None)
+        [(kind, decision, theta, model_id)] = results(worker, 1)
+        # no weights given: the backup's own are certified
+        assert (kind, decision.status, model_id) == ("recertify", "accepted", 1)
+        base = backup_weights(model.layout, model.seed).astype(np.float64)
+        assert np.allclose(theta, base)
+        # two proposals before the next poll: the newer supersedes the older
+        rng = np.random.default_rng(0)
+        worker.submit(base + 0.01 * rng.standard_normal(base.size))
+        worker.submit(base + 0.01 * rng.standard_normal(base.size))
+        assert worker.superseded == 1
+        [(kind, decision, theta, model_id)] = results(worker, 1)
+        assert kind == "proposal" and model_id == 1 and decision.status in STATUSES
+        assert (theta is not None) == decision.committed
+        if theta is not None:
+            assert np.linalg.norm(theta - base) <= model.config.sample_radius + 1e-5
+        # a re-build with the current weights for a new model re-certifies them under it
+        worker.rebuild(small_model(p_max=0.98), 2, base)
+        [(kind, decision, theta, model_id)] = results(worker, 1)
+        assert kind == "recertify" and model_id == 2 and decision.status in ("accepted", "rejected")
+        # a malformed proposal is reported as a decision, the process keeps serving
+        worker.submit(base[:-1])
+        [(kind, decision, theta, _)] = results(worker, 1)
+        assert kind == "proposal" and decision.status == "rejected" and theta is None
+        assert worker.alive()
+    finally:
+        worker.stop()
+    assert not worker.alive()
+    worker.stop()           # idempotent
+
+
+def test_a_request_that_fails_is_an_error_result():
+    worker = SCPOWorker()
+    worker.start()
+    try:
+        worker.submit(np.zeros(10))            # a proposal before any model: nothing to step
+        [(kind, decision, theta, model_id)] = results(worker, 1)
+        assert kind == "error" and decision.status == "rejected" and theta is None and decision.reason
+        assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def test_a_crashed_worker_is_restarted_and_rebuilt():
+    model = small_model()
+    worker = SCPOWorker()
+    worker.start()
+    try:
+        worker.rebuild(model, 1, None)
+        results(worker, 1)
+        os.kill(worker._proc.pid, signal.SIGKILL)
+        wait_for(lambda: not worker.alive(), 10.0, "the worker to die")
+        assert worker.poll() == []             # nothing blocks on a dead worker
+        worker.restart(model, 1, backup_weights(model.layout, model.seed))   # what the node does then
+        assert worker.restarts == 1 and worker.alive()
+        [(kind, decision, _, model_id)] = results(worker, 1)
+        assert (kind, decision.status, model_id) == ("recertify", "accepted", 1)
+    finally:
+        worker.stop()
