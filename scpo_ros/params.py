@@ -252,3 +252,15 @@ LIFECYCLE_PARAMS = (
     ParamSpec("shutdown_timeout", 2.0, "At shutdown keep sending the fallback until the plant is at rest, no state "
                                        "comes for state_timeout, or this passes (s).", 0.0, 60.0),
 )
+
+
+MODEL_PARAMS = PLANT_PARAMS + BACKUP_PARAMS + REGION_PARAMS + POLICY_PARAMS + ROLLOUT_PARAMS + SCPO_PARAMS \
+    + ENVELOPE_PARAMS
+"""What ``safety_model.build_model`` reads: everything the safety node's certificate covers."""
+
+
+def defaults(specs: Sequence[ParamSpec], **changes) -> dict[str, Any]:
+    """``{name: default}`` of ``specs`` updated with ``changes`` (which may add a node's own
+    parameters): the values a node holds before any override, what the ROS-free tests build
+    models from."""
+    return {**{s.name: s.default for s in specs}, **changes}

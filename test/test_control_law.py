@@ -7,28 +7,14 @@ import pytest
 from scpo_ros.backup import LQRBackup
 from scpo_ros.control_law import ControlLaw, FoldedPolicy, command_view, make_law, select
 from scpo_ros.dynamics import DoubleIntegrator
-from scpo_ros.params import (
-    BACKUP_PARAMS,
-    ENVELOPE_PARAMS,
-    PLANT_PARAMS,
-    POLICY_PARAMS,
-    REGION_PARAMS,
-    ROLLOUT_PARAMS,
-    SCPO_PARAMS,
-    compose,
-)
+from scpo_ros.params import MODEL_PARAMS, defaults
 from scpo_ros.policy import MLPLayout, NumpyMLP
 from scpo_ros.residual_scpo import backup_weights
 from scpo_ros.safety_model import build_model
 
-TABLES = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, POLICY_PARAMS, ROLLOUT_PARAMS, SCPO_PARAMS,
-                 ENVELOPE_PARAMS)
-
 
 def model_values(**changes):
-    values = {s.name: s.default for s in TABLES}
-    values.update(changes)
-    return values
+    return defaults(MODEL_PARAMS, **changes)
 
 
 class Msg:

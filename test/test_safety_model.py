@@ -7,27 +7,13 @@ import numpy as np
 import pytest
 
 from scpo_ros.backup import BackupCertificationError
-from scpo_ros.params import (
-    BACKUP_PARAMS,
-    ENVELOPE_PARAMS,
-    PLANT_PARAMS,
-    POLICY_PARAMS,
-    REGION_PARAMS,
-    ROLLOUT_PARAMS,
-    SCPO_PARAMS,
-    compose,
-)
+from scpo_ros.params import MODEL_PARAMS, defaults
 from scpo_ros.rollout import METRICS
 from scpo_ros.safety_model import build_model, check_backup_in_safe_set, safeguard_envelope
 
-TABLES = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, POLICY_PARAMS, ROLLOUT_PARAMS, SCPO_PARAMS,
-                 ENVELOPE_PARAMS)
-
 
 def values(**changes):
-    v = {s.name: s.default for s in TABLES}
-    v.update(changes)
-    return v
+    return defaults(MODEL_PARAMS, **changes)
 
 
 def test_build_model_from_the_tables_defaults():

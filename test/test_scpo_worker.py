@@ -7,31 +7,18 @@ import time
 
 import numpy as np
 
-from scpo_ros.params import (
-    BACKUP_PARAMS,
-    ENVELOPE_PARAMS,
-    PLANT_PARAMS,
-    POLICY_PARAMS,
-    REGION_PARAMS,
-    ROLLOUT_PARAMS,
-    SCPO_PARAMS,
-    compose,
-)
+from scpo_ros.params import MODEL_PARAMS, defaults
 from scpo_ros.residual_scpo import backup_weights
 from scpo_ros.safety_model import build_model
 from scpo_ros.scpo import STATUSES
 from scpo_ros.scpo_worker import SCPOWorker
 
-TABLES = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, POLICY_PARAMS, ROLLOUT_PARAMS, SCPO_PARAMS,
-                 ENVELOPE_PARAMS)
 # small SCPO settings: short worker steps on a loaded machine
 SMALL = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60, "hidden": [8]}
 
 
 def small_model(**changes):
-    values = {s.name: s.default for s in TABLES}
-    values.update(SMALL, **changes)
-    return build_model(values)
+    return build_model(defaults(MODEL_PARAMS, **{**SMALL, **changes}))
 
 
 def wait_for(cond, timeout, what):

@@ -82,10 +82,9 @@ from ..envelope import CommandEnvelope
 from ..inputs import JointMap, ReferenceGate, StateGate
 from ..params import (
     BACKUP_PARAMS,
-    ENVELOPE_PARAMS,
     LIFECYCLE_PARAMS,
+    MODEL_PARAMS,
     PLANT_PARAMS,
-    POLICY_PARAMS,
     REGION_PARAMS,
     ROLLOUT_PARAMS,
     SCPO_PARAMS,
@@ -118,8 +117,7 @@ NODE_PARAMS = (
                                      "control callback must win.", 0, 19, read_only=True),
 )
 _STATE_TIMEOUT = next(s for s in STATE_INPUT_PARAMS if s.name == "state_timeout")
-PARAMS = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, POLICY_PARAMS, ROLLOUT_PARAMS, SCPO_PARAMS,
-                 ENVELOPE_PARAMS, STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, NODE_PARAMS,
+PARAMS = compose(MODEL_PARAMS, STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, NODE_PARAMS,
                  state_timeout=dataclasses.replace(
                      _STATE_TIMEOUT, description=_STATE_TIMEOUT.description + " Here: the watchdog then sends the "
                                                                               "hold command (hold_mode)."))
