@@ -270,8 +270,8 @@ def _intervention_metrics(s: Series, control_steps: int) -> tuple[dict, Counter]
 def _pipeline(s: Series) -> str:
     bases = {g.base_name(t) for t in s.topics}
     if bases & {g.SCPO_DECISION, g.SAFETY_MODE}:
-        return "scpo"
-    return "safeguard" if g.INTERVENTION in bases else "unknown"
+        return g.NS_SCPO
+    return g.NS_SAFEGUARD if g.INTERVENTION in bases else "unknown"
 
 
 def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> dict:
@@ -337,8 +337,8 @@ def format_comparison(columns: dict[str, dict], title: str = "") -> str:
     """One table, one column per pipeline (``label -> metrics``); ``-`` where a row does
     not apply to a pipeline (SCPO updates of the safeguard, interventions of SCPO)."""
     fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
-    scpo_only = lambda m, v: v if m["pipeline"] != "safeguard" else None  # noqa: E731
-    guard_only = lambda m, v: v if m["pipeline"] == "safeguard" else None  # noqa: E731
+    scpo_only = lambda m, v: v if m["pipeline"] != g.NS_SAFEGUARD else None  # noqa: E731
+    guard_only = lambda m, v: v if m["pipeline"] == g.NS_SAFEGUARD else None  # noqa: E731
     rows = [
         ("pipeline", lambda m: m["pipeline"]),
         ("constraint violations (sim)", lambda m: m["constraint_violations"]),

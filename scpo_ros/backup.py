@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -35,6 +36,18 @@ def dlqr(A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> tuple[np
     P = scipy.linalg.solve_discrete_are(A, B, Q, R)
     K = np.linalg.solve(B.T @ P @ B + R, B.T @ P @ A)
     return K, P
+
+
+def diagonal_lqr(A: np.ndarray, B: np.ndarray, q_pos: float, q_vel: float, r_act: float):
+    """``dlqr`` with ``Q = diag(q_pos.., q_vel..)`` (one of each per axis of ``B``) and
+    ``R = r_act I``: the backups' weights, checked. Returns ``K, P, Q, R``."""
+    if min(q_pos, q_vel) < 0 or r_act <= 0:
+        raise ValueError("LQR weights need q_pos, q_vel >= 0 and r_act > 0")
+    n = B.shape[1]
+    Q = np.diag([q_pos] * n + [q_vel] * n)
+    R = r_act * np.eye(n)
+    K, P = dlqr(A, B, Q, R)
+    return K, P, Q, R
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,26 @@ class InitialSet:
 
 
 @dataclass
-class LQRBackup:
+class _DiagonalLQR:
+    """What both backups share: ``K, P`` of the discrete LQR with ``Q = diag(q_pos.., q_vel..)``
+    and ``R = r_act I`` (``diagonal_lqr``) on the plant's ``A, B`` (``_plant_matrices``)."""
+
+    system: Any
+    q_pos: float = 1.0
+    q_vel: float = 1.0
+    r_act: float = 10.0
+    K: np.ndarray = field(init=False, repr=False)
+    P: np.ndarray = field(init=False, repr=False)
+
+    def _plant_matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.system.A, self.system.B
+
+    def __post_init__(self):
+        self.K, self.P, self.Q, self.R = diagonal_lqr(*self._plant_matrices(), self.q_pos, self.q_vel, self.r_act)
+
+
+@dataclass
+class LQRBackup(_DiagonalLQR):
     """LQR tracking controller for a ``DoubleIntegrator`` with per-axis weights.
 
     ``q_pos``, ``q_vel``, ``r_act``: diagonal weights of Q and R (the same on every
@@ -73,20 +105,9 @@ class LQRBackup:
     """
 
     system: DoubleIntegrator
-    q_pos: float = 1.0
-    q_vel: float = 1.0
-    r_act: float = 10.0
-    K: np.ndarray = field(init=False, repr=False)
-    P: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
-        n = self.system.dof
-        if min(self.q_pos, self.q_vel) < 0 or self.r_act <= 0:
-            raise ValueError("LQR weights need q_pos, q_vel >= 0 and r_act > 0")
-        Q = np.diag([self.q_pos] * n + [self.q_vel] * n)
-        R = self.r_act * np.eye(n)
-        self.K, self.P = dlqr(self.system.A, self.system.B, Q, R)
-        self.Q, self.R = Q, R
+        super().__post_init__()
         self.A_cl = self.system.A - self.system.B @ self.K
 
     def reference_state(self, r):
@@ -150,24 +171,18 @@ class LQRBackup:
 
 
 @dataclass
-class PendulumLQR:
+class PendulumLQR(_DiagonalLQR):
     """LQR on the pendulum's upright linearisation, ``u = -K x`` (the reference is ignored).
 
     ``q_pos``, ``q_vel``, ``r_act``: the weights of θ, θ' and the action.
     """
 
     system: Pendulum
-    q_pos: float = 1.0
     q_vel: float = 0.1
     r_act: float = 1.0
-    K: np.ndarray = field(init=False, repr=False)
-    P: np.ndarray = field(init=False, repr=False)
 
-    def __post_init__(self):
-        if min(self.q_pos, self.q_vel) < 0 or self.r_act <= 0:
-            raise ValueError("LQR weights need q_pos, q_vel >= 0 and r_act > 0")
-        A, B = self.system.linearization()
-        self.K, self.P = dlqr(A, B, np.diag([self.q_pos, self.q_vel]), np.array([[self.r_act]]))
+    def _plant_matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.system.linearization()
 
     def __call__(self, x, r=None):
         """Backup action for states ``x (..., 2)`` (numpy or torch)."""

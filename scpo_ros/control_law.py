@@ -1,20 +1,42 @@
 """The safety node's control law, ROS-free: ``u = backup(x, r) + φ_θ([x, r])`` folded into a
 few numpy calls (``FoldedPolicy``), the certified region it may act in (``ControlLaw``,
-``make_law``) and the command buffer it writes into (``command_view``).
+``make_law``), who acts (``select``), the command buffer it writes into (``command_view``),
+the stale-state hold (``HoldPredictor``), the ``control`` diagnostic (``control_status``,
+``ControlCounts``), and
+for both controller nodes the control path's compute times (``ComputeTimes``) and when the
+plant is at rest (``RestDetector``, the shutdown hold).
 
-What the control path of ``nodes/scpo_safety_node`` evaluates on every state; replaced as a
-whole (one attribute assignment) when SCPO commits new weights or the model changes.
+What the control path of ``nodes/scpo_safety_node`` evaluates on every state; the law is
+replaced as a whole (one attribute assignment) when SCPO commits new weights or the model
+changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .graph import (
+    LABEL_POLICY,
+    LEVEL_ERROR,
+    LEVEL_OK,
+    LEVEL_WARN,
+    MODE_BACKUP_RECERTIFYING,
+    MODE_BACKUP_REGION,
+    MODE_HOLD_STALE,
+    MODE_INACTIVE,
+    MODE_POLICY,
+    MODE_RETURNING,
+    MODE_WAITING_FOR_CERTIFICATE,
+    MODE_WAITING_FOR_STATE,
+    mode_level,
+    mode_text,
+)
 from .policy import MLPLayout, fold_residual_policy
 
 if TYPE_CHECKING:
+    from .envelope import CommandEnvelope, EnvelopeResult
     from .safety_model import Model
 
 
@@ -93,7 +115,7 @@ def make_law(model: Model, theta: np.ndarray | None, version: int, certifying: b
     return ControlLaw(policy, tuple(-u for u in upper), upper, version, certifying)
 
 
-IMMEDIATE_MODES = ("policy", "waiting_for_state", "waiting_for_certificate")
+IMMEDIATE_MODES = (MODE_POLICY, MODE_WAITING_FOR_STATE, MODE_WAITING_FOR_CERTIFICATE)
 """Modes from which a qualifying state hands the plant to the policy at once; from any other
 (a fallback) it takes ``return_steps`` qualifying states in a row (hysteresis)."""
 
@@ -115,6 +137,155 @@ def select(law: ControlLaw, z: list, mode: str, qualifying: int, return_steps: i
     qualifies = law.policy is not None and in_region and not law.certifying
     qualifying = qualifying + 1 if qualifies else 0
     if qualifies and (mode in IMMEDIATE_MODES or qualifying >= return_steps):
-        return "policy", qualifying
-    return ("backup_recertifying" if law.certifying else "backup_region" if not in_region else
-            "waiting_for_certificate" if law.policy is None else "returning"), qualifying
+        return MODE_POLICY, qualifying
+    return (MODE_BACKUP_RECERTIFYING if law.certifying else MODE_BACKUP_REGION if not in_region else
+            MODE_WAITING_FOR_CERTIFICATE if law.policy is None else MODE_RETURNING), qualifying
+
+
+HOLD_MODES = ("backup_predicted", "zero")
+"""The hold candidate on stale state (``hold_mode``): the fallback on the predicted state, or zero."""
+
+
+class HoldPredictor:
+    """Dead reckoning on stale state: the state the nominal model predicts under the fallback.
+
+    ``start(x, now)`` when the state goes stale (``x`` the last accepted state); every
+    ``command(now, ...)`` then advances the model to the present, one ``system.step`` per
+    ``system.dt`` elapsed since ``start``, each under the envelope's fallback for the
+    predicted state, and returns the hold command for that state: the envelope's fallback
+    (``backup_predicted``) or its filter of a zero candidate (``zero``). The system, the
+    envelope and ``r`` are passed on every call: a model change or a new reference during
+    the hold applies from the next step on.
+    """
+
+    def __init__(self):
+        self.x: np.ndarray | None = None
+        self.since = 0.0
+        self.steps = 0
+
+    def start(self, x: np.ndarray, now: float) -> None:
+        self.x = np.array(x, dtype=np.float64)
+        self.since = now
+        self.steps = 0
+
+    def advance(self, now: float, system, envelope: CommandEnvelope, r: np.ndarray) -> np.ndarray:
+        """The predicted state at ``now``."""
+        target = int((now - self.since) / system.dt)
+        while self.steps < target:
+            self.x = system.step(self.x, envelope.fallback(self.x, r, MODE_HOLD_STALE).u)
+            self.steps += 1
+        return self.x
+
+    def command(self, now: float, system, envelope: CommandEnvelope, r: np.ndarray,
+                hold_mode: str) -> EnvelopeResult:
+        """The hold command at ``now`` (``hold_mode`` one of ``HOLD_MODES``)."""
+        x = self.advance(now, system, envelope, r)
+        if hold_mode == "zero":
+            return envelope.filter(x, np.zeros(system.dof), r)
+        return envelope.fallback(x, r, MODE_HOLD_STALE)
+
+
+UNCONFIGURED = "unconfigured"
+"""The reason the ``control`` diagnostic gives while the node is not configured."""
+
+
+def control_status(mode: str, params, reason: str = "", dt_measured: float | None = None,
+                   policy_interventions: int = 0) -> tuple[int, str]:
+    """The ``control`` diagnostic's ``(level, text)``: the mode's (``graph.SAFETY_MODE_TABLE``,
+    ``params`` the node's parameter values), WARN where the policy acts on a state period
+    more than 25 % off the model's ``dt``, ERROR once the envelope has changed a certified
+    policy command."""
+    text = f"{UNCONFIGURED}: {params['inactive_behavior']}" if mode == MODE_INACTIVE and reason == UNCONFIGURED \
+        else mode_text(mode, params)
+    level = mode_level(mode)
+    dt = params["dt"]
+    if mode == MODE_POLICY and dt_measured is not None and not abs(dt_measured - dt) <= 0.25 * dt and level == LEVEL_OK:
+        level = LEVEL_WARN
+        text += f"; state period {dt_measured:.4f} s differs from the model dt {dt:g} s"
+    if policy_interventions:
+        level = LEVEL_ERROR
+        text += f"; ENVELOPE CHANGED {policy_interventions} CERTIFIED-POLICY COMMANDS"
+    return level, text
+
+
+@dataclass
+class ControlCounts:
+    """The safety node's command counts (its ``control`` diagnostic and SUMMARY line)."""
+
+    control_steps: int = 0
+    backup_steps: int = 0
+    hold_commands: int = 0
+    fallbacks: int = 0
+    """Entries into a fallback mode (``graph.FALLBACK_MODES``)."""
+    policy_interventions: int = 0
+    """Certified-policy commands the envelope changed (the certificate should make this 0)."""
+    envelope_changes: int = 0
+    """Commands the envelope changed: every policy intervention, and fallbacks it moved by more
+    than its ``change_tol`` or had to recover."""
+    recovery_commands: int = 0
+    """Commands with a next-state violation: the state was outside the recoverable set."""
+    inactive_commands: int = 0
+    shutdown_commands: int = 0
+
+    def command(self, label: str, res: EnvelopeResult, change_tol: float) -> bool:
+        """Count the envelope's part in a command sent with ``label``; True for a recovery action."""
+        if res.changed and label != LABEL_POLICY:
+            self.envelope_changes += res.distance > change_tol or res.violation > 0.0
+        if res.violation > 0.0:
+            self.recovery_commands += 1
+            return True
+        return False
+
+    def policy_changed(self) -> int:
+        """Count a certified-policy command the envelope changed; the number so far."""
+        self.policy_interventions += 1
+        self.envelope_changes += 1
+        return self.policy_interventions
+
+    def diag_values(self) -> dict:
+        """The counts of the ``control`` diagnostic (all but ``shutdown_commands``)."""
+        values = asdict(self)
+        del values["shutdown_commands"]
+        return values
+
+
+class ComputeTimes:
+    """The last ``capacity`` compute times of a control path (µs, a ring buffer): their
+    median and 99th percentile for the diagnostics and the SUMMARY line of both controller
+    nodes. ``add`` writes one float into a preallocated array (no allocation)."""
+
+    def __init__(self, capacity: int = 4096):
+        self._buf = np.zeros(int(capacity))
+        self.count = 0
+
+    def add(self, us: float) -> None:
+        self._buf[self.count % self._buf.size] = us
+        self.count += 1
+
+    def values(self) -> np.ndarray:
+        """The times held (at most ``capacity``, the newest), in no particular order."""
+        return self._buf[:min(self.count, self._buf.size)]
+
+    def stats(self, empty: float | None = None) -> dict:
+        """``{"median": ..., "p99": ...}`` of the times held; ``empty`` for both when there are none."""
+        v = self.values()
+        if not v.size:
+            return {"median": empty, "p99": empty}
+        return {"median": float(np.median(v)), "p99": float(np.percentile(v, 99))}
+
+
+class RestDetector:
+    """The plant is at rest: ``|v| < speed`` on every axis for ``states`` accepted states in a
+    row (the controllers' shutdown hold stops sending then)."""
+
+    def __init__(self, speed: float = 1e-2, states: int = 5):
+        self.speed, self.states = speed, states
+        self.count = 0
+
+    def update(self, v) -> None:
+        """One accepted state's velocities (any sequence of floats)."""
+        self.count = self.count + 1 if max(map(abs, v)) < self.speed else 0
+
+    @property
+    def at_rest(self) -> bool:
+        return self.count >= self.states

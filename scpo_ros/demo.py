@@ -212,9 +212,9 @@ def run_graph(args, out=print) -> dict:
     common, common_lists = _common_overrides(args)
     overrides = {
         g.RECORDER: {"output": str(bag)} if bag is not None else {},
-        "scpo_safety_node": dict(common),
-        "expert": {**common, **({"malicious": False} if args.no_malicious else {})},
-        "learner": dict(common),
+        g.SAFETY_NODE: dict(common),
+        g.EXPERT: {**common, **({"malicious": False} if args.no_malicious else {})},
+        g.LEARNER: dict(common),
         g.SIMULATOR: {**common, **common_lists,
                       "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, recorder=bag is not None)},
     }
@@ -254,10 +254,10 @@ def run_compare(args, out=print) -> dict:
     recorder = bag is not None
     overrides = {
         g.RECORDER: {"output": str(bag), "topics": g.compare_recorded_topics()} if recorder else {},
-        "scpo_safety_node": dict(common),
-        "action_safeguard": dict(common),
-        "expert": {**common, **({"malicious": False} if args.no_malicious else {})},
-        "learner": dict(common),
+        g.SAFETY_NODE: dict(common),
+        g.SAFEGUARD: dict(common),
+        g.EXPERT: {**common, **({"malicious": False} if args.no_malicious else {})},
+        g.LEARNER: dict(common),
         # both simulators read this section: one value for both, the larger subscriber count
         g.SIMULATOR: {**common, **common_lists,
                       "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, recorder)},
@@ -273,9 +273,9 @@ def run_compare(args, out=print) -> dict:
               "logs": str(log_dir), "namespaces": list(g.COMPARE_PIPELINES)}
     plan = [(g.RECORDER, node_command(g.RECORDER, run_params), ())] if recorder else []
     for ns, nodes in g.COMPARE_PIPELINES.items():
-        params = safeguard_params if ns == "safeguard" else run_params
+        params = safeguard_params if ns == g.NS_SAFEGUARD else run_params
         for name in nodes:
-            remaps = g.SAFEGUARD_REMAPS if name == "action_safeguard" else ()
+            remaps = g.SAFEGUARD_REMAPS if name == g.SAFEGUARD else ()
             first = tuple(f"/{ns}/{t}" for t in g.state_answers(nodes)) if name == g.SIMULATOR else ()
             plan.append((f"{ns}.{name}", node_command(name, params, ns, remaps), first))
     # the simulators last: every other node (and the recorder) must hear their first state
@@ -299,7 +299,7 @@ def run_compare(args, out=print) -> dict:
 
 def format_summary(result: dict) -> str:
     nodes = result.get("nodes", {})
-    sim, safety = nodes.get(g.SIMULATOR, {}), nodes.get("scpo_safety_node", {})
+    sim, safety = nodes.get(g.SIMULATOR, {}), nodes.get(g.SAFETY_NODE, {})
     lines = ["", "=== SCPO double-integrator demo ==="]
     up = safety.get("updates", {})
     lines.append(f"  control steps          {safety.get('control_steps')}  (backup alone: {safety.get('backup_steps')},"
@@ -326,8 +326,8 @@ def format_summary(result: dict) -> str:
 def format_compare_summary(result: dict) -> str:
     """The nodes' own counts per pipeline, then the comparison table read back from the bag."""
     nodes = result.get("nodes", {})
-    scpo, guard = nodes.get("scpo", {}), nodes.get("safeguard", {})
-    safety, sg = scpo.get("scpo_safety_node", {}), guard.get("action_safeguard", {})
+    scpo, guard = nodes.get(g.NS_SCPO, {}), nodes.get(g.NS_SAFEGUARD, {})
+    safety, sg = scpo.get(g.SAFETY_NODE, {}), guard.get(g.SAFEGUARD, {})
     up = safety.get("updates", {})
     lines = ["", "=== SCPO vs action safeguard, side by side (same sim, same malicious expert) ==="]
     for ns in result.get("namespaces", []):

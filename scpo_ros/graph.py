@@ -32,6 +32,7 @@ CONSTRAINT_VIOLATION = "constraint_violation"
 INTERVENTION = "intervention"
 RAW_ACTION = "raw_action"
 DIAGNOSTICS = "/diagnostics"
+CLOCK = "/clock"
 
 TOPIC_TYPES = {
     JOINT_STATES: "sensor_msgs/msg/JointState",
@@ -78,30 +79,82 @@ LABEL_SAFEGUARD = "safeguard"
 COMMAND_LABELS = (LABEL_POLICY, LABEL_BACKUP, LABEL_HOLD, LABEL_SAFEGUARD)
 """What ``cmd``'s ``layout.dim[0].label`` says about the command's source."""
 
-SAFETY_MODES = ("inactive", "waiting_for_state", "waiting_for_certificate", "policy", "backup_region", "returning",
-                "backup_recertifying", "hold_stale", "shutting_down")
+MODE_INACTIVE = "inactive"
+MODE_WAITING_FOR_STATE = "waiting_for_state"
+MODE_WAITING_FOR_CERTIFICATE = "waiting_for_certificate"
+MODE_POLICY = "policy"
+MODE_BACKUP_REGION = "backup_region"
+MODE_RETURNING = "returning"
+MODE_BACKUP_RECERTIFYING = "backup_recertifying"
+MODE_HOLD_STALE = "hold_stale"
+MODE_SHUTTING_DOWN = "shutting_down"
+
+LEVEL_OK, LEVEL_WARN, LEVEL_ERROR = 0, 1, 2
+"""Diagnostic levels, as ``diagnostic_msgs/DiagnosticStatus`` numbers them (``ros.diagnostics``
+takes these or the message's own constants)."""
+
+SAFETY_MODE_TABLE = {
+    # mode: (diagnostic level, the ``control`` diagnostic's text, the reason a state gives for entering it)
+    MODE_INACTIVE: (LEVEL_OK, "inactive: {inactive_behavior}", None),
+    MODE_WAITING_FOR_STATE: (LEVEL_WARN, "waiting for a state", None),
+    MODE_WAITING_FOR_CERTIFICATE: (LEVEL_WARN, "fallback until the first certification of the weights", None),
+    MODE_POLICY: (LEVEL_OK, "certified policy in force", "the certified policy acts"),
+    MODE_BACKUP_REGION: (LEVEL_WARN, "FALLBACK: state or reference outside the certified region",
+                         "state or reference outside the certified region"),
+    MODE_RETURNING: (LEVEL_WARN, "fallback: {policy_return_steps} qualifying states before the policy acts",
+                     "back in the certified region"),
+    MODE_BACKUP_RECERTIFYING: (LEVEL_WARN, "FALLBACK: re-certifying after a parameter change", None),
+    MODE_HOLD_STALE: (LEVEL_ERROR, "STALE STATE: hold command ({hold_mode})", None),
+    MODE_SHUTTING_DOWN: (LEVEL_WARN, "shutting down: fallback until the plant is at rest", None),
+}
+"""The safety node's modes: level and diagnostic text (``str.format`` of the node's
+parameters) and, for the modes a state selects, the reason its ``safety_mode`` record gives
+(``STATE_RECEIVED`` for the others)."""
+STATE_RECEIVED = "state received"
+
+SAFETY_MODES = tuple(SAFETY_MODE_TABLE)
 """The safety node's modes (``safety_mode`` records)."""
-FALLBACK_MODES = ("backup_region", "backup_recertifying", "hold_stale")
+FALLBACK_MODES = (MODE_BACKUP_REGION, MODE_BACKUP_RECERTIFYING, MODE_HOLD_STALE)
 """The modes in which the fallback acts instead of the policy (counted as fallbacks)."""
+
+
+def mode_level(mode: str) -> int:
+    """The diagnostic level of ``mode`` (``LEVEL_OK``, ``LEVEL_WARN``, ``LEVEL_ERROR``)."""
+    return SAFETY_MODE_TABLE[mode][0]
+
+
+def mode_text(mode: str, params) -> str:
+    """The ``control`` diagnostic's text for ``mode`` under the node's parameter values ``params``."""
+    return SAFETY_MODE_TABLE[mode][1].format(**params)
+
+
+def mode_reason(mode: str) -> str:
+    """Why a state put the safety node into ``mode`` (its ``safety_mode`` record's reason)."""
+    return SAFETY_MODE_TABLE[mode][2] or STATE_RECEIVED
+
 
 # ------------------------------------------------------------------ nodes and pipelines
 
 SIMULATOR = "double_integrator_sim"
 RECORDER = "bag_recorder"
+SAFETY_NODE = "scpo_safety_node"
+SAFEGUARD = "action_safeguard"
+EXPERT = "expert"
+LEARNER = "learner"
 
 SUBSCRIBES = {
     SIMULATOR: (CMD,),
-    "expert": (JOINT_STATES,),
-    "learner": (JOINT_STATES, REFERENCE, EXPERT_ACTION, CERTIFIED_WEIGHTS),
-    "scpo_safety_node": (JOINT_STATES, REFERENCE, PROPOSED_WEIGHTS),
-    "action_safeguard": (JOINT_STATES, RAW_ACTION, REFERENCE),
+    EXPERT: (JOINT_STATES,),
+    LEARNER: (JOINT_STATES, REFERENCE, EXPERT_ACTION, CERTIFIED_WEIGHTS),
+    SAFETY_NODE: (JOINT_STATES, REFERENCE, PROPOSED_WEIGHTS),
+    SAFEGUARD: (JOINT_STATES, RAW_ACTION, REFERENCE),
 }
 PUBLISHES = {
     SIMULATOR: (JOINT_STATES, CONSTRAINT_VIOLATION),
-    "expert": (EXPERT_ACTION, REFERENCE, MALICIOUS),
-    "learner": (PROPOSED_WEIGHTS,),
-    "scpo_safety_node": (CMD, CERTIFIED_WEIGHTS, SCPO_DECISION, SAFETY_MODE),
-    "action_safeguard": (CMD, INTERVENTION),
+    EXPERT: (EXPERT_ACTION, REFERENCE, MALICIOUS),
+    LEARNER: (PROPOSED_WEIGHTS,),
+    SAFETY_NODE: (CMD, CERTIFIED_WEIGHTS, SCPO_DECISION, SAFETY_MODE),
+    SAFEGUARD: (CMD, INTERVENTION),
 }
 """Topics per node (relative names; every node also publishes ``/diagnostics``, the simulator
 ``/clock`` with ``publish_clock``; the recorder subscribes to what it records)."""
@@ -109,11 +162,13 @@ PUBLISHES = {
 RESET_SERVICE = "~/reset"
 """The simulator's ``std_srvs/srv/Trigger`` service (private: ``/double_integrator_sim/reset``)."""
 
-SCPO_PIPELINE = ("scpo_safety_node", "expert", "learner", SIMULATOR)
+SCPO_PIPELINE = (SAFETY_NODE, EXPERT, LEARNER, SIMULATOR)
 """The SCPO graph in start order: the simulator last (its first state must reach every node)."""
-SAFEGUARD_PIPELINE = ("action_safeguard", "expert", SIMULATOR)
+SAFEGUARD_PIPELINE = (SAFEGUARD, EXPERT, SIMULATOR)
 """The action safeguard's graph, the expert as its policy (``SAFEGUARD_REMAPS``)."""
-COMPARE_PIPELINES = {"scpo": SCPO_PIPELINE, "safeguard": SAFEGUARD_PIPELINE}
+NS_SCPO, NS_SAFEGUARD = "scpo", "safeguard"
+"""The two pipelines' names: their namespaces in the side-by-side run, their kinds in the bag analysis."""
+COMPARE_PIPELINES = {NS_SCPO: SCPO_PIPELINE, NS_SAFEGUARD: SAFEGUARD_PIPELINE}
 """``demo --compare`` and the compare launch file: namespace -> pipeline."""
 SAFEGUARD_REMAPS = ((RAW_ACTION, EXPERT_ACTION),)
 """The expert is the safeguard's policy: its action is the raw action to project."""
@@ -133,7 +188,7 @@ def pipeline_topics(pipeline) -> tuple[str, ...]:
 
 def state_answers(pipeline) -> tuple[str, ...]:
     """The topics the first state triggers in ``pipeline`` (the safeguard's records too)."""
-    return STATE_ANSWERS + ((INTERVENTION,) if "action_safeguard" in pipeline else ())
+    return STATE_ANSWERS + ((INTERVENTION,) if SAFEGUARD in pipeline else ())
 
 
 def state_subscribers(pipeline, recorder: bool = False) -> int:
@@ -224,6 +279,6 @@ def compare_params_file(params_file: str | Path, safeguard_file: str | Path, ove
     merged_params_file(params_file, overrides, out, extra=[safeguard_file])
     data = yaml.safe_load(Path(out).read_text())
     sim = node_parameters(data, SIMULATOR)
-    merge_params(data, {"action_safeguard": {k: sim[k] for k in plant_param_names() if k in sim}})
+    merge_params(data, {SAFEGUARD: {k: sim[k] for k in plant_param_names() if k in sim}})
     Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
     return str(out)

@@ -1,6 +1,7 @@
 """Input validation for the control path, ROS-free (numpy and the standard library only).
 
-Three small objects the nodes put between a subscription callback and the controller:
+Three small objects the nodes put between a subscription callback and the controller, and
+two that watch the stream (``InputMonitor``: the ``inputs`` diagnostic; ``StampPeriod``):
 
 - ``JointMap``: ``sensor_msgs/JointState``-like data (names, position, velocity, effort)
   -> the state vector ``x`` by joint *name*. Joint order in the message does not matter,
@@ -12,7 +13,8 @@ Three small objects the nodes put between a subscription callback and the contro
   reference box; a malformed reference keeps the last valid one).
 
 Every check returns ``None`` (accept) or a short reason string that the node counts and
-puts into its diagnostics; nothing here logs or raises on bad input.
+puts into its diagnostics (``reject_text`` says what it means); nothing here logs or raises
+on bad input.
 
 Clock assumptions (``StateGate``)
 ---------------------------------
@@ -37,6 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .graph import LEVEL_OK, LEVEL_WARN
+
 JOINT_FIELDS = ("position", "velocity", "effort")
 """The ``JointState`` arrays a state entry can be read from."""
 
@@ -54,9 +58,26 @@ BAD_SIZE = "bad_size"
 CLAMPED = "clamped"
 
 
+def reject_text(reason: str, joints: Sequence[str], max_age: float, future_tolerance: float) -> str:
+    """What a rejection ``reason`` of ``JointMap.read`` or ``StateGate.check`` means, for a log
+    line or a diagnostic: ``joints`` the needed joints, ``max_age`` and ``future_tolerance``
+    the gate's settings (an unknown reason is its own text)."""
+    return {MISSING_JOINT: f"needs joints {tuple(joints)}",
+            BAD_LENGTHS: "position/velocity arrays do not match the names",
+            NON_FINITE: "NaN or Inf", NON_INCREASING_STAMP: "stamp not newer than the last accepted one",
+            STALE_STAMP: f"stamp older than max_state_age = {max_age:g} s",
+            FUTURE_STAMP: f"stamp more than future_tolerance = {future_tolerance:g} s ahead"}.get(reason, reason)
+
+
 def axis_names(dof: int) -> list[str]:
     """The default joint names ``axis_0..axis_{dof-1}`` (what our simulator publishes)."""
     return [f"axis_{i}" for i in range(dof)]
+
+
+def reference_text(reason: str, values: Sequence[float], r_max: float) -> str:
+    """The log line of a reference that ``ReferenceGate.apply`` clamped or rejected (``reason``)."""
+    what = "clamped into" if reason == CLAMPED else "kept the last valid, in"
+    return f"reference {list(values)[:8]}: {reason} ({what} |r| <= r_max = {r_max:g})"
 
 
 # ------------------------------------------------------------------------- JointMap
@@ -357,3 +378,74 @@ class ReferenceGate:
     def _reject(self, reason: str) -> str:
         self.rejected[reason] += 1
         return reason
+
+
+# --------------------------------------------------------------------- the stream
+
+class InputMonitor:
+    """A controller's account of its inputs, ROS-free: states rejected per reason (``reject``),
+    and the ``inputs`` diagnostic (``status``, ``counts``) from them, the reference gate's
+    counters and the state gate's clock jumps. The gates are the node's own (kept for its
+    lifetime); the monitor only reads them."""
+
+    REPORT_PERIOD_S = 0.5
+    """Least time between two diagnostics that only update counts (a new reason goes out at once)."""
+
+    def __init__(self, joints: JointMap, gate: StateGate, references: ReferenceGate):
+        self.joints, self.gate, self.references = joints, gate, references
+        self.bad_states = 0
+        self.rejected: dict[str, int] = {}
+        self.last_reason = ""
+        self._reported = -math.inf
+
+    def reject(self, reason: str, now: float) -> bool:
+        """Count a rejected state (``now``: a steady clock); True when the diagnostic is due."""
+        self.bad_states += 1
+        first = reason not in self.rejected
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if first or now - self._reported >= self.REPORT_PERIOD_S:
+            self.last_reason = reason
+            return True
+        return False
+
+    def text(self, reason: str) -> str:
+        return reject_text(reason, self.joints.joints, self.gate.max_age, self.gate.future_tolerance)
+
+    def counts(self) -> dict:
+        return {"rejected_states": dict(self.rejected), "clamped_references": self.references.clamped,
+                "bad_references": sum(self.references.rejected.values()), "clock_jumps": self.gate.jumps}
+
+    def status(self, now: float, clock_missing: bool, r_max: float) -> tuple[int, str]:
+        """The diagnostic's ``(level, text)`` at ``now``: WARN for rejected states, clamped or
+        malformed references, or ``clock_missing`` (use_sim_time without a ``/clock``)."""
+        level, text = LEVEL_OK, "inputs valid"
+        rejected = sum(self.rejected.values())
+        bad_references = sum(self.references.rejected.values())
+        if clock_missing:
+            level, text = LEVEL_WARN, "use_sim_time is set but no /clock has arrived: stamp ages are not checked"
+        elif self.references.clamped or bad_references:
+            level, text = LEVEL_WARN, (f"{self.references.clamped} references clamped into |r| <= {r_max:g}, "
+                                       f"{bad_references} malformed kept the last valid")
+        if rejected:
+            last = f"{rejected} joint_states rejected (last: {self.last_reason}: {self.text(self.last_reason)})"
+            level, text = LEVEL_WARN, last if level == LEVEL_OK else f"{last}; {text}"
+        if self.gate.jumps:
+            text += f"; {self.gate.jumps} clock jumps (stamp history reset)"
+        self._reported = now
+        return level, text
+
+
+class StampPeriod:
+    """The period of a state stream from its stamps: an exponential average (weight 0.05) of
+    the increments (``value``, None before the second stamp); a stamp not newer than the last
+    changes nothing but becomes the last."""
+
+    def __init__(self):
+        self.value: float | None = None
+        self._last: float | None = None
+
+    def update(self, stamp: float) -> None:
+        if self._last is not None and stamp > self._last:
+            gap = stamp - self._last
+            self.value = gap if self.value is None else 0.95 * self.value + 0.05 * gap
+        self._last = stamp

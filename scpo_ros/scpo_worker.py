@@ -1,6 +1,9 @@
 """The SCPO worker process of ``scpo_safety_node``, ROS-free: the parent's side
 (``SCPOWorker``, polled from an executor timer, never blocking) and the process itself
-(``_worker_main``: one ``ResidualSCPO`` per model, one request at a time).
+(``_worker_main``: one ``ResidualSCPO`` per model, one request at a time); the gate in front
+of it (``ProposalGate``: malformed proposals refused and reported in aggregate), what the
+node does with a result and its counts (``WorkerResults``) and the ``scpo_decision`` record
+of it (``decision_record``).
 
 Protocol over one pipe. Requests: ``("rebuild", model, model_id, theta)`` (build the SCPO
 client for ``model``, re-certify ``theta`` or fall back to the backup's weights),
@@ -9,14 +12,18 @@ model_id)`` with ``kind`` one of ``recertify``, ``proposal``, ``error``.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 
 import numpy as np
 
+from .graph import LEVEL_ERROR, LEVEL_OK, LEVEL_WARN
+from .policy import MLPLayout, WeightsRejected, check_weights
 from .residual_scpo import ResidualSCPO
 from .safety_model import Model
-from .scpo import Decision
+from .scpo import STATUSES, Decision
 
 
 def _worker_main(conn, niceness: int = 0) -> None:
@@ -146,3 +153,89 @@ class SCPOWorker:
             self._proc.join(timeout=2.0)
         self._conn.close()
         self._proc, self._conn = None, None
+
+
+class ProposalGate:
+    """What reaches the worker: a proposal checked (``policy.check_weights``, and a layout
+    fingerprint where one is required); a malformed one is refused and counted, and the
+    refusals are reported in one aggregated record per ``period_s`` (a flood must not flood
+    the decision topic).
+
+    Here, beside the worker, rather than in ``policy``: ``check_weights`` says whether one
+    vector fits a layout; counting, aggregating and pacing the refusals is the SCPO path's
+    protocol, as is the worker's. ``pending``: refused since the last record; ``total``:
+    refused in records already made (``total + pending`` in all).
+    """
+
+    def __init__(self, period_s: float = 1.0):
+        self.period_s = period_s
+        self.total = 0
+        self.pending = 0
+        self.reason = ""
+        self._last_record = -math.inf
+
+    def refused_by_size(self, n: int, size: int) -> None:
+        """``n`` messages refused before deserialisation (``ProposalIntake.drain_rejections``)."""
+        self.pending += n
+        if self.pending and not self.reason:
+            self.reason = f"wrong message size: expected {size} weights and a layout label"
+
+    def check(self, layout: MLPLayout, flat, fingerprint: str | None, require_fingerprint: bool) -> np.ndarray | None:
+        """The checked weights, or None for a malformed proposal (counted, its reason kept)."""
+        try:
+            if fingerprint is None and require_fingerprint:
+                raise WeightsRejected("proposal carries no layout fingerprint (layout.dim[0].label)")
+            return check_weights(layout, flat, fingerprint)
+        except WeightsRejected as exc:
+            self.pending += 1
+            self.reason = str(exc)
+            return None
+
+    def due(self, now: float) -> tuple[int, str] | None:
+        """``(count, reason)`` of the refusals pending when a record is due at ``now`` (then
+        they count in ``total``), else None."""
+        if not self.pending or now - self._last_record < self.period_s:
+            return None
+        n, reason = self.pending, f"malformed proposal: {self.reason}"
+        self.total += n
+        self.pending, self.reason, self._last_record = 0, "", now
+        return n, reason
+
+
+class WorkerResults:
+    """The parent's account of the worker's results: ``updates`` per status (proposals, and the
+    malformed ones refused before the worker), ``recertifications`` (accepted, rejected),
+    ``errors`` (failed requests, dead workers)."""
+
+    def __init__(self):
+        self.updates = {k: 0 for k in STATUSES}
+        self.recertifications = {"accepted": 0, "rejected": 0}
+        self.errors = 0
+
+    def account(self, kind: str, decision: Decision, theta, current: bool,
+                certifying: bool) -> tuple[bool, int] | None:
+        """Count one result; ``(deploy theta, diagnostic level)``, or None for a re-certification
+        of a model that another change has replaced meanwhile (wait for that one's result).
+        ``current``: the result is for the model in force; ``certifying``: the law in force
+        waits for a re-certification (no proposal is deployed meanwhile)."""
+        if kind == "recertify":
+            accepted = decision.status == "accepted"
+            self.recertifications["accepted" if accepted else "rejected"] += 1
+            return (True, LEVEL_OK if accepted else LEVEL_WARN) if current else None
+        if kind == "proposal":
+            self.updates[decision.status] += 1
+            return theta is not None and not certifying and current, LEVEL_OK
+        self.errors += 1
+        return False, LEVEL_ERROR
+
+
+def decision_record(kind: str, decision: Decision, **fields) -> str:
+    """The ``scpo_decision`` JSON of ``decision``: ``kind`` (``recertify``, ``proposal``,
+    ``error``, ``malformed``), then ``fields`` (stamp, counts, versions), then the decision."""
+    return json.dumps({"kind": kind, **fields, **decision.to_dict()}, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)

@@ -1,4 +1,5 @@
-"""Helpers for the attack tests of issue 9 (test_attacks_safety_node.py, test_attacks_safeguard.py).
+"""Helpers for the attack tests of issue 9 (test_attacks_safety_node.py, test_attacks_safeguard.py);
+``ros_parameter`` and ``background`` serve test_node_scpo_safety_node.py too.
 
 Everything goes over real DDS: the nodes under test run as their own processes
 (``ros_graph_helpers.NodeProcess``), the test talks to them through an ``AttackProbe``
@@ -38,7 +39,7 @@ P_MAX = 1.0
 V_MAX = 1.0
 # the certified region of config/scpo_double_integrator.yaml
 P0_MAX, V0_MAX, R_MAX = 0.8, 0.2, 0.5
-# The SCPO settings of test_ros_safety_node.py: short worker steps on the 2-core machine.
+# The SCPO settings of test_node_scpo_safety_node.py: short worker steps on the 2-core machine.
 SMALL_SCPO = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60}
 
 
@@ -319,6 +320,106 @@ def background(fn, period: float):
     finally:
         stop.set()
         th.join(timeout=5.0)
+
+
+# --------------------------------------------------------------------------- the attack tests' graphs
+
+def start_node(log_dir, name: str, ns: str, params: dict, params_file=PARAMS):
+    """``name`` as a ``NodeProcess`` in ``/ns``, ``params`` merged into ``params_file``."""
+    from ros_graph_helpers import NodeProcess
+    return NodeProcess(name, log_dir, params_file, params, namespace=f"/{ns}")
+
+
+def stop_all(procs: dict) -> dict:
+    """Stop in reverse start order; the exit codes by name (each must be 0: checked by the caller)."""
+    return {name: proc.stop(timeout=30.0) for name, proc in reversed(list(procs.items()))}
+
+
+@contextlib.contextmanager
+def probed(ns: str, probe_name: str, procs: dict, ready=None):
+    """An ``AttackProbe`` in ``ns`` on the node processes ``procs`` (also ``ap.procs``), yielded once
+    ``ready(ap)`` returned; after the block: no raw-action policy, the probe closed, every process
+    stopped and, unless the block failed, every exit code 0."""
+    ap = AttackProbe(ns, probe_name)
+    ap.procs = procs
+    try:
+        if ready is not None:
+            ready(ap)
+        yield ap
+    finally:
+        ap.set_policy(None)
+        ap.close()
+        codes = stop_all(procs)
+    assert all(c == 0 for c in codes.values()), {k: (c, procs[k].text()[-2000:]) for k, c in codes.items()}
+
+
+def commanding(what: str, n: int = 10):
+    """``probed``'s ``ready``: ``n`` commands came (a controller under a running plant)."""
+    from ros_graph_helpers import STARTUP_TIMEOUT, wait_for
+
+    def ready(ap):
+        wait_for(lambda: len(ap.commands()) >= n, STARTUP_TIMEOUT, what)
+    return ready
+
+
+def answering(what: str):
+    """``probed``'s ``ready``: the node subscribes to the states and answers one (a node alone)."""
+    from ros_graph_helpers import STARTUP_TIMEOUT, wait_for
+
+    def ready(ap):
+        wait_for(lambda: ap.node.count_subscribers(ap.topic("joint_states")) > 0, STARTUP_TIMEOUT, what)
+        answer(ap, 0.1, 0.05, timeout=STARTUP_TIMEOUT)
+    return ready
+
+
+def not_hold(cmds):
+    """The commands that answer a state (``hold`` commands answer none)."""
+    return [c for c in cmds if c[2] != "hold"]
+
+
+def answer(ap: AttackProbe, p, v, names=None, timeout: float = 20.0):
+    """The command answering (p, v): publish it with fresh stamps until two answers agree."""
+    from ros_graph_helpers import wait_for
+    since = time.monotonic()
+
+    def got():
+        cmds = not_hold(ap.commands(since))
+        if len(cmds) >= 2 and np.allclose(cmds[-1][1], cmds[-2][1], atol=1e-9):
+            return cmds[-1]
+        ap.send_state(p, v, names=names)
+        time.sleep(0.05)
+        return None
+    return wait_for(got, timeout, f"a command answering p={p}, v={v}")
+
+
+def quiet(ap: AttackProbe, quiet_s: float = 0.4, timeout: float = 10.0) -> float:
+    """Wait until no state-answering command came for ``quiet_s``: nothing in flight."""
+    from ros_graph_helpers import wait_for
+    wait_for(lambda: not not_hold(ap.commands(time.monotonic() - quiet_s)), timeout, "no command in flight")
+    return time.monotonic()
+
+
+def assert_unanswered(ap: AttackProbe, publish, u_bad, window: float = 1.5, what: str = ""):
+    """``publish()`` sends a state that must be rejected: in the window no command equals the
+    one its values would get (``u_bad``, measured by a positive control)."""
+    since = quiet(ap)
+    publish()
+    wait_window(window)
+    hits = [(round(t - since, 3), u.tolist(), lab) for t, u, lab in ap.commands(since)
+            if lab != "hold" and np.allclose(u, u_bad, atol=1e-6)]
+    assert not hits, f"{what}: the node answered a state it must reject: {hits}"
+
+
+def assert_late_commands_harmless(ap: AttackProbe, sim, since: float) -> None:
+    """After a run with late commands (the simulator's ``late_command_probability``) under load:
+    no violation reported since ``since``, every command bounded, and the stopped simulator's
+    SUMMARY counts no violation and at least one late command (else the run tested nothing)."""
+    v = ap.violations(since)
+    assert not v, f"{len(v)} violations with late commands under load: first {v[0]}"
+    assert_commands_bounded(ap.commands())
+    s = sim.summary()
+    assert s["constraint_violations"] == 0, s
+    assert s.get("late_commands", 0) > 0, f"no late command was injected: {s}"
 
 
 def stop_node(proc, timeout: float = 30.0) -> int:

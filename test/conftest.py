@@ -8,6 +8,21 @@ read from the source (imports are not run), so ``pytest -m "not ros"`` selects t
 whether rclpy is installed or not. A module that needs a ROS package which cannot be imported
 here is not imported at all: it collects as one ``ros`` test that skips (deselected by
 ``-m "not ros"``, not a collection error); a ``ros`` test of a ROS-free module skips likewise.
+The marker follows the imports, not the file's name: renaming a test file changes nothing here.
+
+Where a test goes (the tests mirror the modules):
+
+- ``test_<module>.py`` for each ROS-free module ``scpo_ros/<module>.py``;
+  ``test_safeguard_<module>.py``, ``test_experiments_<module>.py`` and ``test_ros_<module>.py``
+  for ``scpo_ros/safeguard/``, ``scpo_ros/experiments/`` and ``scpo_ros/ros/``;
+- ``test_node_<node>.py`` for each node of ``scpo_ros/nodes/`` (over real DDS);
+- ``test_system_<what>.py`` for graphs of several nodes (launch, demo, compare, learning graphs);
+- ``test_attacks_<node>.py``: the attack tests of issue 9, grouped by fault class per node;
+- ``test_ros_free.py``: the ROS-free selection itself (``-m "not ros"`` with rclpy blocked).
+
+Helpers shared by several test files are modules without the ``test_`` prefix:
+``ros_graph_helpers.py`` (node processes, the probe node), ``attack_helpers.py`` (the attack
+tests' probe, graphs and checks), ``late_set_helpers.py`` (the late-command sets and plants).
 """
 from __future__ import annotations
 

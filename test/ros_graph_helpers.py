@@ -94,17 +94,17 @@ def _ros_value(v) -> str:
     return str(v)
 
 
-class Probe:
-    """The test's own rclpy node: publishers, recorded subscriptions, service calls."""
+class SpunNode:
+    """An rclpy node in its own context, spun in a background thread by ``make_executor(context)``
+    (default: a ``SingleThreadedExecutor``); ``close()`` stops the thread and shuts the context down.
+    ``node_kwargs`` go to ``Node`` (``namespace``, ``cli_args``)."""
 
-    def __init__(self, name: str = "test_probe"):
+    def __init__(self, name: str, make_executor=None, **node_kwargs):
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        self.node = Node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
+        self.node = Node(name, context=self.context, **node_kwargs)
+        self.executor = (make_executor or (lambda context: SingleThreadedExecutor(context=context)))(self.context)
         self.executor.add_node(self.node)
-        self.received: dict[str, list] = {}
-        self._lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
@@ -112,6 +112,22 @@ class Probe:
     def _spin(self):
         while not self._stop and self.context.ok():
             self.executor.spin_once(timeout_sec=0.05)
+
+    def close(self):
+        self._stop = True
+        self._thread.join(timeout=5.0)
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+class Probe(SpunNode):
+    """The test's own rclpy node: publishers, recorded subscriptions, service calls."""
+
+    def __init__(self, name: str = "test_probe"):
+        self.received: dict[str, list] = {}
+        self._lock = threading.Lock()
+        super().__init__(name)
 
     def record(self, msg_type, topic: str, qos=10, key: str | None = None) -> str:
         key = key or topic
@@ -148,10 +164,3 @@ class Probe:
             return future.result()
         finally:
             self.node.destroy_client(client)
-
-    def close(self):
-        self._stop = True
-        self._thread.join(timeout=5.0)
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)

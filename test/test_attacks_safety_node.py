@@ -23,69 +23,32 @@ from lifecycle_msgs.msg import Transition  # noqa: E402
 
 from attack_helpers import (  # noqa: E402
     DT,
-    PARAMS,
     SMALL_SCPO,
-    AttackProbe,
     Flooder,
+    answer,
+    answering,
     assert_commands_bounded,
+    assert_late_commands_harmless,
+    assert_unanswered,
     background,
     busy_processes,
+    commanding,
     max_gap,
+    not_hold,
+    probed,
+    quiet,
     recoverable_starts,
+    start_node,
     status_mentions,
     wait_window,
 )
-from ros_graph_helpers import STARTUP_TIMEOUT, NodeProcess, wait_for  # noqa: E402
+from ros_graph_helpers import STARTUP_TIMEOUT, wait_for  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, WARN  # noqa: E402
 
 NODE = "scpo_safety_node"
 SIM = "double_integrator_sim"
 GAP = 8 * DT          # "a command in every control period", generously: no gap over 8 periods at the probe
                       # (the probe shares 2 loaded cores with every node process)
-
-
-def _start(log_dir, name, ns, params, params_file=PARAMS):
-    return NodeProcess(name, log_dir, params_file, params, namespace=f"/{ns}")
-
-
-def _stop_all(procs: dict) -> dict:
-    """Stop in reverse start order; every exit code must be 0 (checked by the caller)."""
-    return {name: proc.stop(timeout=30.0) for name, proc in reversed(list(procs.items()))}
-
-
-def _not_hold(cmds):
-    return [c for c in cmds if c[2] != "hold"]
-
-
-def _answer(ap: AttackProbe, p, v, names=None, timeout: float = 20.0):
-    """The command answering (p, v): publish it with fresh stamps until two answers agree."""
-    since = time.monotonic()
-
-    def got():
-        cmds = _not_hold(ap.commands(since))
-        if len(cmds) >= 2 and np.allclose(cmds[-1][1], cmds[-2][1], atol=1e-9):
-            return cmds[-1]
-        ap.send_state(p, v, names=names)
-        time.sleep(0.05)
-        return None
-    return wait_for(got, timeout, f"a command answering p={p}, v={v}")
-
-
-def _quiet(ap: AttackProbe, quiet_s: float = 0.4, timeout: float = 10.0) -> float:
-    """Wait until no state-answering command came for ``quiet_s``: nothing in flight."""
-    wait_for(lambda: not _not_hold(ap.commands(time.monotonic() - quiet_s)), timeout, "no command in flight")
-    return time.monotonic()
-
-
-def _assert_unanswered(ap: AttackProbe, publish, u_bad, window: float = 1.5, what: str = ""):
-    """``publish()`` sends a state that must be rejected: in the window no command equals the
-    one its values would get (``u_bad``, measured by a positive control)."""
-    since = _quiet(ap)
-    publish()
-    wait_window(window)
-    hits = [(round(t - since, 3), u.tolist(), lab) for t, u, lab in ap.commands(since)
-            if lab != "hold" and np.allclose(u, u_bad, atol=1e-6)]
-    assert not hits, f"{what}: the node answered a state it must reject: {hits}"
 
 
 def _registered(cls_state: dict, key: str, n: int = 1):
@@ -103,25 +66,16 @@ class TestProbeDrivenInputs:
     @pytest.fixture(scope="class")
     def lone(self, tmp_path_factory):
         log_dir = tmp_path_factory.mktemp("atk_lone")
-        procs = {NODE: _start(log_dir, NODE, self.NS, {**SMALL_SCPO, "state_timeout": 0.25})}
-        ap = AttackProbe(self.NS, "atk_probe_lone")
-        ap.procs = procs
-        try:
-            wait_for(lambda: ap.node.count_subscribers(ap.topic("joint_states")) > 0, STARTUP_TIMEOUT,
-                     "the safety node's state subscription")
-            _answer(ap, 0.1, 0.05, timeout=STARTUP_TIMEOUT)
+        procs = {NODE: start_node(log_dir, NODE, self.NS, {**SMALL_SCPO, "state_timeout": 0.25})}
+        with probed(self.NS, "atk_probe_lone", procs, answering("the safety node's state subscription")) as ap:
             yield ap
-        finally:
-            ap.close()
-            codes = _stop_all(procs)
-            assert all(c == 0 for c in codes.values()), (codes, procs[NODE].text()[-3000:])
 
     # ---- finding 1: unbounded commands
     @pytest.mark.parametrize("p,v", [(50.0, 0.0), (0.0, -30.0), (1e300, 0.0), (-1e300, 1e300), (0.5, 1e10),
                                      (-2.0, 2.0), (1.0000001, 1.0000001)])
     def test_states_far_outside_give_bounded_finite_commands(self, lone, p, v):
         since = time.monotonic()
-        t, u, label = _answer(lone, p, v)
+        t, u, label = answer(lone, p, v)
         assert_commands_bounded(lone.commands(since))
         # outside the certified region the certified policy is not trusted
         assert label != "policy", f"policy trusted at p={p}, v={v}"
@@ -130,35 +84,35 @@ class TestProbeDrivenInputs:
     @pytest.mark.parametrize("p,v", [(math.nan, 0.0), (0.0, math.nan), (math.inf, 0.0), (0.2, -math.inf),
                                      (math.nan, math.inf), ([0.1], [])])
     def test_nan_inf_and_incomplete_states_get_no_command(self, lone, p, v):
-        _answer(lone, 0.1, 0.05)
-        since = _quiet(lone)
+        answer(lone, 0.1, 0.05)
+        since = quiet(lone)
         lone.send_state(p, v)
         wait_window(1.0)
         cmds = lone.commands(since)
         assert_commands_bounded(cmds)
-        assert not _not_hold(cmds), f"a command answered a non-finite/incomplete state: {cmds}"
+        assert not not_hold(cmds), f"a command answered a non-finite/incomplete state: {cmds}"
         assert lone.procs[NODE].alive()
         _registered(self.expected, "bad_states")
 
     # ---- finding 4: state input by name
     def test_joints_matched_by_name_not_position(self, lone):
         # a positional reader would take wheel's values (0.6, 0.15): a different command
-        u_canonical = _answer(lone, 0.1, 0.05)[1]
-        u_positional = _answer(lone, 0.6, 0.15)[1]
+        u_canonical = answer(lone, 0.1, 0.05)[1]
+        u_positional = answer(lone, 0.6, 0.15)[1]
         assert not np.allclose(u_canonical, u_positional, atol=1e-3)
-        u_swapped = _answer(lone, [0.6, 0.1], [0.15, 0.05], names=["wheel", "axis_0"])[1]
+        u_swapped = answer(lone, [0.6, 0.1], [0.15, 0.05], names=["wheel", "axis_0"])[1]
         np.testing.assert_allclose(u_swapped, u_canonical, atol=1e-9,
                                    err_msg="joint_states read by position, not by joint name")
         # extra joints after axis_0 do not matter either
-        u_extra = _answer(lone, [0.1, 7.0, -3.0], [0.05, 9.0, 1.0], names=["axis_0", "gripper", "wheel"])[1]
+        u_extra = answer(lone, [0.1, 7.0, -3.0], [0.05, 9.0, 1.0], names=["axis_0", "gripper", "wheel"])[1]
         np.testing.assert_allclose(u_extra, u_canonical, atol=1e-9)
 
     @pytest.mark.parametrize("names", [["wheel"], ["axis_1"], [], ["AXIS_0"]])
     def test_message_missing_the_joint_is_rejected(self, lone, names):
-        u_bad = _answer(lone, 0.6, 0.15)[1]              # positive control: what these values would get
-        _answer(lone, 0.1, 0.05)
+        u_bad = answer(lone, 0.6, 0.15)[1]              # positive control: what these values would get
+        answer(lone, 0.1, 0.05)
         since = time.monotonic()
-        _assert_unanswered(lone, lambda: lone.send_state(0.6, 0.15, names=names), u_bad,
+        assert_unanswered(lone, lambda: lone.send_state(0.6, 0.15, names=names), u_bad,
                            what=f"joint names {names}")
         _registered(self.expected, "missing_joint")
         wait_for(lambda: [s for s in lone.statuses(NODE, "inputs", since) if s.level >= WARN
@@ -169,10 +123,10 @@ class TestProbeDrivenInputs:
     @pytest.mark.parametrize("offset,reason", [(-5.0, "stale_stamp"), (-0.8, "stale_stamp"),
                                                (5.0, "future_stamp"), (0.5, "future_stamp")])
     def test_old_and_future_stamps_are_rejected(self, lone, offset, reason):
-        u_bad = _answer(lone, 0.6, 0.15)[1]
-        _answer(lone, 0.1, 0.05)
+        u_bad = answer(lone, 0.6, 0.15)[1]
+        answer(lone, 0.1, 0.05)
         since = time.monotonic()
-        _assert_unanswered(lone, lambda: lone.send_state(0.6, 0.15, offset=offset), u_bad,
+        assert_unanswered(lone, lambda: lone.send_state(0.6, 0.15, offset=offset), u_bad,
                            what=f"stamp now{offset:+g} s")
         _registered(self.expected, reason)
         # the inputs task may be WARN already (earlier attacks): wait for a status that names the reason
@@ -180,30 +134,30 @@ class TestProbeDrivenInputs:
                           and status_mentions(s, reason)], 10.0, f"a WARN on the inputs task naming {reason}")
 
     def test_equal_earlier_and_replayed_stamps_are_rejected(self, lone):
-        u_bad = _answer(lone, 0.6, 0.15)[1]
-        _answer(lone, 0.1, 0.05)
+        u_bad = answer(lone, 0.6, 0.15)[1]
+        answer(lone, 0.1, 0.05)
         stamp = lone.now()
 
         def same_stamp():
             lone.send_state(0.1, 0.05, stamp=stamp)      # accepted
             lone.send_state(0.6, 0.15, stamp=stamp)      # the same stamp again: non-increasing
-        _assert_unanswered(lone, same_stamp, u_bad, what="equal stamp")
+        assert_unanswered(lone, same_stamp, u_bad, what="equal stamp")
         def earlier_stamp():
             lone.send_state(0.1, 0.05)                   # accepted, stamped now
             lone.send_state(0.6, 0.15, offset=-0.1)      # fresh enough, but before the one accepted
-        _assert_unanswered(lone, earlier_stamp, u_bad, what="earlier stamp")
+        assert_unanswered(lone, earlier_stamp, u_bad, what="earlier stamp")
         _registered(self.expected, "non_increasing_stamp", 2)
         # a recorded message played back later (a bag loop, a replay attack)
         recorded = lone.joint_state(0.6, 0.15)
         lone.state_pub.publish(recorded)
         wait_for(lambda: any(np.allclose(u, u_bad) for _, u, lab in lone.commands(time.monotonic() - 1.0)
                              if lab != "hold"), 10.0, "the recorded message answered once")
-        _answer(lone, 0.1, 0.05)
-        _assert_unanswered(lone, lambda: lone.state_pub.publish(recorded), u_bad, what="replayed message")
+        answer(lone, 0.1, 0.05)
+        assert_unanswered(lone, lambda: lone.state_pub.publish(recorded), u_bad, what="replayed message")
         assert lone.procs[NODE].alive()
 
     def test_replayed_state_does_not_feed_the_stale_state_watchdog(self, lone):
-        _answer(lone, 0.1, 0.05)
+        answer(lone, 0.1, 0.05)
         last = lone.joint_state(0.1, 0.05)
         lone.state_pub.publish(last)
         since = time.monotonic()
@@ -215,7 +169,7 @@ class TestProbeDrivenInputs:
                            "ERROR on the control task")
         assert mode and err
         assert_commands_bounded(lone.commands(since))
-        _answer(lone, 0.1, 0.05)                         # fresh states resume control
+        answer(lone, 0.1, 0.05)                         # fresh states resume control
 
     # ---- finding 8: parameters that change what the certificate covers
     def test_region_margin_is_gone(self, lone):
@@ -228,8 +182,8 @@ class TestProbeDrivenInputs:
         outside_old = (0.83, 0.0)                        # outside p0_max = 0.8, inside 0.85
         t_stream = time.monotonic()
         with background(lambda: lone.send_state(*outside_old), DT):
-            wait_for(lambda: len(_not_hold(lone.commands(t_stream))) >= 8, 20.0, "commands")
-            labels = [lab for _, _, lab in _not_hold(lone.commands(t_stream))[-4:]]
+            wait_for(lambda: len(not_hold(lone.commands(t_stream))) >= 8, 20.0, "commands")
+            labels = [lab for _, _, lab in not_hold(lone.commands(t_stream))[-4:]]
             assert "policy" not in labels, f"policy trusted outside the certified region: {labels}"
             since = time.monotonic()
             res = lone.set_params(NODE, {"p0_max": 0.85})[0]
@@ -251,8 +205,8 @@ class TestProbeDrivenInputs:
             wait_for(lambda: [d for d in lone.decisions(since) if d.get("kind") == "recertify"], 90.0,
                      "re-certification after narrowing")
             t_back = time.monotonic()
-            wait_for(lambda: len(_not_hold(lone.commands(t_back))) >= 5, 20.0, "commands after narrowing")
-            assert all(lab != "policy" for _, _, lab in _not_hold(lone.commands(t_back)))
+            wait_for(lambda: len(not_hold(lone.commands(t_back))) >= 5, 20.0, "commands after narrowing")
+            assert all(lab != "policy" for _, _, lab in not_hold(lone.commands(t_back)))
         assert_commands_bounded(lone.commands())
 
     def test_zz_summary_counts_every_rejection(self, lone):
@@ -282,17 +236,10 @@ class TestWithPlant:
     @pytest.fixture(scope="class")
     def plant(self, tmp_path_factory):
         log_dir = tmp_path_factory.mktemp("atk_plant")
-        procs = {NODE: _start(log_dir, NODE, self.NS, dict(SMALL_SCPO)),
-                 SIM: _start(log_dir, SIM, self.NS, {"cmd_timeout_action": "brake"})}
-        ap = AttackProbe(self.NS, "atk_probe_plant")
-        ap.procs = procs
-        try:
-            wait_for(lambda: len(ap.commands()) >= 10, STARTUP_TIMEOUT, "commands from the safety node")
+        procs = {NODE: start_node(log_dir, NODE, self.NS, dict(SMALL_SCPO)),
+                 SIM: start_node(log_dir, SIM, self.NS, {"cmd_timeout_action": "brake"})}
+        with probed(self.NS, "atk_probe_plant", procs, commanding("commands from the safety node")) as ap:
             yield ap
-        finally:
-            ap.close()
-            codes = _stop_all(procs)
-            assert all(c == 0 for c in codes.values()), {k: (c, procs[k].text()[-2000:]) for k, c in codes.items()}
 
     def _run(self, ap, since, seconds, timeout=60.0):
         """Observe ``seconds`` of plant time (counted in published states)."""
@@ -442,11 +389,9 @@ class TestInactiveSilent:
     NS = "atk_silent"
 
     def test_silent_inactive_node_and_braking_simulator(self, tmp_path):
-        procs = {NODE: _start(tmp_path, NODE, self.NS, {**SMALL_SCPO, "inactive_behavior": "silent"}),
-                 SIM: _start(tmp_path, SIM, self.NS, {"cmd_timeout_action": "brake"})}
-        ap = AttackProbe(self.NS, "atk_probe_silent")
-        try:
-            wait_for(lambda: len(ap.commands()) >= 10, STARTUP_TIMEOUT, "commands from the safety node")
+        procs = {NODE: start_node(tmp_path, NODE, self.NS, {**SMALL_SCPO, "inactive_behavior": "silent"}),
+                 SIM: start_node(tmp_path, SIM, self.NS, {"cmd_timeout_action": "brake"})}
+        with probed(self.NS, "atk_probe_silent", procs, commanding("commands from the safety node")) as ap:
             ap.settle()
             since = ap.reset_plant(0.0, 0.5)
             wait_for(lambda: ap.commands(since), 20.0, "a command for the moving plant")
@@ -460,10 +405,6 @@ class TestInactiveSilent:
             t_on = time.monotonic()
             wait_for(lambda: ap.commands(t_on), 20.0, "commands after activate")
             assert_commands_bounded(ap.commands())
-        finally:
-            ap.close()
-            codes = _stop_all(procs)
-        assert all(c == 0 for c in codes.values()), codes
         assert procs[NODE].summary().get("inactive_commands", 0) == 0
 
 
@@ -474,16 +415,11 @@ class TestSimTime:
     @pytest.fixture(scope="class")
     def simtime(self, tmp_path_factory):
         log_dir = tmp_path_factory.mktemp("atk_simtime")
-        procs = {NODE: _start(log_dir, NODE, self.NS, {**SMALL_SCPO, "use_sim_time": True})}
-        ap = AttackProbe(self.NS, "atk_probe_simtime")
-        ap.procs, ap.log_dir = procs, log_dir
-        try:
+        procs = {NODE: start_node(log_dir, NODE, self.NS, {**SMALL_SCPO, "use_sim_time": True})}
+        with probed(self.NS, "atk_probe_simtime", procs) as ap:
+            ap.log_dir = log_dir
             wait_for(lambda: ap.statuses(NODE, ""), STARTUP_TIMEOUT, "diagnostics from the safety node")
             yield ap
-        finally:
-            ap.close()
-            codes = _stop_all(procs)
-            assert all(c == 0 for c in codes.values()), {k: (c, procs[k].text()[-2000:]) for k, c in codes.items()}
 
     def test_without_clock_it_says_so(self, simtime):
         diag = wait_for(lambda: [s for s in simtime.statuses(NODE, "") if s.level in (WARN, ERROR)
@@ -493,7 +429,7 @@ class TestSimTime:
         assert simtime.procs[NODE].alive()
 
     def test_with_clock_commands_flow_and_the_watchdog_works(self, simtime):
-        sim = _start(simtime.log_dir, SIM, self.NS, {"publish_clock": True, "use_sim_time": False})
+        sim = start_node(simtime.log_dir, SIM, self.NS, {"publish_clock": True, "use_sim_time": False})
         simtime.procs[SIM] = sim
         since = time.monotonic()
         wait_for(lambda: len(simtime.commands(since)) >= 40, STARTUP_TIMEOUT, "commands on simulated time")
@@ -516,24 +452,13 @@ class TestSimTime:
 @pytest.mark.slow
 def test_late_commands_under_load_zero_violations(tmp_path):
     ns = "atk_load"
-    procs = {NODE: _start(tmp_path, NODE, ns, dict(SMALL_SCPO)),
-             "learner": _start(tmp_path, "learner", ns, {}),
-             "expert": _start(tmp_path, "expert", ns, {"malicious": True, "malicious_period_s": 4.0}),
-             SIM: _start(tmp_path, SIM, ns, {"late_command_probability": 0.3, "seed": 3,
-                                            "cmd_timeout_action": "brake"})}
-    ap = AttackProbe(ns, "atk_probe_load")
-    try:
-        wait_for(lambda: len(ap.commands()) >= 10, STARTUP_TIMEOUT, "commands from the safety node")
+    procs = {NODE: start_node(tmp_path, NODE, ns, dict(SMALL_SCPO)),
+             "learner": start_node(tmp_path, "learner", ns, {}),
+             "expert": start_node(tmp_path, "expert", ns, {"malicious": True, "malicious_period_s": 4.0}),
+             SIM: start_node(tmp_path, SIM, ns, {"late_command_probability": 0.3, "seed": 3,
+                                                 "cmd_timeout_action": "brake"})}
+    with probed(ns, "atk_probe_load", procs, commanding("commands from the safety node")) as ap:
         since = time.monotonic()
         with busy_processes(2):
             wait_for(lambda: len(ap.times("joint_states", since)) >= 200, 120.0, "10 s of plant states")
-        v = ap.violations(since)
-        assert not v, f"{len(v)} violations with late commands under load: first {v[0]}"
-        assert_commands_bounded(ap.commands())
-    finally:
-        ap.close()
-        codes = _stop_all(procs)
-    assert all(c == 0 for c in codes.values()), codes
-    s = procs[SIM].summary()
-    assert s["constraint_violations"] == 0, s
-    assert s.get("late_commands", 0) > 0, f"no late command was injected: {s}"
+    assert_late_commands_harmless(ap, procs[SIM], since)

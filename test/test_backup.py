@@ -1,11 +1,12 @@
-"""The backup's matrix forms are its action."""
+"""The backup (``backup.py``): its certificate on the initial set, and its matrix forms are its action."""
 import numpy as np
 import pytest
 import torch
 
-from scpo_ros.backup import LQRBackup, PendulumLQR, dlqr
+from scpo_ros.backup import BackupCertificationError, InitialSet, LQRBackup, PendulumLQR, dlqr
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
 from scpo_ros.policy import policy_inputs
+from scpo_ros.rollout import random_states
 
 
 @pytest.mark.parametrize("dof", [1, 2])
@@ -28,3 +29,29 @@ def test_pendulum_lqr_is_the_upright_dlqr():
     np.testing.assert_allclose(lqr(torch.as_tensor(x)).numpy(), x @ lqr.input_gain().T, atol=1e-14)
     with pytest.raises(ValueError):
         PendulumLQR(system, r_act=0.0)
+
+
+@pytest.mark.parametrize("dof", [1, 2])
+def test_backup_is_certified_on_default_set_and_worst_case_is_exact(dof):
+    sys_ = DoubleIntegrator(dof=dof)
+    backup = LQRBackup(sys_)
+    worst = backup.certify(InitialSet())
+    assert worst["spectral_radius"] < 1.0
+    assert worst["p"] <= 1.0 and worst["u"] <= 1.0
+    # random initial conditions never exceed the vertex worst case (linearity)
+    rng = np.random.default_rng(0)
+    x, r = random_states(InitialSet(), dof, 2000, rng)
+    e = x - np.concatenate([r, 0 * r], 1)
+    for _ in range(300):
+        u = -e @ backup.K.T
+        assert np.abs(u).max() <= worst["u"] + 1e-9
+        assert np.abs(e[:, :dof] + r).max() <= worst["p"] + 1e-9
+        e = e @ backup.A_cl.T
+
+
+def test_backup_refuses_an_initial_set_it_cannot_keep_safe():
+    sys_ = DoubleIntegrator()
+    with pytest.raises(BackupCertificationError, match="cannot keep"):
+        LQRBackup(sys_).certify(InitialSet(p0_max=0.8, v0_max=0.6, r_max=0.5))
+    with pytest.raises(BackupCertificationError, match="actuation|max\\|u\\|"):
+        LQRBackup(sys_, r_act=0.1).certify(InitialSet())

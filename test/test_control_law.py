@@ -1,12 +1,27 @@
-"""scpo_ros.control_law (ROS-free): the folded control law, its region, who acts."""
+"""scpo_ros.control_law (ROS-free): the folded control law, its region, who acts, the
+stale-state hold, the ``control`` diagnostic, compute times and rest detection."""
 import array
 
 import numpy as np
 import pytest
 
+from scpo_ros import graph as g
 from scpo_ros.backup import LQRBackup
-from scpo_ros.control_law import ControlLaw, FoldedPolicy, command_view, make_law, select
+from scpo_ros.control_law import (
+    UNCONFIGURED,
+    ComputeTimes,
+    ControlCounts,
+    ControlLaw,
+    FoldedPolicy,
+    HoldPredictor,
+    RestDetector,
+    command_view,
+    control_status,
+    make_law,
+    select,
+)
 from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.envelope import CommandEnvelope
 from scpo_ros.params import MODEL_PARAMS, defaults
 from scpo_ros.policy import MLPLayout, NumpyMLP
 from scpo_ros.residual_scpo import backup_weights
@@ -93,3 +108,145 @@ def test_select_leaves_the_policy_at_once_and_returns_with_hysteresis():
     assert select(law(certifying=True), inside, "policy", 3, 5) == ("backup_recertifying", 0)
     assert select(law(certifying=True), outside, "policy", 3, 5)[0] == "backup_recertifying"
     assert select(law(), [0.1, 0.0, float("nan")], "policy", 3, 5)[0] == "backup_region"   # NaN is outside
+
+
+def test_select_answers_only_modes_of_the_graph():
+    seen = set()
+    for lw in (law(), law(policy=False), law(certifying=True)):
+        for z in ([0.1, 0.0, 0.0], [1.5, 0.0, 0.0]):
+            for mode in ("policy", "backup_region", "waiting_for_state"):
+                for q in (0, 4):
+                    seen.add(select(lw, z, mode, q, 5)[0])
+    assert seen == {"policy", "backup_region", "returning", "waiting_for_certificate", "backup_recertifying"}
+    assert seen <= set(g.SAFETY_MODES)
+
+
+# ----------------------------------------------------------------- stale-state hold
+
+@pytest.fixture(scope="module")
+def hold_model():
+    model = build_model(model_values(dof=2))
+    return model, CommandEnvelope(model.safe_set(), model.backup)
+
+
+def test_hold_predictor_dead_reckons_under_the_fallback(hold_model):
+    model, envelope = hold_model
+    system = model.plant.system
+    x0, r = np.array([0.5, -0.3, 0.4, 0.2]), np.array([0.1, -0.2])
+    pred = HoldPredictor()
+    x_start = x0.copy()
+    pred.start(x_start, 10.0)
+    x_start[:] = 9.0                                     # the node's buffer moves on: the hold keeps its copy
+    # within the first period: the fallback for the last state itself
+    res = pred.command(10.0 + 0.5 * system.dt, system, envelope, r, "backup_predicted")
+    assert pred.steps == 0 and np.allclose(pred.x, x0)
+    assert np.allclose(res.u, envelope.fallback(x0, r, "hold_stale").u) and res.reason == "hold_stale"
+    # one model step per dt elapsed, each under the fallback for the predicted state
+    expected = x0.copy()
+    for _ in range(7):
+        expected = system.step(expected, envelope.fallback(expected, r, "hold_stale").u)
+    pred.advance(10.0 + 3.2 * system.dt, system, envelope, r)         # incremental: 3 steps now, 4 later
+    res = pred.command(10.0 + 7.5 * system.dt, system, envelope, r, "backup_predicted")
+    assert pred.steps == 7 and np.allclose(pred.x, expected, atol=1e-12)
+    assert not np.allclose(expected, x0)
+    assert np.allclose(res.u, envelope.fallback(expected, r, "hold_stale").u)
+    # zero: the envelope's filter of a zero candidate for the predicted state; a new start restarts
+    res = pred.command(10.0 + 7.5 * system.dt, system, envelope, r, "zero")
+    assert np.allclose(res.u, envelope.filter(expected, np.zeros(2), r).u)
+    pred.start(x0, 20.0)
+    assert pred.steps == 0 and np.allclose(pred.advance(20.0, system, envelope, r), x0)
+
+
+# ----------------------------------------------------------------- the control diagnostic
+
+PARAMS = {"inactive_behavior": "fallback", "policy_return_steps": 5, "hold_mode": "zero", "dt": 0.01}
+
+
+def test_control_status_levels_and_texts_of_every_mode():
+    expected = {
+        "inactive": (g.LEVEL_OK, "inactive: fallback"),
+        "waiting_for_state": (g.LEVEL_WARN, "waiting for a state"),
+        "waiting_for_certificate": (g.LEVEL_WARN, "fallback until the first certification of the weights"),
+        "policy": (g.LEVEL_OK, "certified policy in force"),
+        "backup_region": (g.LEVEL_WARN, "FALLBACK: state or reference outside the certified region"),
+        "returning": (g.LEVEL_WARN, "fallback: 5 qualifying states before the policy acts"),
+        "backup_recertifying": (g.LEVEL_WARN, "FALLBACK: re-certifying after a parameter change"),
+        "hold_stale": (g.LEVEL_ERROR, "STALE STATE: hold command (zero)"),
+        "shutting_down": (g.LEVEL_WARN, "shutting down: fallback until the plant is at rest"),
+    }
+    assert set(expected) == set(g.SAFETY_MODES)
+    for mode, want in expected.items():
+        assert control_status(mode, PARAMS) == want
+    assert control_status("inactive", {**PARAMS, "inactive_behavior": "silent"}, UNCONFIGURED) == \
+        (g.LEVEL_OK, "unconfigured: silent")
+    assert control_status("policy", PARAMS, UNCONFIGURED)[1] == "certified policy in force"
+    assert set(g.FALLBACK_MODES) == {"backup_region", "backup_recertifying", "hold_stale"}
+
+
+def test_control_status_state_period_and_policy_interventions():
+    assert control_status("policy", PARAMS, dt_measured=0.012) == (g.LEVEL_OK, "certified policy in force")
+    level, text = control_status("policy", PARAMS, dt_measured=0.0130)
+    assert level == g.LEVEL_WARN
+    assert text == "certified policy in force; state period 0.0130 s differs from the model dt 0.01 s"
+    assert control_status("policy", PARAMS, dt_measured=float("nan"))[0] == g.LEVEL_WARN
+    assert control_status("backup_region", PARAMS, dt_measured=0.05)[1].startswith("FALLBACK") and \
+        "period" not in control_status("backup_region", PARAMS, dt_measured=0.05)[1]
+    level, text = control_status("policy", PARAMS, dt_measured=0.05, policy_interventions=3)
+    assert level == g.LEVEL_ERROR and text.endswith("; ENVELOPE CHANGED 3 CERTIFIED-POLICY COMMANDS")
+    assert "state period" in text
+    assert control_status("inactive", PARAMS, policy_interventions=1)[0] == g.LEVEL_ERROR
+
+
+def test_mode_reasons_of_a_state():
+    assert g.mode_reason("policy") == "the certified policy acts"
+    assert g.mode_reason("backup_region") == "state or reference outside the certified region"
+    assert g.mode_reason("returning") == "back in the certified region"
+    for mode in ("waiting_for_certificate", "backup_recertifying"):
+        assert g.mode_reason(mode) == "state received"
+
+
+# ----------------------------------------------------------------- compute times, rest
+
+def test_compute_times_ring_buffer_median_and_p99():
+    times = ComputeTimes(4)
+    assert times.stats() == {"median": None, "p99": None}
+    assert times.stats(empty=0.0) == {"median": 0.0, "p99": 0.0}
+    times.add(10.0)
+    assert times.stats() == {"median": 10.0, "p99": 10.0}
+    for v in (1.0, 2.0, 3.0, 4.0, 100.0):
+        times.add(v)
+    assert times.count == 6 and sorted(times.values()) == [2.0, 3.0, 4.0, 100.0]   # the newest 4
+    stats = times.stats()
+    assert stats["median"] == 3.5
+    assert stats["p99"] == pytest.approx(np.percentile([2.0, 3.0, 4.0, 100.0], 99))
+
+
+def test_rest_detector_needs_every_axis_slow_for_states_in_a_row():
+    rest = RestDetector(speed=0.01, states=3)
+    for _ in range(2):
+        rest.update([0.001, -0.005])
+    assert not rest.at_rest
+    rest.update([0.0, 0.02])                        # one axis moving: start over
+    assert rest.count == 0
+    for _ in range(3):
+        rest.update(np.array([0.001, -0.009]))
+    assert rest.at_rest
+    assert RestDetector().speed == 1e-2 and RestDetector().states == 5
+
+
+def test_control_counts_of_the_envelopes_part():
+    from types import SimpleNamespace as Res
+    counts = ControlCounts()
+    assert not counts.command("backup", Res(changed=False, distance=0.0, violation=0.0), 1e-6)
+    assert not counts.command("backup", Res(changed=True, distance=1e-9, violation=0.0), 1e-6)   # within tol
+    assert counts.envelope_changes == 0
+    assert not counts.command("backup", Res(changed=True, distance=0.1, violation=0.0), 1e-6)
+    assert counts.command("hold", Res(changed=True, distance=0.0, violation=0.2), 1e-6)          # recovery
+    assert counts.command("policy", Res(changed=True, distance=0.5, violation=0.3), 1e-6)        # counted apart
+    assert (counts.envelope_changes, counts.recovery_commands) == (2, 2)
+    assert counts.policy_changed() == 1 and counts.policy_changed() == 2
+    assert (counts.policy_interventions, counts.envelope_changes) == (2, 4)
+    values = counts.diag_values()
+    assert "shutdown_commands" not in values and values["recovery_commands"] == 2
+    assert list(values) == ["control_steps", "backup_steps", "hold_commands", "fallbacks", "policy_interventions",
+                            "envelope_changes", "recovery_commands", "inactive_commands"]

@@ -1,4 +1,4 @@
-"""C-TRPO, TRPO-Lagrangian, TRPO and the vectorised environments (no ROS needed)."""
+"""C-TRPO, TRPO-Lagrangian and TRPO (``ctrpo.py``, no ROS needed)."""
 import math
 
 import numpy as np
@@ -21,8 +21,8 @@ from scpo_ros.ctrpo import (
     gaussian_log_prob,
     train,
 )
-from scpo_ros.dynamics import DoubleIntegrator, Pendulum
-from scpo_ros.envs import VecDoubleIntegrator, VecPendulum, make_env
+from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.envs import VecDoubleIntegrator
 from scpo_ros.policy import NumpyMLP, policy_inputs
 
 torch.set_num_threads(1)
@@ -205,62 +205,7 @@ def test_config_rejects_bad_values():
             CTRPOConfig(**bad)
 
 
-# ---------------------------------------------------------------- environments
-
-def test_double_integrator_env_steps_all_envs_resets_and_costs():
-    system = DoubleIntegrator(v_max=0.5)
-    env = VecDoubleIntegrator(5, system=system, episode_length=3, seed=0)
-    obs = env.reset()
-    assert obs.shape == (5, 3)
-    s = env.initial_set
-    assert (obs[:, 0].abs() <= s.p0_max).all() and (obs[:, 1].abs() <= s.v0_max).all()
-    assert (obs[:, 2].abs() <= s.r_max).all()
-    x0 = torch.tensor([[0.0, 0.0], [0.0, 0.49], [0.99, 0.5], [0.0, 0.0], [0.0, 0.0]])
-    r = torch.tensor([[0.5], [0.0], [0.0], [-0.5], [0.0]])
-    obs = env.set_episodes(x0, r)
-    u = torch.tensor([[5.0], [1.0], [0.0], [float("nan")], [-1.0]])   # 5 is clipped to 1, NaN to 0
-    st = env.step(u)
-    x1 = system.step(x0.numpy().astype(np.float64), np.array([[1.0], [1.0], [0.0], [0.0], [-1.0]]))
-    assert np.allclose(st.obs[:, :2].numpy(), x1, atol=1e-6)
-    assert st.cost.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]       # v > 0.5, then p > 1
-    err = x1[:, 0] - r[:, 0].numpy()
-    expected_reward = -(err**2 + 0.1 * np.array([1.0, 1.0, 0.0, 0.0, 1.0])) * system.dt
-    assert np.allclose(st.reward.numpy(), expected_reward, atol=1e-6)
-    assert not st.truncated.any() and not st.terminated.any()
-    env.step(torch.zeros(5, 1))
-    last = env.step(torch.zeros(5, 1))
-    assert last.truncated.all(), "episode_length = 3 steps"
-    assert torch.equal(last.final_obs[:, 2:], r), "final_obs is the finished episode's"
-    assert (env.t == 0).all() and (last.obs[:, 0].abs() <= s.p0_max).all(), "reset into the initial set"
-
-
-def test_backup_gain_reproduces_the_lqr_backup():
-    system = DoubleIntegrator(dof=2)
-    env = VecDoubleIntegrator(7, system=system, seed=3)
-    backup = LQRBackup(system)
-    obs = env.reset()
-    W = env.backup_gain(backup)
-    x, r = obs[:, :4].double().numpy(), obs[:, 4:].double().numpy()
-    assert np.allclose((obs @ W.T).numpy(), backup(x, r), atol=1e-5)
-
-
-def test_pendulum_env_reward_and_speed_cost():
-    env = VecPendulum(3, seed=0)
-    obs = env.reset()
-    assert obs.shape == (3, 2) and (obs[:, 0].abs() <= math.pi / 2).all()
-    env.x = torch.tensor([[0.1, 0.0], [0.0, 7.9], [0.0, -7.9]])
-    st = env.step(torch.tensor([[0.5], [1.0], [0.0]]))
-    expected = -(torch.tensor([0.01, 0.0, 0.0]) + 0.1 * torch.tensor([0.0, 7.9**2, 7.9**2])
-                 + 0.001 * torch.tensor([0.25, 1.0, 0.0]))
-    assert torch.allclose(st.reward, expected)
-    assert st.cost.tolist() == [0.0, 1.0, 0.0], "only the pushed pendulum exceeds |θ'| = 8"
-    K = env.backup_gain()
-    assert K.shape == (1, 2)
-    A, B = Pendulum().linearization()
-    assert np.max(np.abs(np.linalg.eigvals(A + B @ K.double().numpy()))) < 1.0, "the pendulum LQR stabilises"
-    with pytest.raises(ValueError):
-        make_env("cartpole", 2)
-
+# ---------------------------------------------------------------- the mean weights
 
 def test_mean_weights_are_the_residual_layout_of_the_scpo_policy():
     env = VecDoubleIntegrator(4, seed=0)
@@ -319,61 +264,6 @@ def test_update_refuses_non_finite_data_and_keeps_the_policy():
     info = learner.update(Batch(obs, act, torch.zeros(len(obs)), adv_r.nan_to_num(), adv_c, torch.zeros(len(obs)),
                                 torch.zeros(len(obs))), episode_costs=[float("inf")])
     assert "episode_costs" in info["skipped"]
-
-
-# ---------------------------------------------------------------- the comparison
-
-def test_compare_summary_counts_regret_and_every_executed_episode():
-    from scpo_ros.experiments.compare import CompareSettings, RunResult, summarize
-
-    s = CompareSettings(cost_limit=2.0)
-    curve = [{"env_steps": 100 * (i + 1), "ep_return": -1.0, "ep_cost": c, "violating_episodes": v, "episodes": 4}
-             for i, (c, v) in enumerate([(0.0, 0), (3.5, 2), (2.0, 1), (5.0, 4)])]
-    row = summarize(RunResult(curve, {"return": -0.5, "cost": 1.0, "unsafe_episodes": 3, "episodes": 12}, 1.0), s)
-    assert row["regret"] == pytest.approx(1.5 + 0.0 + 3.0)
-    assert row["viol_eps"] == 7 and row["episodes"] == 16 and row["env_steps"] == 400
-    assert row["task_cost"] == pytest.approx(0.5) and row["eval_unsafe"] == pytest.approx(0.25)
-    assert row["train_cost"] == pytest.approx(np.mean([0.0, 3.5, 2.0, 5.0]))
-
-
-def test_se_rl_wrapper_keeps_an_adversarial_learner_inside_the_constraints():
-    pytest.importorskip("scpo_ros.safeguard.projection")
-    from scpo_ros.experiments.compare import SafeguardedEnv
-
-    system = DoubleIntegrator(v_max=0.5)
-    env = SafeguardedEnv(VecDoubleIntegrator(64, system=system, episode_length=60, seed=0, dtype=torch.float64))
-    raw = VecDoubleIntegrator(64, system=system, episode_length=60, seed=0)
-    obs, obs_raw = env.reset(), raw.reset()
-    assert obs.dtype == torch.float32 and torch.allclose(obs, obs_raw)
-    cost_safe = cost_raw = 0.0
-    for _ in range(60):
-        push = torch.where(obs[:, :1] >= 0, 1.0, -1.0) * 5.0          # full throttle outwards
-        step = env.step(push)
-        cost_safe += float(step.cost.sum())
-        assert (step.reward <= 0).all()
-        raw_step = raw.step(torch.where(obs_raw[:, :1] >= 0, 1.0, -1.0) * 5.0)
-        cost_raw += float(raw_step.cost.sum())
-        obs, obs_raw = step.obs, raw_step.obs
-    assert cost_raw > 0, "without the safeguard the same actions break the limits"
-    assert cost_safe == 0.0 and env.fallbacks == 0 and env.interventions > 0
-
-
-def test_compare_main_writes_table_json_and_plot(tmp_path):
-    import json
-
-    from scpo_ros.experiments import compare
-
-    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
-    rc = compare.main(["--methods", "c_trpo,trpo", "--seeds", "1", "--epochs", "2", "--num-envs", "4",
-                       "--eval-episodes", "8", "--json", str(out), "--plot", str(png)])
-    assert rc == 0 and png.stat().st_size > 0
-    data = json.loads(out.read_text())
-    assert set(data["results"]) == {"c_trpo", "trpo"}
-    res = data["results"]["c_trpo"]
-    assert res["episodes"] == 2 * 4 and len(res["curves"][0]) == 2
-    assert "regret" in res and "viol_eps" in res and "wall_s" in res
-    with pytest.raises(SystemExit):
-        compare.main(["--methods", "no_such_method"])
 
 
 @pytest.mark.parametrize("algorithm", ["c_trpo", "trpo_lag"])

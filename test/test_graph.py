@@ -1,6 +1,9 @@
 """The graph module (``scpo_ros.graph``, ROS-free): its topology against the nodes' sources,
-the parameter-file merging, and the Foxglove layout shipped in ``config/``."""
+the parameter-file merging, the compare parameter file and launch file, and the Foxglove
+layout shipped in ``config/``."""
 import ast
+import importlib
+import importlib.util
 import json
 import re
 import sys
@@ -13,9 +16,12 @@ from rosbags.interfaces import Nodetype
 
 from scpo_ros import graph as g
 from scpo_ros.bag import typestore
+from scpo_ros.graph import COMPARE_PIPELINES, compare_params_file, node_parameters, plant_param_names, state_answers
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = REPO / "config" / "foxglove_layout.json"
+PARAMS = REPO / "config" / "scpo_double_integrator.yaml"
+SAFEGUARD_PARAMS = REPO / "config" / "safeguard.yaml"
 
 
 # ------------------------------------------------------------------ topology
@@ -173,3 +179,109 @@ def test_setup_ships_the_layout_the_parameter_files_and_the_launch_files(monkeyp
             "config/safeguard.yaml"} <= shipped["share/scpo_ros/config"]
     assert {"launch/scpo_double_integrator.launch.py",
             "launch/compare_scpo_vs_safeguard.launch.py"} <= shipped["share/scpo_ros/launch"]
+
+
+# ------------------------------------------------------------------ the compare parameter file and launch file
+
+def _declared(module: str) -> set[str]:
+    mod = importlib.import_module(f"scpo_ros.nodes.{module}")
+    return {spec.name for spec in mod.PARAMS}
+
+
+def test_compare_params_file_gives_the_safeguard_the_simulators_plant(tmp_path):
+    pytest.importorskip("rclpy")
+    base = tmp_path / "base.yaml"
+    data = yaml.safe_load(PARAMS.read_text())
+    data["/**"]["ros__parameters"]["p_max"] = 1.5            # the plant changes in the shared section
+    data["/**/double_integrator_sim"]["ros__parameters"]["dt"] = 0.04
+    base.write_text(yaml.safe_dump(data))
+    out = compare_params_file(base, SAFEGUARD_PARAMS, {"expert": {"malicious": False}, "double_integrator_sim":
+                                                       {"dof": 2}}, tmp_path / "out.yaml")
+    merged = yaml.safe_load(Path(out).read_text())
+    sim, guard = node_parameters(merged, "double_integrator_sim"), node_parameters(merged, "action_safeguard")
+    plant = plant_param_names()
+    assert set(plant) == {"dof", "dt", "p_max", "v_max", "u_max"}
+    assert {k: guard[k] for k in plant} == {k: sim[k] for k in plant}
+    assert guard["p_max"] == 1.5 and guard["dt"] == 0.04 and guard["dof"] == 2
+    assert node_parameters(merged, "expert")["malicious"] is False
+    assert guard["command_delay_steps"] == 0 and guard["solver"] == "auto"
+    # every parameter the file gives a node's own section is one that node declares
+    for key, section in merged.items():
+        node = key.rsplit("/", 1)[-1]
+        if key != "/**":
+            assert set(section["ros__parameters"]) <= _declared(node), key
+
+
+class _FakeNode:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
+    """The launch file without launch_ros: its node list, names, namespaces, remappings and
+    parameter files checked against the demo's pipelines and the nodes' declared parameters."""
+    pytest.importorskip("rclpy")
+    path = REPO / "launch" / "compare_scpo_vs_safeguard.launch.py"
+    stubs = {name: types.ModuleType(name) for name in (
+        "launch", "launch.actions", "launch.event_handlers", "launch.events", "launch_ros", "launch_ros.actions",
+        "ament_index_python", "ament_index_python.packages")}
+    stubs["launch"].LaunchDescription = list
+    stubs["launch.actions"].DeclareLaunchArgument = lambda name, **kw: ("arg", name, kw)
+    stubs["launch.actions"].OpaqueFunction = lambda function: ("opaque", function)
+    stubs["launch.actions"].RegisterEventHandler = lambda handler: handler
+    stubs["launch.actions"].LogInfo = lambda msg: ("log", msg)
+    stubs["launch.actions"].EmitEvent = lambda event: ("emit", event)
+    stubs["launch.event_handlers"].OnProcessIO = lambda **kw: ("io", kw)
+    stubs["launch.event_handlers"].OnProcessExit = lambda **kw: ("exit", kw)
+    stubs["launch.events"].Shutdown = lambda reason: ("shutdown", reason)
+    stubs["launch_ros.actions"].Node = _FakeNode
+    stubs["ament_index_python.packages"].get_package_share_directory = lambda pkg: str(REPO)
+    for name, mod in stubs.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    spec = importlib.util.spec_from_file_location("compare_launch", path)
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    description = launch_file.generate_launch_description()
+    args = {a[1]: a[2]["default_value"] for a in description if a[0] == "arg"}
+    assert Path(args["params_file"]) == PARAMS and Path(args["safeguard_params"]) == SAFEGUARD_PARAMS
+    context = types.SimpleNamespace(launch_configurations={**args, "record": "true", "bag": str(tmp_path / "bag"),
+                                                           "dof": "2", "malicious": "false"})
+    actions = description[-1][1](context)
+    # with record:=true each simulator starts once the recorder logged a matched publisher of
+    # each topic its first state triggers (as the demo waits): feed the handlers those lines
+    io = [a[1] for a in actions if isinstance(a, tuple) and a[0] == "io"]
+    assert len(io) == len(COMPARE_PIPELINES)
+    sims = []
+    for handler in io:
+        line = lambda text: types.SimpleNamespace(text=text.encode(), from_stdout=False)  # noqa: E731
+        assert handler["on_stderr"](line("[INFO] [bag_recorder]: publisher matched: /diagnostics\n")) is None
+        for ns, pipeline in COMPARE_PIPELINES.items():
+            for t in state_answers(pipeline):
+                started = handler["on_stderr"](line(f"\x1b[0m[INFO] [1.0] [bag_recorder]: publisher matched: /{ns}/{t}"
+                                                    "\x1b[0m\r\n"))
+                if started:
+                    sims += [a for a in started if isinstance(a, _FakeNode)]
+    assert [s.kwargs["name"] for s in sims] == ["double_integrator_sim"] * len(COMPARE_PIPELINES)
+    exits = [a[1] for a in actions if isinstance(a, tuple) and a[0] == "exit"]
+    assert all(e["on_exit"](types.SimpleNamespace(returncode=1), None) is None for e in exits)  # all started
+    nodes = [n.kwargs for n in [a for a in actions if isinstance(a, _FakeNode)] + sims]
+    started = {(n["namespace"], n["name"]) for n in nodes if "namespace" in n}
+    assert started == {(ns, name) for ns, names in COMPARE_PIPELINES.items() for name in names}
+    assert any(n["executable"] == "bag_recorder" and "namespace" not in n for n in nodes)
+    for n in nodes:
+        assert n["executable"] == n["name"]
+        merged = yaml.safe_load(Path(n["parameters"][0]).read_text())
+        values = node_parameters(merged, n["name"])
+        own = {k for key, sec in merged.items() if key != "/**" and key.rsplit("/", 1)[-1] == n["name"]
+               for k in sec["ros__parameters"]}
+        assert own <= _declared(n["name"]), (n["name"], own - _declared(n["name"]))
+        if n["name"] != "bag_recorder":
+            assert values["dof"] == 2
+        if n["name"] == "action_safeguard":
+            assert n["remappings"] == [("raw_action", "expert_action")]
+        if n["name"] == "expert":
+            assert values["malicious"] is False
+        if n["name"] == "double_integrator_sim":
+            assert values["wait_for_subscribers"] == (4 if n["namespace"] == "scpo" else 3)
+        if n["name"] == "bag_recorder":
+            assert "/safeguard/intervention" in values["topics"] and "/scpo/scpo_decision" in values["topics"]

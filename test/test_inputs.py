@@ -22,9 +22,13 @@ from scpo_ros.inputs import (
     NON_FINITE,
     NON_INCREASING_STAMP,
     STALE_STAMP,
+    InputMonitor,
     JointMap,
     ReferenceGate,
+    StampPeriod,
     StateGate,
+    reference_text,
+    reject_text,
 )
 
 FAST = settings(max_examples=150, deadline=None)
@@ -416,3 +420,79 @@ def test_reference_attack_values():
 def test_reference_gate_validation(lo, hi):
     with pytest.raises(ValueError):
         ReferenceGate(lo, hi)
+
+
+# --------------------------------------------------------------------- texts, the stream
+
+def test_reject_and_reference_texts():
+    texts = {reason: reject_text(reason, ("a", "b"), 0.25, 0.05) for reason in
+             (MISSING_JOINT, BAD_LENGTHS, NON_FINITE, NON_INCREASING_STAMP, STALE_STAMP, FUTURE_STAMP)}
+    assert texts == {MISSING_JOINT: "needs joints ('a', 'b')",
+                     BAD_LENGTHS: "position/velocity arrays do not match the names",
+                     NON_FINITE: "NaN or Inf", NON_INCREASING_STAMP: "stamp not newer than the last accepted one",
+                     STALE_STAMP: "stamp older than max_state_age = 0.25 s",
+                     FUTURE_STAMP: "stamp more than future_tolerance = 0.05 s ahead"}
+    assert reject_text("bad_stamp", ("a",), 0.25, 0.05) == "bad_stamp"
+    assert reference_text(CLAMPED, array.array("d", [2.0, 0.1]), 0.5) == \
+        "reference [2.0, 0.1]: clamped (clamped into |r| <= r_max = 0.5)"
+    assert reference_text(BAD_SIZE, list(range(10)), 0.5) == \
+        "reference [0, 1, 2, 3, 4, 5, 6, 7]: bad_size (kept the last valid, in |r| <= r_max = 0.5)"
+
+
+def monitor():
+    gate = StateGate(0.25, 0.05)
+    refs = ReferenceGate([-0.5, -0.5], [0.5, 0.5])
+    return InputMonitor(JointMap.for_axes(2), gate, refs), gate, refs
+
+
+def test_input_monitor_reports_a_new_reason_at_once_and_counts_at_most_at_2_hz():
+    mon, _, _ = monitor()
+    assert mon.reject(MISSING_JOINT, 100.0) and mon.last_reason == MISSING_JOINT
+    mon.status(100.0, False, 0.5)                       # reported
+    assert not mon.reject(MISSING_JOINT, 100.2)          # the same reason within 0.5 s: counted only
+    assert mon.reject(NON_FINITE, 100.3) and mon.last_reason == NON_FINITE   # a new reason: at once
+    mon.status(100.3, False, 0.5)
+    assert not mon.reject(MISSING_JOINT, 100.5) and mon.last_reason == NON_FINITE
+    assert mon.reject(MISSING_JOINT, 100.8) and mon.last_reason == MISSING_JOINT
+    assert mon.bad_states == 5 and mon.rejected == {MISSING_JOINT: 4, NON_FINITE: 1}
+    assert mon.counts()["rejected_states"] == {MISSING_JOINT: 4, NON_FINITE: 1}
+
+
+def test_input_monitor_status_texts():
+    mon, gate, refs = monitor()
+    assert mon.status(0.0, False, 0.5) == (0, "inputs valid")
+    assert mon.counts() == {"rejected_states": {}, "clamped_references": 0, "bad_references": 0, "clock_jumps": 0}
+    assert mon.status(0.0, True, 0.5) == \
+        (1, "use_sim_time is set but no /clock has arrived: stamp ages are not checked")
+    out = np.zeros(2)
+    refs.apply([0.9, 0.0], out)
+    refs.apply([math.nan, 0.0], out)
+    assert mon.status(0.0, False, 0.5) == (1, "1 references clamped into |r| <= 0.5, 1 malformed kept the last valid")
+    mon.reject(STALE_STAMP, 1.0)
+    level, text = mon.status(1.0, False, 0.5)
+    assert level == 1 and text == ("1 joint_states rejected (last: stale_stamp: stamp older than max_state_age = "
+                                   "0.25 s); 1 references clamped into |r| <= 0.5, 1 malformed kept the last valid")
+    gate.max_age = 0.5                                   # the gate's settings, as they are now
+    gate.check(100.0, 100.0)
+    gate.check(50.0, 50.0)                              # the receiving clock jumped back
+    assert gate.jumps == 1
+    level, text = mon.status(2.0, False, 0.5)
+    assert text.startswith("1 joint_states rejected (last: stale_stamp: stamp older than max_state_age = 0.5 s)")
+    assert text.endswith("; 1 clock jumps (stamp history reset)")
+    assert mon.counts() == {"rejected_states": {STALE_STAMP: 1}, "clamped_references": 1, "bad_references": 1,
+                            "clock_jumps": 1}
+
+
+def test_stamp_period_is_an_average_of_increasing_stamps():
+    period = StampPeriod()
+    period.update(1.0)
+    assert period.value is None
+    period.update(1.01)
+    assert period.value == pytest.approx(0.01)
+    period.update(1.01)                                  # not newer: no change
+    assert period.value == pytest.approx(0.01)
+    period.update(1.05)
+    assert period.value == pytest.approx(0.95 * 0.01 + 0.05 * 0.04)
+    period.update(0.5)                                   # backwards: ignored, but the next gap counts from it
+    period.update(0.51)
+    assert period.value == pytest.approx(0.95 * (0.95 * 0.01 + 0.05 * 0.04) + 0.05 * 0.01)

@@ -1,17 +1,21 @@
 """scpo_ros.scpo_worker (ROS-free): the SCPO process and its protocol, as the safety node
 drives it (rebuild -> re-certification, proposal -> decision, stop; a crashed process is
-restarted)."""
+restarted), the proposal gate in front of it, the account of its results and their records."""
+import json
+import math
 import os
 import signal
 import time
 
 import numpy as np
 
+from scpo_ros import graph as g
 from scpo_ros.params import MODEL_PARAMS, defaults
+from scpo_ros.policy import MLPLayout
 from scpo_ros.residual_scpo import backup_weights
 from scpo_ros.safety_model import build_model
-from scpo_ros.scpo import STATUSES
-from scpo_ros.scpo_worker import SCPOWorker
+from scpo_ros.scpo import STATUSES, Decision
+from scpo_ros.scpo_worker import ProposalGate, SCPOWorker, WorkerResults, decision_record
 
 # small SCPO settings: short worker steps on a loaded machine
 SMALL = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60, "hidden": [8]}
@@ -116,3 +120,64 @@ def test_a_crashed_worker_is_restarted_and_rebuilt():
         assert (kind, decision.status, model_id) == ("recertify", "accepted", 1)
     finally:
         worker.stop()
+
+
+# ----------------------------------------------------------------- the gate, the account, the record
+
+def test_proposal_gate_checks_and_aggregates_one_record_per_period():
+    layout = MLPLayout(3, 1, (4,))
+    gate = ProposalGate(period_s=1.0)
+    good = np.zeros(layout.size)
+    assert np.array_equal(gate.check(layout, good, layout.fingerprint, True), good)
+    assert gate.check(layout, good, None, False) is not None          # no fingerprint, none required
+    assert gate.pending == 0 and gate.due(0.0) is None                 # nothing refused: no record
+    assert gate.check(layout, good, None, True) is None
+    assert gate.reason == "proposal carries no layout fingerprint (layout.dim[0].label)"
+    bad = good.copy()
+    bad[0] = math.nan
+    assert gate.check(layout, bad, layout.fingerprint, True) is None
+    reason = gate.reason
+    assert reason and "fingerprint" not in reason
+    gate.refused_by_size(3, layout.size)
+    assert gate.pending == 5 and gate.reason == reason                 # a reason already there stays
+    assert gate.due(10.0) == (5, f"malformed proposal: {reason}")
+    assert (gate.total, gate.pending, gate.reason) == (5, 0, "")
+    gate.refused_by_size(0, layout.size)
+    assert gate.reason == ""                                           # nothing refused: no reason
+    gate.refused_by_size(2, layout.size)
+    assert gate.reason == f"wrong message size: expected {layout.size} weights and a layout label"
+    assert gate.due(10.9) is None and gate.pending == 2                # within the period: kept for the next
+    assert gate.due(11.0) == (2, f"malformed proposal: wrong message size: expected {layout.size} weights and "
+                                 f"a layout label")
+    assert gate.total == 7 and gate.due(20.0) is None
+
+
+def test_worker_results_account_what_to_deploy_and_the_level():
+    res = WorkerResults()
+    accepted, rejected = Decision(status="accepted"), Decision(status="rejected", reason="no")
+    theta = np.zeros(3)
+    assert res.account("recertify", accepted, theta, True, True) == (True, g.LEVEL_OK)
+    assert res.account("recertify", rejected, theta, True, True) == (True, g.LEVEL_WARN)
+    assert res.account("recertify", accepted, theta, False, True) is None     # an older model's: skipped
+    assert res.recertifications == {"accepted": 2, "rejected": 1}
+    assert res.account("proposal", accepted, theta, True, False) == (True, g.LEVEL_OK)
+    assert res.account("proposal", accepted, theta, True, True) == (False, g.LEVEL_OK)    # re-certifying
+    assert res.account("proposal", accepted, theta, False, False) == (False, g.LEVEL_OK)  # another model's
+    assert res.account("proposal", rejected, None, True, False) == (False, g.LEVEL_OK)
+    assert res.updates == {**{k: 0 for k in STATUSES}, "accepted": 3, "rejected": 1}
+    assert res.account("error", Decision(status="rejected", reason="boom"), None, True, False) == \
+        (False, g.LEVEL_ERROR)
+    assert res.errors == 1 and res.updates["rejected"] == 1
+
+
+def test_decision_record_json():
+    decision = Decision(status="accepted", step=np.int64(3), times_ms={"total": np.float32(1.5)})
+    record = decision_record("proposal", decision, stamp=12.5, weights_version=2)
+    data = json.loads(record)
+    assert list(data)[:3] == ["kind", "stamp", "weights_version"]
+    assert data["kind"] == "proposal" and data["stamp"] == 12.5 and data["weights_version"] == 2
+    assert data["status"] == "accepted" and data["step"] == 3 and data["times_ms"] == {"total": 1.5}
+    assert {k: v for k, v in data.items() if k not in ("kind", "stamp", "weights_version")} == \
+        {**Decision(status="accepted").to_dict(), "step": 3, "times_ms": {"total": 1.5}}
+    data = json.loads(decision_record("malformed", Decision(status="rejected", reason="r"), count=4, stamp=1.0))
+    assert list(data)[:3] == ["kind", "count", "stamp"] and data["count"] == 4 and data["reason"] == "r"

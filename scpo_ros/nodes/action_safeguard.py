@@ -74,7 +74,9 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 
-from ..inputs import JointMap, ReferenceGate, StateGate
+from .. import graph as g
+from ..control_law import ComputeTimes, RestDetector
+from ..inputs import JointMap, ReferenceGate, StateGate, reference_text
 from ..params import (
     BACKUP_PARAMS,
     ENVELOPE_PARAMS,
@@ -90,7 +92,7 @@ from ..ros.diagnostics import ERROR, OK, WARN, Diagnostics
 from ..ros.messages import array_from_float64, float64_msg, stamp_to_sec
 from ..ros.parameters import add_parameter_validator, declare_parameters
 from ..ros.qos import CONTROL_QOS, EVENT_QOS, state_qos
-from ..ros.runner import autostart, flush_publishers, ros_now, run_node, steady_timer
+from ..ros.runner import autostart, flush_publishers, ros_now, run_node, spin_until, steady_timer
 from ..safety_model import safeguard_envelope
 
 NODE_PARAMS = (
@@ -115,15 +117,11 @@ PARAMS = compose(read_only(PLANT_PARAMS), read_only(BACKUP_PARAMS), read_only(RE
                                                                               "fallback on the last state."))
 """The plant is built once (every plant parameter read-only): the envelope lives as long as the node."""
 
-REST_SPEED = 1e-2
-"""|v| below this on every axis for ``REST_STATES`` accepted states in a row: at rest."""
-REST_STATES = 5
-
 
 class ActionSafeguard(LifecycleNode):
     """The lifecycle of the module docstring (the same as ``scpo_safety_node``'s)."""
 
-    def __init__(self, name: str = "action_safeguard", **kwargs):
+    def __init__(self, name: str = g.SAFEGUARD, **kwargs):
         super().__init__(name, **kwargs)
         self.values = declare_parameters(self, PARAMS)
         # built once, alive as long as the node: inactive and unconfigured states are answered through it
@@ -145,13 +143,13 @@ class ActionSafeguard(LifecycleNode):
         self._clock_warned = False
         self._x_buf = np.empty(self.state_dim)
         self._reset_state()
-        self.cmd_pub = self.create_publisher(Float64MultiArray, "cmd", CONTROL_QOS)
+        self.cmd_pub = self.create_publisher(Float64MultiArray, g.CMD, CONTROL_QOS)
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         self._subs = [
-            self.create_subscription(JointState, "joint_states", self._on_state, state_qos(self.values["state_qos"]),
+            self.create_subscription(JointState, g.JOINT_STATES, self._on_state, state_qos(self.values["state_qos"]),
                                      event_callbacks=events),
-            self.create_subscription(Float64MultiArray, "raw_action", self._on_raw_action, CONTROL_QOS),
-            self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS),
+            self.create_subscription(Float64MultiArray, g.RAW_ACTION, self._on_raw_action, CONTROL_QOS),
+            self.create_subscription(Float64MultiArray, g.REFERENCE, self._on_reference, CONTROL_QOS),
         ]
         self._deadline_timer = steady_timer(self, max(1e-3, 0.25 * self.values["dt"]), self._on_deadline)
         self.diag.update("safeguard", OK, "unconfigured: " + self.values["inactive_behavior"], **self.counts)
@@ -174,15 +172,15 @@ class ActionSafeguard(LifecycleNode):
         self._r = np.zeros(self.dof)
         self.u_sent = None   # the last command published (the one a delayed plant applies next)
         self._pending = False   # the latest accepted state has not been answered yet
-        self._rest_count = 0
+        self.rest = RestDetector()
         self.counts = {"commands": 0, "interventions": 0, "fallbacks": 0, "outside_set_projections": 0,
                        "bad_state": 0, "bad_action": 0, "no_action_fallbacks": 0, "inactive_commands": 0,
                        "shutdown_commands": 0, "rejected_states": {}}
-        self._proj_us = []
+        self.projection_us = ComputeTimes(1000)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.record_pub = self.create_lifecycle_publisher(String, "intervention", EVENT_QOS)
+        self.record_pub = self.create_lifecycle_publisher(String, g.INTERVENTION, EVENT_QOS)
         self.configured = True
         self.diag.update("safeguard", OK, "configured", rows=int(self.projector.num_rows),
                          solver=self.projector.solver)
@@ -223,12 +221,9 @@ class ActionSafeguard(LifecycleNode):
         self.active = False
         if self.values["inactive_behavior"] != "fallback" or self.x is None:
             return
-        self._rest_count = 0
-        deadline = time.monotonic() + self.values["shutdown_timeout"]
-        while time.monotonic() < deadline and self.context.ok():
-            spin_once()
-            if self._rest_count >= REST_STATES or time.monotonic() - self.x_time > self.values["state_timeout"]:
-                break
+        self.rest.count = 0
+        spin_until(self, spin_once, lambda: self.rest.at_rest or
+                   time.monotonic() - self.x_time > self.values["state_timeout"], self.values["shutdown_timeout"])
 
     # ------------------------------------------------------------------ callbacks
     def _on_state(self, msg: JointState) -> None:
@@ -253,8 +248,7 @@ class ActionSafeguard(LifecycleNode):
         self.x = self._acting_state(x)
         now = time.monotonic()
         self.x_time = now
-        d = self.dof
-        self._rest_count = self._rest_count + 1 if np.abs(x[d:]).max() < REST_SPEED else 0
+        self.rest.update(x[self.dof:])
         if not self.active:
             if self.values["inactive_behavior"] == "fallback":
                 key = "shutdown_commands" if self.shutting_down else "inactive_commands"
@@ -309,7 +303,7 @@ class ActionSafeguard(LifecycleNode):
             return
         t0 = time.perf_counter()
         res = self.envelope.filter(self.x, u, self._r)
-        self._proj_us.append((time.perf_counter() - t0) * 1e6)
+        self.projection_us.add((time.perf_counter() - t0) * 1e6)
         self._publish(res, raw=u)
 
     def _on_reference(self, msg: Float64MultiArray) -> None:
@@ -319,9 +313,7 @@ class ActionSafeguard(LifecycleNode):
             return
         if reason == "clamped":
             self.reference = self._r
-        self.get_logger().warning(f"reference {list(msg.data)[:8]}: {reason} ("
-                                  f"{'clamped into' if reason == 'clamped' else 'kept the last valid, in'} "
-                                  f"|r| <= r_max = {self.values['r_max']:g})", throttle_duration_sec=2.0)
+        self.get_logger().warning(reference_text(reason, msg.data, self.values["r_max"]), throttle_duration_sec=2.0)
         self.diag.update("inputs", WARN, f"reference {reason}", clamped_references=self.references.clamped,
                          bad_references=sum(self.references.rejected.values()))
 
@@ -341,7 +333,7 @@ class ActionSafeguard(LifecycleNode):
         """Publish an ``EnvelopeResult`` (the projection of ``raw``, or a fallback)."""
         u = res.u
         fallback = fallback or res.projection.fallback   # a raw action outside the nominal set is recovered
-        self.cmd_pub.publish(float64_msg(u, "backup" if fallback else "safeguard"))
+        self.cmd_pub.publish(float64_msg(u, g.LABEL_BACKUP if fallback else g.LABEL_SAFEGUARD))
         self._pending = False
         self.u_sent = u
         self.counts["commands"] += 1
@@ -381,21 +373,18 @@ class ActionSafeguard(LifecycleNode):
         return {**self.counts, "clock_jumps": self.gate.jumps}
 
     def _report_ok(self) -> None:
-        times = self._proj_us[-1000:]
-        self._proj_us = times
         self.diag.update("safeguard", OK, "projecting", **self._diag_counts(),
-                         projection_us_median=float(np.median(times)) if times else 0.0,
+                         projection_us_median=self.projection_us.stats(empty=0.0)["median"],
                          intervention_rate=self.counts["interventions"] / max(self.counts["commands"], 1))
 
     def summary(self) -> dict:
         # also called for a node whose constructor failed (destroy_node): nothing counted yet
-        times, counts = getattr(self, "_proj_us", []), getattr(self, "counts", {"commands": 0, "interventions": 0})
-        refs = getattr(self, "references", None)
-        return {"node": "action_safeguard", **counts,
+        counts = getattr(self, "counts", {"commands": 0, "interventions": 0})
+        times, refs = getattr(self, "projection_us", ComputeTimes(1)), getattr(self, "references", None)
+        return {"node": g.SAFEGUARD, **counts,
                 "clamped_references": refs.clamped if refs is not None else 0,
                 "intervention_rate": counts["interventions"] / max(counts["commands"], 1),
-                "projection_us": {"median": float(np.median(times)) if times else None,
-                                  "p99": float(np.percentile(times, 99)) if times else None}}
+                "projection_us": times.stats()}
 
     def destroy_node(self):
         pubs = [getattr(self, name, None) for name in ("cmd_pub", "record_pub")]

@@ -53,7 +53,7 @@ def message_class(msgtype: str):
 
 class BagRecorder(Node):
     def __init__(self, **kwargs):
-        super().__init__("bag_recorder", **kwargs)
+        super().__init__(graph.RECORDER, **kwargs)
         self.p = declare_parameters(self, PARAMS)
         output = self.p["output"] or time.strftime("runs/bag_%Y%m%d_%H%M%S")
         self.writer = BagWriter(output, storage=self.p["storage"])
@@ -146,7 +146,7 @@ class BagRecorder(Node):
         self.diag.update("recording", level, msg, path=str(self.writer.path), counts=counts)
 
     def summary(self) -> dict:
-        return {"node": "bag_recorder", "path": str(self.writer.path), "counts": self.counts()}
+        return {"node": graph.RECORDER, "path": str(self.writer.path), "counts": self.counts()}
 
     def destroy_node(self):
         writer = getattr(self, "writer", None)   # None: __init__ failed (the bag exists, say)

@@ -68,8 +68,8 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
+from .. import graph as g
 from ..dynamics import DoubleIntegrator
-from ..graph import RESET_SERVICE
 from ..inputs import axis_names
 from ..params import PLANT_PARAMS, SEED, ParamSpec, compose
 from ..plant import plant_from_params
@@ -135,7 +135,7 @@ def _per_axis(values: list[float], dof: int, name: str) -> np.ndarray:
 
 class DoubleIntegratorSim(Node):
     def __init__(self, **kwargs):
-        super().__init__("double_integrator_sim", **kwargs)
+        super().__init__(g.SIMULATOR, **kwargs)
         if self.get_parameter("use_sim_time").value:
             raise ValueError("use_sim_time is true, but double_integrator_sim steps on its wall-clock timer and is "
                              "itself the source of simulated time (publish_clock): run it with use_sim_time:=false")
@@ -164,11 +164,11 @@ class DoubleIntegratorSim(Node):
         self.start_time = time.monotonic()        # the watchdog counts from here until a first command comes
         self.names = axis_names(self.dof)
 
-        self.state_pub = self.create_publisher(JointState, "joint_states", CONTROL_QOS)
-        self.violation_pub = self.create_publisher(String, "constraint_violation", EVENT_QOS)
-        self.clock_pub = self.create_publisher(Clock, "/clock", CLOCK_QOS) if self.p["publish_clock"] else None
-        self.create_subscription(Float64MultiArray, "cmd", self._on_cmd, CONTROL_QOS)
-        self.create_service(Trigger, RESET_SERVICE, self._on_reset)
+        self.state_pub = self.create_publisher(JointState, g.JOINT_STATES, CONTROL_QOS)
+        self.violation_pub = self.create_publisher(String, g.CONSTRAINT_VIOLATION, EVENT_QOS)
+        self.clock_pub = self.create_publisher(Clock, g.CLOCK, CLOCK_QOS) if self.p["publish_clock"] else None
+        self.create_subscription(Float64MultiArray, g.CMD, self._on_cmd, CONTROL_QOS)
+        self.create_service(Trigger, g.RESET_SERVICE, self._on_reset)
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self.add_on_set_parameters_callback(self._refuse_sim_time)
@@ -354,7 +354,7 @@ class DoubleIntegratorSim(Node):
                          cmd_timeout_action=self.p["cmd_timeout_action"], late_commands=self.late_commands)
 
     def summary(self) -> dict:
-        return {"node": "double_integrator_sim", "steps": self.steps, "states_published": self.states_published,
+        return {"node": g.SIMULATOR, "steps": self.steps, "states_published": self.states_published,
                 "constraint_violations": self.violations, "violations_by_kind": self.violations_by_kind,
                 "commands": self.commands, "refused_commands": self.refused_commands,
                 "late_commands": self.late_commands}

@@ -23,6 +23,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray
 
+from .. import graph as g
 from ..expert import ExpertConfig, expert_action, is_malicious, reference_at
 from ..params import PLANT_PARAMS, ParamSpec, compose
 from ..plant import plant_from_params
@@ -61,7 +62,7 @@ def expert_config(values: dict) -> ExpertConfig:
 
 class ExpertNode(Node):
     def __init__(self, **kwargs):
-        super().__init__("expert", **kwargs)
+        super().__init__(g.EXPERT, **kwargs)
         self.p = declare_parameters(self, PARAMS)
         self.dof = int(self.p["dof"])
         self.cfg = expert_config(self.p)
@@ -71,10 +72,10 @@ class ExpertNode(Node):
         self.demos = 0
         self.malicious_demos = 0
         self.bad_states = 0
-        self.action_pub = self.create_publisher(Float64MultiArray, "expert_action", CONTROL_QOS)
-        self.ref_pub = self.create_publisher(Float64MultiArray, "reference", CONTROL_QOS)
-        self.mal_pub = self.create_publisher(Bool, "malicious", CONTROL_QOS)
-        self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS)
+        self.action_pub = self.create_publisher(Float64MultiArray, g.EXPERT_ACTION, CONTROL_QOS)
+        self.ref_pub = self.create_publisher(Float64MultiArray, g.REFERENCE, CONTROL_QOS)
+        self.mal_pub = self.create_publisher(Bool, g.MALICIOUS, CONTROL_QOS)
+        self.create_subscription(JointState, g.JOINT_STATES, self._on_state, CONTROL_QOS)
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._update_diagnostics(False)
@@ -123,7 +124,7 @@ class ExpertNode(Node):
                          malicious_enabled=self.cfg.malicious)
 
     def summary(self) -> dict:
-        return {"node": "expert", "demonstrations": self.demos, "malicious_demonstrations": self.malicious_demos}
+        return {"node": g.EXPERT, "demonstrations": self.demos, "malicious_demonstrations": self.malicious_demos}
 
     def destroy_node(self):
         flush_publishers([self.action_pub, self.ref_pub, self.mal_pub])

@@ -38,6 +38,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
+from .. import graph as g
 from ..ctrpo import DIVERGENCES, CTRPOConfig
 from ..learners import CTRPOProposer, ImitationLearner
 from ..params import BACKUP_PARAMS, PLANT_PARAMS, POLICY_PARAMS, REGION_PARAMS, SEED, ParamSpec, compose, read_only
@@ -110,7 +111,7 @@ PARAMS = compose(read_only(PLANT_PARAMS), read_only(BACKUP_PARAMS), read_only(RE
 
 class LearnerNode(Node):
     def __init__(self, **kwargs):
-        super().__init__("learner", **kwargs)
+        super().__init__(g.LEARNER, **kwargs)
         self.p = declare_parameters(self, PARAMS)
         torch.set_num_threads(1)
         self.dof = int(self.p["dof"])
@@ -130,14 +131,14 @@ class LearnerNode(Node):
         self._certified: np.ndarray | None = None     # newest certified weights not yet loaded
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner_update")
         self._job: Future | None = None
-        self.pub = self.create_publisher(Float64MultiArray, "proposed_weights", CONTROL_QOS)
+        self.pub = self.create_publisher(Float64MultiArray, g.PROPOSED_WEIGHTS, CONTROL_QOS)
         # every algorithm listens to joint_states: the demo and the launch file start the simulator once
         # all of the graph's state subscribers are matched
-        self.create_subscription(JointState, "joint_states", self._on_state, CONTROL_QOS)
+        self.create_subscription(JointState, g.JOINT_STATES, self._on_state, CONTROL_QOS)
         if self.algo.needs_demonstrations:
-            self.create_subscription(Float64MultiArray, "reference", self._on_reference, CONTROL_QOS)
-            self.create_subscription(Float64MultiArray, "expert_action", self._on_expert, CONTROL_QOS)
-        self.create_subscription(Float64MultiArray, "certified_weights", self._on_certified, LATCHED_QOS)
+            self.create_subscription(Float64MultiArray, g.REFERENCE, self._on_reference, CONTROL_QOS)
+            self.create_subscription(Float64MultiArray, g.EXPERT_ACTION, self._on_expert, CONTROL_QOS)
+        self.create_subscription(Float64MultiArray, g.CERTIFIED_WEIGHTS, self._on_certified, LATCHED_QOS)
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, apply=self._apply)
         self.timer = self.create_timer(1.0 / self.p["publish_rate_hz"], self._propose)
@@ -246,7 +247,7 @@ class LearnerNode(Node):
                             "update_errors": self.update_errors, "algorithm": self.p["algorithm"]})
 
     def summary(self) -> dict:
-        return {"node": "learner", "algorithm": self.p["algorithm"], "proposals": self.proposals,
+        return {"node": g.LEARNER, "algorithm": self.p["algorithm"], "proposals": self.proposals,
                 "samples": self.algo.count, "loss": self.last_stats.get("loss", float("nan")),
                 "loaded_certified": self.loaded_certified, "busy_ticks": self.busy_ticks,
                 "update_errors": self.update_errors, "last_update": self.last_stats}

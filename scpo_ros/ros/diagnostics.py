@@ -12,9 +12,11 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
 
+from .. import graph
 from .runner import steady_timer
 
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+_LEVELS = {graph.LEVEL_OK: OK, graph.LEVEL_WARN: WARN, graph.LEVEL_ERROR: ERROR}
 
 
 class Diagnostics:
@@ -29,14 +31,15 @@ class Diagnostics:
     def __init__(self, node: Node, hardware_id: str | None = None, period_s: float = 1.0):
         self.node = node
         self.hardware_id = hardware_id or node.get_fully_qualified_name()
-        self._pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._pub = node.create_publisher(DiagnosticArray, graph.DIAGNOSTICS, 10)
         self._tasks: dict[str, DiagnosticStatus] = {}
         self._lock = threading.Lock()
         self._timer = steady_timer(node, period_s, self.publish)   # alive on use_sim_time without /clock
 
-    def update(self, task: str, level: int, message: str, **values) -> None:
-        status = DiagnosticStatus(level=level, name=f"{self.node.get_name()}: {task}", message=message,
-                                  hardware_id=self.hardware_id,
+    def update(self, task: str, level, message: str, **values) -> None:
+        """``level``: ``OK``/``WARN``/``ERROR`` here, or ``graph.LEVEL_*`` (the same levels as ints)."""
+        status = DiagnosticStatus(level=_LEVELS.get(level, level), name=f"{self.node.get_name()}: {task}",
+                                  message=message, hardware_id=self.hardware_id,
                                   values=[KeyValue(key=k, value=_kv_text(v)) for k, v in values.items()])
         with self._lock:
             old = self._tasks.get(task)

@@ -69,6 +69,16 @@ def autostart(node) -> None:
     timer = steady_timer(node, AUTOSTART_DELAY_S, start)
 
 
+def spin_until(node: Node, spin_once: Callable[[], None], done: Callable[[], bool], timeout_s: float) -> None:
+    """``spin_once()`` until ``done()``, ``timeout_s`` on the steady clock or the end of the
+    node's context: the loop of a controller's ``shutdown_hold``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and node.context.ok():
+        spin_once()
+        if done():
+            break
+
+
 def flush_publishers(publishers, timeout_s: float = 1.0) -> None:
     """Wait (bounded) until every reliable subscriber acknowledged what was published.
 

@@ -10,8 +10,8 @@ After shutdown: every node of the graph ran and exited with 0 (SIGINT handled), 
 its SUMMARY (simulator: zero violations), the simulator waited for all its subscribers
 before its first step, and the bag was closed and reads back with zero violations.
 
-Run with ``pytest test/test_launch.py`` (pytest < 9 with the launch_testing plugin) or
-``launch_test test/test_launch.py``.
+Run with ``pytest test/test_system_launch.py`` (pytest < 9 with the launch_testing plugin) or
+``launch_test test/test_system_launch.py``.
 """
 import json
 import os

@@ -1,21 +1,18 @@
-"""Bag writing/reading and `scpo-ros analyze`: a sqlite3 bag written like `ros2 bag record`
-(no ROS needed), the offered QoS profiles a bag keeps per topic, and an MCAP bag recorded
-over DDS whose violation count must equal the simulator's and whose latched topic keeps its
-transient-local QoS."""
+"""`scpo-ros analyze` (``analysis.py``): a sqlite3 bag written like `ros2 bag record`
+(no ROS needed), latency from the state's stamp, and the per-pipeline columns (one bag with
+two namespaces, or two bags)."""
 import json
 import shutil
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-from rosbags.interfaces import QosDurability, QosHistory, QosReliability
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from scpo_ros.analysis import analyze
-from scpo_ros.bag import BagWriter, bag_topics, offered_qos, qos_from_profile, typestore
+from scpo_ros.analysis import analyze, analyze_pipelines, format_comparison
+from scpo_ros.bag import bag_topics, typestore
 from scpo_ros.cli import main as cli_main
-from scpo_ros.graph import CERTIFIED_WEIGHTS, CMD, LABEL_HOLD, LABEL_POLICY, SAFETY_MODE, TOPIC_TYPES
+from scpo_ros.graph import LABEL_HOLD, LABEL_POLICY
 from scpo_ros.scpo import STATUSES
 
 REQUIRED = ("constraint_violations", "updates", "fallbacks", "control_steps", "latency_ms")
@@ -116,95 +113,85 @@ def test_sqlite3_bag_metrics_and_cli(tmp_path):
     assert set(both) == {str(bag), str(other)} and both[str(other)]["control_steps"] == 3
 
 
-INFINITE_NS = 2**63 - 1
-"""rmw's RMW_DURATION_INFINITE, as rclpy reports an unset deadline, lifespan or lease."""
+# ------------------------------------------------------------------ one column per pipeline
+
+def _write_pipeline(w, ts, ns: str, kind: str, n: int = 6, t0: int = 10**12):
+    """Messages of one pipeline under ``/ns``: states, commands, and SCPO decisions or
+    safeguard intervention records."""
+    T = ts.types
+    F64, Layout, Dim = T["std_msgs/msg/Float64MultiArray"], T["std_msgs/msg/MultiArrayLayout"], \
+        T["std_msgs/msg/MultiArrayDimension"]
+    String, JointState = T["std_msgs/msg/String"], T["sensor_msgs/msg/JointState"]
+    Header, Time = T["std_msgs/msg/Header"], T["builtin_interfaces/msg/Time"]
+    conn = {name: w.add_connection(f"/{ns}/{name}", typ, typestore=ts) for name, typ in (
+        ("joint_states", "sensor_msgs/msg/JointState"), ("cmd", "std_msgs/msg/Float64MultiArray"),
+        ("scpo_decision" if kind == "scpo" else "intervention", "std_msgs/msg/String"))}
+    for k in range(n):
+        t = t0 + k * 50_000_000
+        st = JointState(header=Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id=""), name=["axis_0"],
+                        position=np.array([0.1 * k]), velocity=np.array([0.0]), effort=np.array([], dtype=float))
+        w.write(conn["joint_states"], t, ts.serialize_cdr(st, "sensor_msgs/msg/JointState"))
+        label = "backup" if (kind == "safeguard" and k == 0) else ("safeguard" if kind == "safeguard" else "policy")
+        cmd = F64(layout=Layout(dim=[Dim(label=label, size=1, stride=1)], data_offset=0), data=np.array([0.5]))
+        w.write(conn["cmd"], t + 2_000_000, ts.serialize_cdr(cmd, "std_msgs/msg/Float64MultiArray"))
+    if kind == "scpo":
+        records = [{"kind": "proposal", "status": s, "raw_step_norm": 1.0, "committed_step_norm": 0.02}
+                   for s in ("accepted", "rejected", "accepted")]
+        topic = "scpo_decision"
+    else:   # a startup fallback, then three projections of distance 1, 2, 3
+        records = [{"fallback": True, "reason": "stale_action", "distance": 0.5, "active": []}] + \
+                  [{"fallback": False, "reason": "", "distance": d, "active": [0]} for d in (1.0, 2.0, 3.0)]
+        topic = "intervention"
+    for i, rec in enumerate(records):
+        w.write(conn[topic], t0 + i * 50_000_000 + 3_000_000,
+                ts.serialize_cdr(String(data=json.dumps(rec)), "std_msgs/msg/String"))
 
 
-def _profile(durability: str, reliability: str = "RELIABLE", depth: int = 1):
-    """An object with rclpy ``QoSProfile``'s fields (what ``get_publishers_info_by_topic`` gives)."""
-    name = types.SimpleNamespace
-    forever = name(nanoseconds=INFINITE_NS)
-    return name(history=name(name="KEEP_LAST"), depth=depth, reliability=name(name=reliability),
-                durability=name(name=durability), deadline=forever, lifespan=forever,
-                liveliness=name(name="AUTOMATIC"), liveliness_lease_duration=forever,
-                avoid_ros_namespace_conventions=False)
+def _bag(path: Path, pipelines: dict[str, str]) -> Path:
+    ts = typestore()
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        for ns, kind in pipelines.items():
+            _write_pipeline(w, ts, ns, kind)
+    return path
 
 
-@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_the_bag_keeps_each_topics_offered_qos(tmp_path, storage):
-    """``ros2 bag play`` publishes a topic with the QoS its recorded publishers offered: a
-    latched topic replays transient-local only if the bag says so."""
-    bag = tmp_path / "bag"
-    writer = BagWriter(bag, storage=storage)
-    writer.add_topic(f"/ns/{SAFETY_MODE}", TOPIC_TYPES[SAFETY_MODE], [qos_from_profile(_profile("TRANSIENT_LOCAL"))])
-    writer.add_topic(f"/ns/{CERTIFIED_WEIGHTS}", TOPIC_TYPES[CERTIFIED_WEIGHTS])          # no publisher seen
-    writer.add_topic(f"/ns/{CMD}", TOPIC_TYPES[CMD], [qos_from_profile(_profile("VOLATILE", depth=10)),
-                                                      qos_from_profile(_profile("VOLATILE", "BEST_EFFORT"))])
-    String = typestore().types["std_msgs/msg/String"]
-    writer.write(f"/ns/{SAFETY_MODE}", 1, typestore().serialize_cdr(String(data="{}"), "std_msgs/msg/String"))
-    writer.close()
-    qos = offered_qos(bag)
-    (latched,) = qos[f"/ns/{SAFETY_MODE}"]
-    assert latched.durability == QosDurability.TRANSIENT_LOCAL and latched.reliability == QosReliability.RELIABLE
-    assert latched.history == QosHistory.KEEP_LAST and latched.depth == 1
-    assert (latched.deadline.sec, latched.deadline.nsec) == (9223372036, 854775807)   # infinite, as rosbag2 writes it
-    assert qos[f"/ns/{CERTIFIED_WEIGHTS}"] == []
-    assert [q.reliability for q in qos[f"/ns/{CMD}"]] == [QosReliability.RELIABLE, QosReliability.BEST_EFFORT]
-    assert [q.depth for q in qos[f"/ns/{CMD}"]] == [10, 1]
-    # metadata v9 writes the policies by name, as rosbag2 does from Jazzy on
-    assert "durability: transient_local" in (bag / "metadata.yaml").read_text()
+def _check_columns(scpo: dict, guard: dict):
+    assert scpo["pipeline"] == "scpo" and guard["pipeline"] == "safeguard"
+    assert scpo["control_steps"] == guard["control_steps"] == 6
+    assert scpo["updates"] == {"accepted": 2, "backtracked": 0, "rejected": 1, "infeasible": 0}
+    assert scpo["interventions"] == 0 and scpo["projection_distance_mean"] is None
+    assert guard["updates_total"] == 0
+    assert guard["interventions"] == 4 and guard["intervention_rate"] == pytest.approx(4 / 6)
+    assert guard["projection_distance_mean"] == pytest.approx(2.0)    # fallbacks excluded
+    assert guard["fallbacks"] == 1 and guard["fallbacks_by_mode"] == {"stale_action": 1}
+    assert guard["backup_steps"] == 1
+    assert scpo["latency_ms"]["median"] == pytest.approx(2.0) == guard["latency_ms"]["median"]
 
 
-def test_recorded_mcap_violations_match_simulator(tmp_path):
-    pytest.importorskip("rclpy")
-    from std_msgs.msg import String
+def test_one_bag_two_namespaces_and_two_bags_give_one_table(tmp_path, capsys):
+    both = _bag(tmp_path / "both", {"scpo": "scpo", "safeguard": "safeguard"})
+    columns = analyze_pipelines([both])
+    assert set(columns) == {"scpo", "safeguard"}
+    _check_columns(columns["scpo"][0], columns["safeguard"][0])
+    # every column holds only its namespace's topics
+    assert all(t.startswith("/safeguard/") for t in columns["safeguard"][0]["topics"])
+    table = format_comparison({k: m for k, (m, _) in columns.items()}).splitlines()
+    assert table[0].split() == list(columns)
+    row = lambda name: dict(zip(columns, next(line.split()[-2:] for line in table  # noqa: E731
+                                              if line.strip().startswith(name)), strict=True))
+    assert row("interventions") == {"scpo": "-", "safeguard": "4"}
+    assert row("SCPO updates rejected") == {"scpo": "1", "safeguard": "-"}
 
-    from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for
-    from scpo_ros.ros.diagnostics import diagnostic_values
-    from scpo_ros.ros.qos import LATCHED_QOS
+    out = tmp_path / "both.json"
+    assert cli_main(["analyze", str(both), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["pipelines"]) == {"scpo", "safeguard"}
+    _check_columns(data["pipelines"]["scpo"], data["pipelines"]["safeguard"])
+    assert "intervention rate" in capsys.readouterr().out
 
-    bag = tmp_path / "bag"
-    # a latched topic, published once before the recorder exists: it must still reach the bag,
-    # and the bag must say transient-local, so that `ros2 bag play` replays it latched
-    probe = Probe("bag_test_probe")
-    latched = probe.node.create_publisher(String, SAFETY_MODE, LATCHED_QOS)
-    latched.publish(String(data=json.dumps({"mode": "inactive"})))
-    recorder = NodeProcess("bag_recorder", tmp_path, PARAMS, {"output": str(bag), "topics": ["joint_states",
-                           "cmd", "constraint_violation", SAFETY_MODE, "/diagnostics"]})
-    # no controller: the plant drifts out of |p| <= 1 at 0.5 m/s
-    sim = NodeProcess("double_integrator_sim", tmp_path, PARAMS, {"initial_velocity": [0.5], "rate_hz": 100.0,
-                                                                 "dt": 0.05, "wait_for_subscribers": 1})
-    try:
-        probe.record_diagnostics()
-
-        def violations():
-            for s in probe.statuses("double_integrator_sim: plant"):
-                n = int(diagnostic_values(s)["constraint_violations"])
-                if n >= 20:
-                    return n
-            return None
-        wait_for(violations, STARTUP_TIMEOUT, "20 violations reported by the simulator")
-        # the probe's participant may be discovered after the simulator's: wait until the recorder
-        # reports the latched value written (its diagnostics carry the counts)
-        def latched_recorded():
-            return any(json.loads(diagnostic_values(s).get("counts", "{}")).get(f"/{SAFETY_MODE}", 0) >= 1
-                       for s in probe.statuses("bag_recorder: recording"))
-        wait_for(latched_recorded, STARTUP_TIMEOUT, "the latched value in the bag")
-    finally:
-        probe.close()
-        assert sim.stop() == 0
-        assert recorder.stop() == 0
-    reported = sim.summary()
-    assert (bag / "metadata.yaml").exists()
-    assert "version: 9" in (bag / "metadata.yaml").read_text()
-    metrics, _ = analyze(bag)
-    assert metrics["constraint_violations"] == reported["constraint_violations"] >= 20
-    assert metrics["constraint_violations_from_states"] == reported["constraint_violations"]
-    assert reported["states_published"] == reported["steps"] + 1
-    assert reported["states_published"] - 3 <= metrics["states"] <= reported["states_published"]   # load: ≤ 3 lost
-    assert metrics["limits"]["source"] == "simulator diagnostics"
-    assert recorder.summary()["counts"][f"/{SAFETY_MODE}"] == 1
-    qos = offered_qos(bag)
-    assert [q.durability for q in qos[f"/{SAFETY_MODE}"]] == [QosDurability.TRANSIENT_LOCAL]
-    assert [q.durability for q in qos["/joint_states"]] == [QosDurability.VOLATILE]
-    assert all(q.reliability == QosReliability.RELIABLE for q in qos["/joint_states"])
+    # the same two pipelines as two bags: columns named by their namespaces, plus per-bag metrics
+    a, b = _bag(tmp_path / "a", {"scpo": "scpo"}), _bag(tmp_path / "b", {"safeguard": "safeguard"})
+    assert cli_main(["analyze", str(a), str(b), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    _check_columns(data["pipelines"]["scpo"], data["pipelines"]["safeguard"])
+    assert data["bags"][str(b)]["pipeline"] == "safeguard"

@@ -2,10 +2,8 @@
 malformed and valid proposals, runtime parameters. One node process for the module.
 Its ROS-free parts have their own tests: test_control_law.py, test_safety_model.py,
 test_scpo_worker.py."""
-import contextlib
 import json
 import math
-import threading
 import time
 
 import numpy as np
@@ -15,11 +13,11 @@ rclpy = pytest.importorskip("rclpy")
 
 from lifecycle_msgs.msg import State, Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
+from attack_helpers import background, ros_parameter  # noqa: E402
 from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
 from scpo_ros.backup import LQRBackup  # noqa: E402
 from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
@@ -102,33 +100,14 @@ def command_for(probe, p, v, timeout=10.0):
     return wait_for(got, timeout, "a command")
 
 
-@contextlib.contextmanager
 def streaming_states(probe, p, v, period=0.05):
     """Publish the same state every ``period`` s in the background (a plant that keeps running)."""
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            send_state(probe, p, v)
-            stop.wait(period)
-    th = threading.Thread(target=loop, daemon=True)
-    th.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        th.join()
+    return background(lambda: send_state(probe, p, v), period)
 
 
 def set_param(probe, name, value):
-    if isinstance(value, bool):
-        pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
-    elif isinstance(value, int):
-        pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
-    else:
-        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float(value))
     res = probe.call(SetParameters, f"{NODE}/set_parameters",
-                     SetParameters.Request(parameters=[Parameter(name=name, value=pv)]))
+                     SetParameters.Request(parameters=[ros_parameter(name, value)]))
     return res.results[0]
 
 

@@ -1,12 +1,13 @@
-"""Plant, backup, policy and rollout engine: the pieces SCPO stands on."""
+"""The rollout engine (``rollout.py``): batched closed-loop rollouts against a float64 reference,
+the safety metrics, and the samplers of the certified region."""
 import numpy as np
 import pytest
 import torch
 
-from scpo_ros.backup import BackupCertificationError, InitialSet, LQRBackup
+from scpo_ros.backup import InitialSet, LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.envs import VecDoubleIntegrator
-from scpo_ros.policy import MLPLayout, NumpyMLP, ResidualMLP, WeightsRejected, check_weights
+from scpo_ros.policy import MLPLayout, ResidualMLP
 from scpo_ros.rollout import (
     DoubleIntegratorRollout,
     SafetySpec,
@@ -16,97 +17,6 @@ from scpo_ros.rollout import (
     structured_states,
 )
 from scpo_ros.safeguard.invariant_set import safe_set_for
-
-
-@pytest.mark.parametrize("dof", [1, 2])
-def test_double_integrator_step_matches_kinematics(dof):
-    sys_ = DoubleIntegrator(dof=dof, dt=0.1)
-    rng = np.random.default_rng(0)
-    x, u = rng.normal(size=(5, 2 * dof)), rng.normal(size=(5, dof))
-    nxt = sys_.step(x, u)
-    p, v = x[:, :dof], x[:, dof:]
-    np.testing.assert_allclose(nxt[:, :dof], p + 0.1 * v + 0.005 * u)
-    np.testing.assert_allclose(nxt[:, dof:], v + 0.1 * u)
-    # torch path gives the same numbers
-    nxt_t = sys_.step(torch.as_tensor(x), torch.as_tensor(u))
-    np.testing.assert_allclose(nxt_t.numpy(), nxt)
-
-
-def test_double_integrator_rejects_bad_config_and_noise_is_on_velocity():
-    with pytest.raises(ValueError):
-        DoubleIntegrator(dof=0)
-    with pytest.raises(ValueError):
-        DoubleIntegrator(u_max=float("nan"))
-    noisy = DoubleIntegrator(noise_std=1.0)
-    x = np.zeros((1000, 2))
-    nxt = noisy.step(x, np.zeros((1000, 1)), np.random.default_rng(1))
-    assert np.all(nxt[:, 0] == 0.0) and nxt[:, 1].std() > 0.01
-
-
-@pytest.mark.parametrize("dof", [1, 2])
-def test_backup_is_certified_on_default_set_and_worst_case_is_exact(dof):
-    sys_ = DoubleIntegrator(dof=dof)
-    backup = LQRBackup(sys_)
-    worst = backup.certify(InitialSet())
-    assert worst["spectral_radius"] < 1.0
-    assert worst["p"] <= 1.0 and worst["u"] <= 1.0
-    # random initial conditions never exceed the vertex worst case (linearity)
-    rng = np.random.default_rng(0)
-    x, r = random_states(InitialSet(), dof, 2000, rng)
-    e = x - np.concatenate([r, 0 * r], 1)
-    for _ in range(300):
-        u = -e @ backup.K.T
-        assert np.abs(u).max() <= worst["u"] + 1e-9
-        assert np.abs(e[:, :dof] + r).max() <= worst["p"] + 1e-9
-        e = e @ backup.A_cl.T
-
-
-def test_backup_refuses_an_initial_set_it_cannot_keep_safe():
-    sys_ = DoubleIntegrator()
-    with pytest.raises(BackupCertificationError, match="cannot keep"):
-        LQRBackup(sys_).certify(InitialSet(p0_max=0.8, v0_max=0.6, r_max=0.5))
-    with pytest.raises(BackupCertificationError, match="actuation|max\\|u\\|"):
-        LQRBackup(sys_, r_act=0.1).certify(InitialSet())
-
-
-def test_flat_roundtrip_fingerprint_and_weight_checks():
-    layout = MLPLayout(3, 1, (16, 8))
-    model = ResidualMLP(layout, seed=3)
-    flat = model.flat().detach()
-    assert flat.numel() == layout.size == 3 * 16 + 16 + 16 * 8 + 8 + 8 + 1
-    # the last layer starts at zero: the residual policy is the backup
-    assert torch.all(model(torch.randn(10, 3)) == 0)
-    perturbed = flat + torch.randn_like(flat)
-    model.load_flat(perturbed)
-    torch.testing.assert_close(model.flat().detach(), perturbed)
-    other = MLPLayout(3, 1, (6, 23))  # same number of weights, another network
-    assert other.size == layout.size and other.fingerprint != layout.fingerprint
-    assert MLPLayout(3, 1, (16, 8)).fingerprint == layout.fingerprint
-    check_weights(layout, perturbed.numpy(), layout.fingerprint)
-    with pytest.raises(WeightsRejected, match="fingerprint"):
-        check_weights(layout, perturbed.numpy(), other.fingerprint)
-    with pytest.raises(WeightsRejected, match="expected"):
-        check_weights(layout, np.zeros(layout.size + 1))
-    bad = perturbed.numpy().copy()
-    bad[5] = np.nan
-    with pytest.raises(WeightsRejected, match="NaN"):
-        check_weights(layout, bad)
-    bad[5] = np.inf
-    with pytest.raises(WeightsRejected, match="NaN or Inf"):
-        check_weights(layout, bad)
-
-
-def test_three_evaluations_of_the_mlp_agree():
-    layout = MLPLayout(6, 2, (32, 32))
-    model = ResidualMLP(layout, seed=1)
-    flat = model.flat().detach() + 0.3 * torch.randn(layout.size, generator=torch.Generator().manual_seed(0))
-    model.load_flat(flat)
-    x = torch.randn(7, 6)
-    ref = model(x).detach()
-    batched = layout.batched_forward(flat.unsqueeze(0).repeat(3, 1), x.unsqueeze(0).repeat(3, 1, 1))
-    torch.testing.assert_close(batched[1], ref)
-    np_mlp = NumpyMLP(layout, flat.numpy())
-    np.testing.assert_allclose(np_mlp(x[2].double().numpy()), ref[2].numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("dof", [1, 2])

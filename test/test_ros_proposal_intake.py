@@ -8,18 +8,14 @@ mode nothing is counted before a poll, so the waits poll (``intake.poll()``, wha
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
-import rclpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rclpy.node import Node
 from rclpy.serialization import serialize_message
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 
-from ros_graph_helpers import Probe, wait_for
+from ros_graph_helpers import Probe, SpunNode, wait_for
 from scpo_ros.ros.proposal_intake import INTAKE_QOS, MAX_LABEL, ProposalIntake, cdr_size_range
 from scpo_ros.ros.runner import make_executor
 
@@ -66,30 +62,13 @@ def test_a_label_longer_than_the_limit_is_outside():
 
 # ------------------------------------------------------------------ the owner and the probe
 
-class Owner:
+class Owner(SpunNode):
     """A node in ``NAMESPACE`` spun by its own executor in a thread (its own context): the
     EventsExecutor of the nodes (``scpo_ros.ros.runner.make_executor``) or rclpy's default one."""
 
     def __init__(self, name: str = "owner", cli_args: list[str] | None = None, executor: str = "events"):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = Node(name, namespace=NAMESPACE, context=self.context, cli_args=cli_args)
-        self.executor = make_executor(executor, context=self.context)
-        self.executor.add_node(self.node)
-        self._stop = False
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self):
-        while not self._stop and self.context.ok():
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def close(self):
-        self._stop = True
-        self._thread.join(timeout=5.0)
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        super().__init__(name, lambda context: make_executor(executor, context=context), namespace=NAMESPACE,
+                         cli_args=cli_args)
 
 
 class RecordingIntake(ProposalIntake):

@@ -1,0 +1,74 @@
+"""The plants and sets the late-command tests share (test_safeguard_invariant_set.py: the set
+robust to one late or missed command, ``late_commands=1``; test_safeguard_projection.py: the
+projector's levels around it), one projector per configuration, and the hypothesis strategies."""
+import dataclasses
+import functools
+
+import numpy as np
+from hypothesis import strategies as st
+
+from scpo_ros.backup import LQRBackup, dlqr
+from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.safeguard.invariant_set import Polytope, linear_safe_set, safe_set_for
+from scpo_ros.safeguard.projection import SafeguardProjector
+
+TOL = 1e-9
+CONFIGS = [(dof, dt, u_max) for dof in (1, 2) for dt in (0.02, 0.05, 0.1) for u_max in (0.6, 1.0)]
+UNSTABLE = "unstable"
+"""An open-loop unstable plant whose late set is strictly smaller than its nominal set (for
+the double integrator the two sets coincide), so the nominal level of the projector is
+exercised on states of the nominal set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPlant:
+    A: np.ndarray
+    B: np.ndarray
+    u_max: float
+    dof: int
+
+    def step(self, x, u):
+        return self.A @ x + self.B @ u
+
+
+@functools.cache
+def setup(*cfg):
+    """Plant, late set, LQR backup and the late-set projector (one per configuration)."""
+    if cfg == (UNSTABLE,):
+        A, B = np.array([[1.1, 0.1], [0.0, 1.05]]), np.array([[0.0], [0.1]])
+        sysm = LinearPlant(A, B, 1.0, 1)
+        S = linear_safe_set(A, B, [1.0, 1.0], 1.0, late_commands=1)
+        K, _ = dlqr(A, B, np.eye(2), np.eye(1))
+        backup = lambda x, r: -K @ x   # noqa: E731
+    else:
+        dof, dt, u_max = cfg
+        sysm = DoubleIntegrator(dof=dof, dt=dt, u_max=u_max)
+        S = safe_set_for(sysm, late_commands=1)
+        lqr = LQRBackup(sysm)
+        backup = lambda x, r: lqr(x, np.zeros(dof))   # noqa: E731
+    return sysm, S, backup, SafeguardProjector(S, backup=backup)
+
+
+@functools.cache
+def daqp_projector(*cfg):
+    _, S, backup, _ = setup(*cfg)
+    return SafeguardProjector(S, backup=backup, solver="daqp")
+
+
+def max_violation(P: Polytope, x) -> float:
+    return float((P.H @ x - P.h).max())
+
+
+def boundary_state(P: Polytope, direction: np.ndarray, shrink: float) -> np.ndarray:
+    """The point of ``P``'s boundary on the ray from the origin along ``direction``, pulled in by
+    the factor ``1 - shrink`` (the origin is inside every set here)."""
+    hd = P.H @ direction
+    with np.errstate(over="ignore"):         # a component of ~1e-310 in the direction
+        t = np.min(P.h[hd > 0] / hd[hd > 0])
+    return (1.0 - shrink) * t * direction
+
+
+config = st.sampled_from(CONFIGS)
+direction = st.lists(st.floats(-1.0, 1.0), min_size=4, max_size=4)
+raw_action = st.one_of(st.floats(-3.0, 3.0), st.floats(-1e12, 1e12), st.just(float("nan")),
+                       st.sampled_from([float("inf"), -float("inf"), 1e300, -1e300]))
