@@ -323,7 +323,7 @@ class SCPOSafetyNode(LifecycleNode):
         self.counts.backup_steps += label == g.LABEL_BACKUP
         if mode != self.mode:
             self._set_mode(mode, g.mode_reason(mode))
-        self.period.update(stamp_to_sec(msg.header.stamp))
+        self.period.update(stamp)   # the stamp the gate accepted above
         if self.counts.control_steps % 50 == 0:
             self._update_control_diag()
 
