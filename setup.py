@@ -15,6 +15,8 @@ setup(
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         # parameter files, and the Foxglove layout of the demo's topics
         ("share/" + package_name + "/config", sorted(glob("config/*.yaml") + glob("config/*.json"))),
+        # the shipped plant files (package://scpo_ros/config/plants/NAME.yaml, docs/plants.md)
+        ("share/" + package_name + "/config/plants", sorted(glob("config/plants/*.yaml"))),
     ],
     python_requires=">=3.10",
     # rclpy and the message packages come from the ROS distro, or from the `ros`
@@ -32,6 +34,7 @@ setup(
     extras_require={
         "ros": [
             "ros-rclpy",
+            "ros-ament-index-python",   # resolves package:// plant files in an installed package
             "ros-rmw-fastrtps-cpp",
             "ros-std-msgs",
             "ros-sensor-msgs",
@@ -65,6 +68,11 @@ setup(
             "scpo_safety_node = scpo_ros.nodes.scpo_safety_node:main",
             "bag_recorder = scpo_ros.nodes.bag_recorder:main",
             "action_safeguard = scpo_ros.nodes.action_safeguard:main",
+        ],
+        # model classes of nonlinear plants (`model: NAME` in a plant file, docs/plants.md);
+        # another package registers its own robot's class in the same group
+        "scpo_ros.plants": [
+            "pendulum = scpo_ros.dynamics:Pendulum",
         ],
     },
 )

@@ -33,10 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
+from scpo_ros.plant import plant_from_params  # noqa: E402
 from scpo_ros.safeguard.invariant_set import safe_set_for  # noqa: E402
 from scpo_ros.safeguard.layer import ProjectionLayer  # noqa: E402
 from scpo_ros.safeguard.projection import DaqpProjection, SafeguardProjector  # noqa: E402
+
+
+def di_safe_set(dof: int, late_commands: int = 0):
+    """The explicit safe set of the ``dof``-axis double integrator (unit limits, dt 0.05)."""
+    plant = plant_from_params({"dof": dof, "dt": 0.05, "p_max": 1.0, "v_max": 1.0, "u_max": 1.0})
+    return safe_set_for(plant, late_commands=late_commands)
 
 
 def sample(S, n: int, seed: int, spread: float = 2.5):
@@ -59,7 +65,7 @@ def per_call_us(fn, args_list) -> float:
 
 
 def bench_per_step(dof: int, steps: int) -> dict:
-    S = safe_set_for(DoubleIntegrator(dof=dof))
+    S = di_safe_set(dof)
     x, u = sample(S, steps, seed=dof)
     b = S.rhs(x)
     cf = SafeguardProjector(S, solver="closed_form")
@@ -68,7 +74,7 @@ def bench_per_step(dof: int, steps: int) -> dict:
     out["closed_form_us"] = per_call_us(cf.project, list(zip(x, u)))
     out["daqp_warm_us"] = per_call_us(warm.project, list(zip(x, u)))
     # The late set is the nominal set for the double integrator: the same states are in it.
-    late = safe_set_for(DoubleIntegrator(dof=dof), late_commands=1)
+    late = di_safe_set(dof, late_commands=1)
     out["late_constraints"] = int(late.G.shape[0] + 2 * late.action_dim)
     cf_late = SafeguardProjector(late, solver="closed_form")
     warm_late = SafeguardProjector(late, solver="daqp")
@@ -104,7 +110,7 @@ def bench_per_step(dof: int, steps: int) -> dict:
 
 def bench_layer(batch: int, repeats: int) -> dict:
     torch.set_num_threads(1)
-    S = safe_set_for(DoubleIntegrator(dof=2))
+    S = di_safe_set(2)
     x, u = sample(S, batch, seed=42)
     u = torch.tensor(u)
     b = S.rhs(torch.tensor(x))

@@ -12,10 +12,13 @@ Metrics (keys of the JSON):
   that breaks a limit); ``constraint_violations_from_states``: the same count recomputed
   from the recorded states and commands against the limits.
 - ``min_constraint_margin``: smallest ``limit - |value|`` over the recorded states and
-  commands (overall and per kind); negative means a violation.
+  commands (overall and per kind: ``position``, ``velocity``, ``actuation`` of the double
+  integrator's boxes, in their units); negative means a violation.
 - ``updates``: SCPO decisions on proposals by status (``accepted``, ``backtracked``,
   ``rejected``, ``infeasible``); malformed proposals count as ``rejected``;
-  ``recertifications`` counts the re-checks after parameter changes.
+  ``recertifications`` counts the re-checks after parameter changes. The decisions'
+  ``margins_after`` (plotted per metric) are keyed by ``rollout.METRICS`` (``state``,
+  ``input``, ``lyapunov``, ``safe_set``), each a fraction of its constraint's range.
 - ``updates_shrunk``: committed updates shorter than proposed (projection or backtracking).
 - ``fallbacks``: switches of the safety node to the backup alone or to the hold command.
 - ``tracking_cost``: mean over states of ``Σ_axes (p - r)²`` (r: the expert's reference).
@@ -453,7 +456,7 @@ def _plot_margins(plt, s: Series):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=f"g_{k} (certification)")
     ax.axhline(0.0, color="r", lw=0.8)
     ax.set_xlabel("time [s]")
-    ax.set_ylabel("g (<= 0 safe)")
+    ax.set_ylabel("g (<= 0 safe; fraction of range)")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("SCPO certification margins")

@@ -44,7 +44,8 @@ class FoldedPolicy:
     """``u = backup(x, r) + φ_θ([x, r])`` for one input, in as few numpy calls as possible.
 
     The matrices are ``policy.fold_residual_policy``'s on the augmented input
-    ``z = [x, r, 1]``: every bias a column, the backup (``LQRBackup.input_gain``) carried
+    ``z = [x, r, 1]``: every bias a column, the backup (``LQRBackup.input_gain``, an affine map
+    ``(m, n + nr + 1)`` whose last column, the constant part of ``u_ss``, meets the 1) carried
     through every layer beside the activations and added by the last one. A layer therefore
     costs one product and one tanh, and the whole law ``2 L - 1`` numpy calls. At 100 Hz
     each callback starts with cold caches, where the number of numpy calls, not the
@@ -53,7 +54,21 @@ class FoldedPolicy:
     """
 
     def __init__(self, base_gain: np.ndarray, layout: MLPLayout | None, theta: np.ndarray | None):
-        mats = fold_residual_policy(base_gain, layout, theta)
+        """``base_gain``: ``(m, n + nr + 1)`` (``LQRBackup.input_gain``: affine) or ``(m, n + nr)``
+        (linear); ``layout``/``theta``: the residual (None: the backup alone)."""
+        gain = np.asarray(base_gain, dtype=np.float64)
+        d_out = gain.shape[0]
+        in_dim = layout.in_dim if layout is not None else gain.shape[1] - 1
+        if gain.shape[1] not in (in_dim, in_dim + 1):
+            raise ValueError(f"base gain {gain.shape} does not fit inputs of size {in_dim} (+ 1 constant)")
+        affine = gain.shape[1] == in_dim + 1
+        mats = fold_residual_policy(gain[:, :in_dim] if affine else gain, layout, theta)
+        if affine:
+            # fold_residual_policy takes the linear part; the constant column meets the 1 of
+            # ``z_in`` in the rows of the first matrix that carry the backup's action (its last
+            # ``m`` rows; with a single affine matrix, all of them)
+            mats[0] = mats[0].copy()
+            mats[0][-d_out:, -1] += gain[:, -1]
         self.d = d = mats[-1].shape[0]
         self.first = mats[0]
         self._last = None if len(mats) == 1 else mats[-1]   # None: the law is the single affine map ``first``
@@ -63,7 +78,7 @@ class FoldedPolicy:
         self._steps = list(zip(hidden, bufs, acts, strict=True))
 
     def __call__(self, z_in: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``z_in = [x, r, 1]`` (length ``3 dof + 1``) -> the command, written into ``out``."""
+        """``z_in = [x, r, 1]`` (length ``n + nr + 1``) -> the command (``m``), written into ``out``."""
         if self._last is None:
             return np.dot(self.first, z_in, out=out)
         h = z_in
@@ -107,12 +122,12 @@ class ControlLaw:
 
 def make_law(model: Model, theta: np.ndarray | None, version: int, certifying: bool = False) -> ControlLaw:
     """The law of ``model`` with certified weights ``theta`` (None: the backup's, i.e. the
-    envelope's fallback alone); its region is the certified box of ``[x, r]``."""
-    d = model.plant.system.dof
-    s = model.plant.region
-    upper = tuple([s.p0_max] * d + [s.v0_max] * d + [s.r_max] * d)
+    envelope's fallback alone); its region is the certified box of ``[x, r]``
+    (``model.plant.region``: ``lower``/``upper`` are its corners, ``n + nr`` entries each)."""
+    region = model.plant.region
     policy = FoldedPolicy(model.backup.input_gain(), model.layout, theta) if theta is not None else None
-    return ControlLaw(policy, tuple(-u for u in upper), upper, version, certifying)
+    return ControlLaw(policy, tuple(float(v) for v in region.lower), tuple(float(v) for v in region.upper), version,
+                      certifying)
 
 
 IMMEDIATE_MODES = (MODE_POLICY, MODE_WAITING_FOR_STATE, MODE_WAITING_FOR_CERTIFICATE)
@@ -150,10 +165,10 @@ class HoldPredictor:
     """Dead reckoning on stale state: the state the nominal model predicts under the fallback.
 
     ``start(x, now)`` when the state goes stale (``x`` the last accepted state); every
-    ``command(now, ...)`` then advances the model to the present, one ``system.step`` per
-    ``system.dt`` elapsed since ``start``, each under the envelope's fallback for the
+    ``command(now, ...)`` then advances the model to the present, one ``plant.step`` per
+    ``plant.dt`` elapsed since ``start``, each under the envelope's fallback for the
     predicted state, and returns the hold command for that state: the envelope's fallback
-    (``backup_predicted``) or its filter of a zero candidate (``zero``). The system, the
+    (``backup_predicted``) or its filter of a zero candidate (``zero``). The plant, the
     envelope and ``r`` are passed on every call: a model change or a new reference during
     the hold applies from the next step on.
     """
@@ -168,20 +183,20 @@ class HoldPredictor:
         self.since = now
         self.steps = 0
 
-    def advance(self, now: float, system, envelope: CommandEnvelope, r: np.ndarray) -> np.ndarray:
+    def advance(self, now: float, plant, envelope: CommandEnvelope, r: np.ndarray) -> np.ndarray:
         """The predicted state at ``now``."""
-        target = int((now - self.since) / system.dt)
+        target = int((now - self.since) / plant.dt)
         while self.steps < target:
-            self.x = system.step(self.x, envelope.fallback(self.x, r, MODE_HOLD_STALE).u)
+            self.x = plant.step(self.x, envelope.fallback(self.x, r, MODE_HOLD_STALE).u)
             self.steps += 1
         return self.x
 
-    def command(self, now: float, system, envelope: CommandEnvelope, r: np.ndarray,
+    def command(self, now: float, plant, envelope: CommandEnvelope, r: np.ndarray,
                 hold_mode: str) -> EnvelopeResult:
         """The hold command at ``now`` (``hold_mode`` one of ``HOLD_MODES``)."""
-        x = self.advance(now, system, envelope, r)
+        x = self.advance(now, plant, envelope, r)
         if hold_mode == "zero":
-            return envelope.filter(x, np.zeros(system.dof), r)
+            return envelope.filter(x, np.zeros(plant.m), r)
         return envelope.fallback(x, r, MODE_HOLD_STALE)
 
 

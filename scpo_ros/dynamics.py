@@ -1,4 +1,5 @@
-"""Plant models: the double integrator (any number of axes) and the pendulum.
+"""Plant models: the double integrator (any number of axes) and the pendulum (also the model
+class of the pendulum plant file: ``scpo_ros.plant``).
 
 Both work on batches: ``step`` takes states of shape ``(..., n)`` and actions of
 shape ``(..., m)`` as numpy arrays or torch tensors and returns the next states of
@@ -111,6 +112,11 @@ class Pendulum:
 
     State ``x = [θ, θ']`` (θ = 0 upright), action ``a ∈ [-1, 1]``; explicit Euler
     with ``dt`` as in that setup. ``theta_dot_max`` bounds the angular rate.
+
+    It is also the model class of ``config/plants/pendulum.yaml`` (``model: pendulum``, the
+    entry point ``scpo_ros.plants``): ``Pendulum(dt, g=, tau_max=)`` takes the file's
+    ``params``; the limits then come from the file (``safe_set`` reads them from the plant),
+    the constructor's limit fields serve the older callers that build it directly.
     """
 
     dt: float = 0.05
@@ -122,6 +128,16 @@ class Pendulum:
 
     state_dim = 2
     action_dim = 1
+
+    def __post_init__(self):
+        # a plant file's params arrive here: refuse nonsense with the field's name
+        for name in ("dt", "g", "tau_max", "a_max", "theta_dot_max", "theta_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("dt", "tau_max", "a_max", "theta_dot_max", "theta_max"):
+            if getattr(self, name) <= 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
     def step(self, x, a, generator=None):
         lib = torch if isinstance(x, torch.Tensor) else np
@@ -137,6 +153,34 @@ class Pendulum:
         A = np.array([[1.0 + dt * dt * k, dt], [dt * k, 1.0]])
         B = np.array([[dt * dt * 3.0 * self.tau_max], [dt * 3.0 * self.tau_max]])
         return A, B
+
+    def linearize(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model interface: ``(A, B, c)`` at the upright equilibrium (``c = 0``: upright
+        with zero torque is an equilibrium, ``sin 0 = 0``)."""
+        A, B = self.linearization()
+        return A, B, np.zeros(2)
+
+    def safe_set(self, plant, late_commands: int = 0):
+        """The model interface: the pendulum's safe action set (``pendulum_safe_set``, the
+        gravity-as-known-input construction) with the plant file's limits: angle bound
+        ``x_max[0]``, rate bound ``x_max[1]``, ``a_max = u_max[0]``. That construction is
+        symmetric and knows only boxes: asymmetric bounds or polytope rows are refused with a
+        ``PlantError`` naming the key."""
+        from .plant import PlantError
+        from .safeguard.invariant_set import pendulum_safe_set  # lazy: it imports this module
+        for lo_key, hi_key in (("x_min", "x_max"), ("u_min", "u_max")):
+            lo, hi = np.asarray(getattr(plant, lo_key)), np.asarray(getattr(plant, hi_key))
+            if not np.allclose(lo, -hi, rtol=1e-12, atol=0.0):
+                raise PlantError(lo_key, f"the pendulum's safe set needs symmetric bounds {lo_key} = -{hi_key}, "
+                                 f"got {lo.tolist()} and {hi.tolist()}", plant.source)
+        if not np.all(np.isfinite(plant.x_max)):
+            raise PlantError("x_max", "the pendulum's safe set needs finite angle and rate bounds", plant.source)
+        for key in ("H", "G"):
+            if len(getattr(plant, key)):
+                raise PlantError(key, f"the pendulum's safe set takes no {key} rows (boxes only)", plant.source)
+        system = Pendulum(dt=self.dt, g=self.g, tau_max=self.tau_max, a_max=float(plant.u_max[0]),
+                          theta_dot_max=float(plant.x_max[1]), theta_max=float(plant.x_max[0]))
+        return pendulum_safe_set(system, late_commands)
 
     def violation(self, x, u=None, tol: float = 1e-9):
         lib = torch if isinstance(x, torch.Tensor) else np

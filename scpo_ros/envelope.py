@@ -5,11 +5,11 @@ projection of a raw action, a hold command, the command while inactive or shutti
 passes ``CommandEnvelope.filter`` or comes from ``CommandEnvelope.fallback``. Both return
 a command that is
 
-- finite and inside the actuator box ``|u| <= u_max``, always (the final clip below is
+- finite and inside the actuator box ``u_min <= u <= u_max``, always (the final clip below is
   the guard of last resort: a projector that returned NaN would be a bug, and the plant
   still gets a bounded command);
 - in ``U_safe(x)`` of the one safe set ``S`` both nodes share
-  (``safeguard.invariant_set.safe_set_for(system, late_commands)``): with
+  (``safeguard.invariant_set.safe_set_for(plant, backup, late_commands)``): with
   ``late_commands=1``, ``x+`` stays in ``S`` even if the plant applies the command one
   period longer (a late or missed command), so the next command still has a safe choice;
 - where ``U_safe(x)`` is empty (``x`` left ``S``), the projection onto the nominal
@@ -81,7 +81,7 @@ class CommandEnvelope:
         self.projector = SafeguardProjector(safe_set, backup=backup, solver=solver, margin=boundary_margin,
                                             recovery=True)
         self.m = self.projector.m
-        self.u_max = float(safe_set.u_max)
+        self.u_max, self.u_min = self.projector.u_max, self.projector.u_min
         self.change_tol = float(change_tol)
         self._zero = np.zeros(self.m)
 
@@ -112,7 +112,7 @@ class CommandEnvelope:
         u = res.u
         if u.shape != (self.m,) or not np.isfinite(u).all():   # last resort: never publish NaN
             u = np.zeros(self.m)
-        u = np.clip(u, -self.u_max, self.u_max)
+        u = np.clip(u, self.u_min, self.u_max)
         distance = res.distance
         changed = res.fallback or not (distance <= self.change_tol)   # NaN distance counts as changed
         reason = res.reason if res.fallback else (moved_reason if changed else "")

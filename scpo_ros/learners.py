@@ -25,10 +25,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .backup import InitialSet, LQRBackup
+from .backup import LQRBackup
 from .ctrpo import Collector, CTRPOConfig, CTRPOLearner
-from .dynamics import DoubleIntegrator
-from .envs import VecDoubleIntegrator
+from .envs import VecPlantEnv
+from .plant import Plant, Region
 from .policy import MLPLayout, ResidualMLP, policy_inputs
 
 
@@ -53,9 +53,8 @@ class ImitationLearner:
     def __init__(self, backup: LQRBackup, layout: MLPLayout, lr: float = 1e-3, batch_size: int = 256,
                  buffer_size: int = 20000, seed: int = 0):
         self.backup, self.layout = backup, layout
-        dof = layout.out_dim
-        self.inputs = np.zeros((buffer_size, layout.in_dim), dtype=np.float32)
-        self.targets = np.zeros((buffer_size, dof), dtype=np.float32)
+        self.inputs = np.zeros((buffer_size, layout.in_dim), dtype=np.float32)     # [x, r]: n + nr
+        self.targets = np.zeros((buffer_size, layout.out_dim), dtype=np.float32)   # residual inputs: m
         self.count = 0
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
@@ -101,11 +100,11 @@ class CTRPOProposer:
     """C-TRPO trained on its own vectorised simulation of the plant; proposes the mean network.
 
     The policy is the Gaussian of ``scpo_ros.ctrpo`` whose mean is ``backup(x, r) + φ_θ([x, r])``
-    (the LQR backup as ``base_gain``), so ``weights()`` (the mean's ``φ_θ``) is exactly the
-    residual the SCPO safety node checks, and a fresh proposer proposes the backup itself.
-    Exploration happens only in ``num_envs`` simulated double integrators built from the
-    same model as the plant (``system``: dof, dt, limits; episodes start in
-    ``initial_set``); the real plant never runs a sampled action.
+    (the LQR backup as ``base_gain``, its constant part the env's ``action_offset``), so
+    ``weights()`` (the mean's ``φ_θ``) is exactly the residual the SCPO safety node checks, and
+    a fresh proposer proposes the backup itself. Exploration happens only in ``num_envs``
+    simulated copies of ``plant`` (``envs.VecPlantEnv``: ``plant.step``, episodes starting in
+    ``region``, default ``plant.region``); the real plant never runs a sampled action.
 
     ``update(steps)`` runs ``steps`` C-TRPO epochs, each ``horizon`` steps of every
     simulated env followed by one policy and critic update (``Collector``). Every call ends
@@ -115,27 +114,23 @@ class CTRPOProposer:
 
     needs_demonstrations = False
 
-    def __init__(self, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout,
-                 initial_set: InitialSet = InitialSet(), config: CTRPOConfig = CTRPOConfig(hidden=(32, 32)),
-                 num_envs: int = 16, horizon: int = 50, episode_length: int = 100, action_weight: float = 0.1,
-                 seed: int = 0):
-        if layout.in_dim != 3 * system.dof or layout.out_dim != system.dof:
-            raise ValueError(f"layout {layout.sizes} does not fit a {system.dof}-axis double integrator "
-                             f"(inputs [p, v, r]: {3 * system.dof}, outputs {system.dof})")
+    def __init__(self, plant: Plant, backup: LQRBackup | None, layout: MLPLayout, region: Region | None = None,
+                 config: CTRPOConfig = CTRPOConfig(hidden=(32, 32)), num_envs: int = 16, horizon: int = 50,
+                 episode_length: int = 100, action_weight: float = 0.1, seed: int = 0):
+        if layout.in_dim != plant.n + plant.nr or layout.out_dim != plant.m:
+            raise ValueError(f"layout {layout.sizes} does not fit the plant {plant.name} (inputs [x, r]: "
+                             f"{plant.n + plant.nr}, outputs {plant.m})")
         if tuple(config.hidden) != tuple(layout.hidden):
             raise ValueError(f"C-TRPO hidden sizes {config.hidden} differ from the layout's {layout.hidden}")
-        s = initial_set
-        if not (s.p0_max < system.p_max and s.v0_max < system.v_max and s.r_max <= system.p_max):
-            # episodes would start unsafe: every one of them would carry cost from its first step
-            raise ValueError(f"training initial set {s} must lie inside the constraint box "
-                             f"|p| < {system.p_max}, |v| < {system.v_max} (and |r| <= p_max)")
+        region = plant.region if region is None else region
+        _check_training_region(plant, region)
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        self.layout = layout
-        self.env = VecDoubleIntegrator(num_envs, system, initial_set, episode_length=episode_length,
-                                       action_weight=action_weight, seed=seed)
+        self.layout, self.plant = layout, plant
+        self.env = VecPlantEnv(plant, num_envs, backup, episode_length=episode_length,
+                               action_weight=action_weight, seed=seed, region=region)
         self.learner = CTRPOLearner(self.env.obs_dim, self.env.act_dim, config,
-                                    base_gain=self.env.backup_gain(backup), seed=seed)
+                                    base_gain=self.env.backup_gain(), seed=seed)
         if self.learner.layout.fingerprint != layout.fingerprint:
             raise ValueError(f"C-TRPO mean network {self.learner.layout.sizes} is not the layout {layout.sizes}")
         self.horizon = int(horizon)
@@ -192,3 +187,22 @@ class CTRPOProposer:
     def batch_size(self, value: int) -> None:
         # the config is frozen; the learner reads it afresh at every update
         self.learner.config = replace(self.learner.config, critic_batch=int(value))
+
+
+def _check_training_region(plant: Plant, region: Region) -> None:
+    """Refuse a training region whose states are not strictly inside the state constraints, or
+    whose references' equilibria break them: every episode would carry cost from its first step."""
+    lo, hi = np.asarray(region.x_min, float), np.asarray(region.x_max, float)
+    r_lo, r_hi = np.asarray(region.r_min, float), np.asarray(region.r_max, float)
+    if lo.shape != (plant.n,) or r_lo.shape != (plant.nr,) or np.any(lo > hi) or np.any(r_lo > r_hi):
+        raise ValueError(f"training region {region} does not fit the plant {plant.name} "
+                         f"({plant.n} states, {plant.nr} references)")
+    F, f, names = plant.state_rows()
+    # the largest F_i x over the box: centre term + |F_i| · half-widths (support function of a box)
+    worst = F @ (0.5 * (lo + hi)) + np.abs(F) @ (0.5 * (hi - lo))
+    Mx, mx, _, _ = plant.equilibrium_map()
+    ss = F @ (Mx @ (0.5 * (r_lo + r_hi)) + mx) + np.abs(F @ Mx) @ (0.5 * (r_hi - r_lo))
+    bad = [n for n, w, s_, lim in zip(names, worst, ss, f) if not (w < lim and s_ <= lim + 1e-12)]
+    if bad:
+        raise ValueError(f"training region {region} must lie inside the constraint box of {plant.name} "
+                         f"(broken: {', '.join(bad)})")

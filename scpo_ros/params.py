@@ -5,10 +5,11 @@ them by concept, and each default is read from the dataclass the parameters buil
 default lives in one place:
 
 - ``PLANT_PARAMS``: the double integrator (``dynamics.DoubleIntegrator``): dof, dt, limits;
-- ``BACKUP_PARAMS``: the LQR backup's weights (``backup.LQRBackup``);
-- ``REGION_PARAMS``: the certified region of states and references (``backup.InitialSet``);
+- ``BACKUP_PARAMS``: the LQR backup's weights (the double integrator's ``backup: {Q, R}``);
+- ``REGION_PARAMS``: the certified region of states and references (its ``certified_region``);
 - ``POLICY_PARAMS``: the residual policy's structure (``policy.MLPLayout``) and the seed;
-- ``ROLLOUT_PARAMS``: the safety metrics of the rollouts (``rollout.SafetySpec``);
+- ``ROLLOUT_PARAMS``: the safety metrics of the rollouts (``rollout.SafetySpec``; ``horizon`` in
+  steps, read as ``horizon × dt`` seconds by ``safety_model.safety_spec``);
 - ``SCPO_PARAMS``: the projector (``scpo.SCPOConfig``) and its state samples;
 - ``ENVELOPE_PARAMS``: the late commands the shared safe set absorbs;
 - ``STATE_INPUT_PARAMS``: how a controller reads ``joint_states`` (``inputs``);
@@ -28,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from .backup import InitialSet, LQRBackup
 from .dynamics import DoubleIntegrator
 from .policy import MLPLayout
 from .residual_scpo import ResidualSCPO
@@ -160,8 +160,16 @@ def _floats(value) -> list[float]:
     return [float(v) for v in np.atleast_1d(value)]
 
 
-_P, _B, _R = _defaults(DoubleIntegrator), _defaults(LQRBackup), _defaults(InitialSet)
+_P = _defaults(DoubleIntegrator)
+# The backup weights and the certified region of the parameter era are the shipped
+# config/plants/double_integrator.yaml's ``backup:`` and ``certified_region:`` (the generic
+# LQRBackup and plant.Region carry no defaults of their own; phase 2 reads the file itself).
+_B = {"q_pos": 1.0, "q_vel": 1.0, "r_act": 10.0}
+_R = {"p0_max": 0.8, "v0_max": 0.2, "r_max": 0.5}
 _S, _C = SafetySpec(), ResidualSCPO.default_config()   # the residual client's per-metric margins
+_HORIZON_STEPS = _S.steps(_P["dt"])
+"""``horizon`` stays in steps of the default dt (``safety_model.safety_spec`` reads it as
+``horizon × dt`` seconds) until the nodes take ``horizon_s``."""
 
 PLANT_PARAMS = (
     ParamSpec("dof", _P["dof"], "Number of independent axes.", 1, 8, read_only=True),
@@ -195,9 +203,13 @@ POLICY_PARAMS = (
 )
 
 ROLLOUT_PARAMS = (
-    ParamSpec("horizon", _S.horizon, "Rollout length H (steps).", 1, 2000),
-    ParamSpec("lyap_alpha", _S.lyap_alpha, "Required relative decrease of V per step.", 0.0, 0.99),
-    ParamSpec("lyap_eps", _S.lyap_eps, "V-level of the terminal set where decrease is not required.", 0.0, 1e3),
+    ParamSpec("horizon", _HORIZON_STEPS, "Rollout length H (steps of dt; the certification horizon is H × dt "
+                                         "seconds).", 1, 2000),
+    ParamSpec("lyap_alpha", _S.lyap_alpha, "Required decrease of V per step, as a fraction of the backup's own "
+                                           "worst-case decrease.", 0.0, 0.99),
+    # ε divides the metric: 0 is refused (rollout.SafetySpec), hence the positive minimum
+    ParamSpec("lyap_eps", _S.lyap_eps, "V-level of the terminal set where decrease is not required, as a "
+                                       "fraction of the largest V over the certified region.", 1e-9, 1e3),
 )
 
 SCPO_PARAMS = (
@@ -209,11 +221,12 @@ SCPO_PARAMS = (
               0, 256),
     ParamSpec("safety_factor", _C.safety_factor, "κ >= 1 multiplying the fitted error/curvature bounds.",
               1.0, 100.0),
-    ParamSpec("margins", _floats(_C.margins), f"m_i kept below 0 by the projection (one for every metric, or one "
-                                              f"per metric {', '.join(METRICS)}).", 0.0, 10.0,
+    ParamSpec("margins", _floats(_C.margins), f"m_i, the projection keeps g_i <= -m_i (fractions of each "
+                                              f"constraint's range; one for every metric, or one per metric "
+                                              f"{', '.join(METRICS)}).", 0.0, 10.0,
               min_len=1, max_len=len(METRICS)),
-    ParamSpec("cert_margins", _floats(_C.cert_margins), "c_i: certification requires g_i <= -c_i (one for every "
-                                                        "metric, or one per metric).", 0.0, 10.0,
+    ParamSpec("cert_margins", _floats(_C.cert_margins), "c_i: certification requires g_i <= -c_i (fractions, like "
+                                                        "margins; one for every metric, or one per metric).", 0.0, 10.0,
               min_len=1, max_len=len(METRICS)),
     ParamSpec("max_backtracks", _C.max_backtracks, "Halvings tried when the projected step fails certification.",
               0, 20),

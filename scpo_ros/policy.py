@@ -12,9 +12,9 @@ its forms, each for its job, run it with their own affine kernel:
 - ``MLPLayout.batched_forward``: many weight vectors × many inputs at once.
 - ``NumpyMLP``: numpy, no torch (references and benchmarks).
 Two fused kernels evaluate the same function and are tested against these forms:
-``rollout.DoubleIntegratorRollout.evaluate`` (error coordinates, reference folded into the
-first bias) and the control path's ``FoldedPolicy``, whose matrices ``fold_residual_policy``
-builds here.
+``rollout.PlantRollout.evaluate``'s fused path for linear plants (error coordinates, the
+offsets ``x_ss(r)`` and ``r`` folded into the first bias) and the control path's
+``FoldedPolicy``, whose matrices ``fold_residual_policy`` builds here.
 """
 from __future__ import annotations
 
@@ -189,7 +189,10 @@ class NumpyMLP:
 
 def fold_residual_policy(base_gain: np.ndarray, layout: MLPLayout | None, theta) -> list[np.ndarray]:
     """``u = base_gain·z + φ_θ(z)`` as matrices on the augmented input ``[z, 1]`` (``z`` =
-    ``policy_inputs(x, r)``; ``base_gain`` (d, in_dim): the backup, ``LQRBackup.input_gain()``).
+    ``policy_inputs(x, r)``; ``base_gain`` (d, in_dim): the backup's linear part, the columns of
+    ``LQRBackup.input_gain()`` but its last. That last column is the backup's constant term
+    (``u_ss`` of a plant with an affine term ``c``; zero otherwise): it is the caller's to add,
+    as ``control_law.FoldedPolicy`` does, on the constant 1 of the augmented input).
 
     Every bias becomes a column. Each matrix but the last maps ``[h, 1, u_b]`` to
     ``[W h + b, 1, u_b]``: the layer's pre-activations (the caller applies tanh to those,

@@ -1,240 +1,537 @@
-"""Batched closed-loop rollouts of the residual policy and the SCPO safety metrics.
+"""Batched closed-loop rollouts of the residual policy on any plant, and the SCPO safety metrics.
 
-One call simulates ``N`` weight vectors × ``M`` initial states × ``H`` steps as a
-handful of batched matmuls per time step (the only Python loop is over time).
+One call simulates ``N`` weight vectors × ``M`` initial states × ``H`` steps as a handful of
+batched matmuls per time step (the only Python loop is over time). The closed loop is
+``u = backup(x, r) + φ_θ([x, r])``; nothing is clipped: the metrics must see what the policy
+would command.
 
-Safety metrics ``g`` (≤ 0 is safe), each a maximum over initial states and time:
-- ``position``:  max |p| - p_max
-- ``velocity``:  max |v| - v_max
-- ``actuation``: max |u| - u_max   (the policy output itself; nothing is clipped)
-- ``lyapunov``:  max min(V(e⁺) - (1-α) V(e),  V(e⁺) - ε)   on the tracking error
-  e = x - [r, 0], with the backup's ``V(e) = eᵀ P e``: V must shrink by α per step
-  unless the next state lies in the ε-sublevel set. This keeps every trajectory in
-  {V ≤ max(V(e_0), ε)} and drives it into {V ≤ ε} (practical stability). We chose it
-  over the additive form V(e⁺) ≤ (1-α)V(e) + αε, whose slack of only αε at
-  equilibrium made the metric quadratic-degenerate there and throttled learning.
+Safety metrics ``g`` (≤ 0 is safe), each a maximum over initial states and time, every one a
+*fraction* so that one margin fits every plant (``residual_scpo`` sets them):
 
-- ``safe_set``:  max_i (E_i x + G_i u - f_i): the command stays in ``U_safe(x)`` of the
-  safe set the command envelope projects onto (``safeguard.invariant_set``; with
-  ``late_commands=1`` also when the plant holds it one period longer). Certifying this
-  metric is what lets the envelope pass the certified policy's commands unchanged; its
-  rows have unit-norm state normals, so the metric is a distance.
+- ``state``:    max_i (F_i x - f_i) / range_i over the state rows ``plant.state_rows()`` (finite
+  box bounds, then ``H``), on x_0 .. x_H; ``range_i = f_i - min_{x in region} F_i x``: the room
+  the certified region leaves below that limit.
+- ``input``:    the same for the input rows ``plant.input_rows()`` on u_0 .. u_{H-1}, with
+  ``range_i = f_i - min_{u in U} F_i u`` (the extent of the input set along the row).
+- ``lyapunov``: max_t (V(e⁺) - max((1-α) V(e), ε)) / ε on the error ``e = x - x_ss(r)``, with the
+  backup's ``V(e) = eᵀ P e``: V must shrink by α per step unless the next state lies in the
+  ε-sublevel set. This keeps every trajectory in {V ≤ max(V(e_0), ε)} and drives it into
+  {V ≤ ε} (practical stability). We chose it over the additive form V(e⁺) ≤ (1-α)V(e) + αε,
+  whose slack of only αε at equilibrium made the metric quadratic-degenerate there.
+  Scale-free: ε = ``lyap_eps`` × max of V(e_0) over the region box, and α = ``lyap_alpha`` ×
+  the backup's own worst-case decrease ``1 - max_e V(Φe)/V(e)``, so a slow plant is not asked
+  for a decrease its backup cannot give, nor a fast one let off.
+- ``safe_set``: max_i (E_i x + G_i u + F_i ρ - f_i) / range_i over the rows of the envelope's
+  safe set (``safeguard.invariant_set.safe_set_for(plant, backup, late_commands=1)``;
+  ``ρ = (r, r, ...)``: the rollout's own reference in every block, which implies membership),
+  ``range_i`` the row's room over the region box, the input box and the reference box.
+  Certifying this metric is what lets the envelope pass the certified policy's commands
+  unchanged.
 
-V is computed afresh at every step from e⁺ (one matmul gives e⁺ and P e⁺), never
-accumulated: in float32 its error is ~1e-7·V, and the metric's maximum sits near the
-shell V ≈ ε where that is ~1e-7, far below the certification margin (1e-3).
+Linear plants take a fused path: in the error form ``e⁺ = Φ e + B φ`` (``Φ = A - B K``; the
+equilibrium absorbs ``c`` and the references), every row above is affine in ``(e, φ)`` with a
+per-state constant, so one matmul pair per step yields the next error, ``P e⁺``, the input
+deviation and every row; the constants are added once, after the running maxima. Model
+plants step ``plant.step`` (torch) and evaluate the rows directly (``_evaluate_model``, also
+the reference the fused path is tested against).
+
+V is computed afresh at every step from e⁺, never accumulated: in float32 its error is
+~1e-7·V, far below the certification margin near the shell V ≈ ε where the maximum sits.
 """
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 import torch
 
-from .backup import InitialSet, LQRBackup
-from .dynamics import DoubleIntegrator
 from .policy import MLPLayout
-from .safeguard.invariant_set import safe_set_for
 
-METRICS = ("position", "velocity", "actuation", "lyapunov", "safe_set")
+METRICS = ("state", "input", "lyapunov", "safe_set")
+
+_NONFINITE = 1e6
+"""What a non-finite metric (a diverging rollout) reads as: clearly unsafe, and finite so the
+projector's fit of the metrics stays defined."""
+_EMPTY_GROUP = -1.0
+"""A metric without rows (no safe-set rows given): a full range inside."""
 
 
 @dataclass(frozen=True)
 class SafetySpec:
-    horizon: int = 100
-    """Rollout length H (steps of dt)."""
-    lyap_alpha: float = 0.01
-    """Required relative decrease of V per step (the backup itself achieves ≥ 0.034 with the defaults)."""
-    lyap_eps: float = 0.5
-    """V-level of the terminal set {V ≤ ε} where decrease is no longer required
-    (with the default backup: |e_p| ≤ 0.13, |e_v| ≤ 0.07 inside it)."""
+    horizon_s: float = 5.0
+    """Certification horizon in seconds (``steps(dt)`` steps of the plant)."""
+    lyap_alpha: float = 0.3
+    """Required decrease of V per step, as a fraction of the backup's own worst-case decrease
+    ``1 - max V(Φe)/V(e)`` (the double integrator's backup: 0.034, so α = 0.0103 per step)."""
+    lyap_eps: float = 0.004
+    """ε, the V-level of the terminal set where decrease is no longer required, as a fraction
+    of the largest V(e_0) over the certified region (the double integrator: ε ≈ 0.53)."""
     cost_action_weight: float = 0.1
-    """Task cost: mean over states of Σ_t (|p - r|² + w |u|²) dt."""
+    """Task cost: mean over states of Σ_t (|x_tracked - r|² + w |u - u_ss|²) dt (without tracked
+    states: |e|² in place of the tracking error)."""
 
     def __post_init__(self):
-        if self.horizon < 1:
-            raise ValueError("horizon must be >= 1")
+        if not (math.isfinite(self.horizon_s) and self.horizon_s > 0.0):
+            raise ValueError("horizon_s must be a finite number of seconds > 0")
         if not 0.0 <= self.lyap_alpha < 1.0:
             raise ValueError("lyap_alpha must lie in [0, 1)")
-        if self.lyap_eps < 0.0:
-            raise ValueError("lyap_eps must be >= 0")
+        if not (math.isfinite(self.lyap_eps) and self.lyap_eps > 0.0):
+            # the metric is divided by ε: a zero level would make it unbounded
+            raise ValueError("lyap_eps must be a finite fraction > 0")
+
+    def steps(self, dt: float) -> int:
+        """Rollout length in steps of ``dt``: ``ceil(horizon_s / dt)`` (at least 1)."""
+        # the 1e-9 keeps 5.0 / 0.05 = 100.00000000000001 at 100 steps
+        return max(1, math.ceil(self.horizon_s / dt - 1e-9))
 
 
 @dataclass
 class RolloutResult:
     g: torch.Tensor
-    """(N, 5) safety metrics (``METRICS``) per weight vector (max over states and time)."""
+    """(N, len(METRICS)) safety metrics per weight vector (max over states and time)."""
     cost: torch.Tensor | None
     """(N,) task cost per weight vector (with ``with_cost=True``)."""
     g_per_state: torch.Tensor | None = None
-    """(N, M, 5) per initial state, when asked for."""
+    """(N, M, len(METRICS)) per initial state, when asked for."""
 
 
-class DoubleIntegratorRollout:
-    """Closed loop ``u = -K e + φ_θ([x, r])`` of a ``DoubleIntegrator`` under its LQR backup."""
+# ====================================================================== the metric rows
 
-    def __init__(self, system: DoubleIntegrator, backup: LQRBackup, layout: MLPLayout,
-                 spec: SafetySpec = SafetySpec(), device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, safe_rows: tuple | None = None):
-        """``safe_rows = (E, G, f)``: ``U_safe(x) = {u : G u <= f - E x}`` of the envelope's safe
-        set (``SafeActionSet.affine_rows()``); default: the set ``safe_set_for(system,
-        late_commands=1)`` that the safety node's envelope uses."""
-        if layout.in_dim != 3 * system.dof or layout.out_dim != system.dof:
-            raise ValueError(f"layout {layout.sizes} does not fit dof={system.dof} "
-                             f"(need in_dim={3 * system.dof}, out_dim={system.dof})")
-        self.system, self.backup, self.layout, self.spec = system, backup, layout, spec
+@dataclass(frozen=True)
+class MetricRows:
+    """The constraint rows of the metrics, normalised, in float64 numpy.
+
+    ``state``: ``(Fs, fs)`` on x; ``input``: ``(Fu, fu)`` on u; ``safe``: ``(E, G, F, f)`` on
+    ``(x, u, ρ)``. Every row is already divided by its range, so ``row · z - rhs`` is the
+    metric's fraction. ``blocks``: how many times ρ repeats r.
+    """
+
+    Fs: np.ndarray
+    fs: np.ndarray
+    Fu: np.ndarray
+    fu: np.ndarray
+    E: np.ndarray
+    G: np.ndarray
+    F: np.ndarray
+    f: np.ndarray
+    blocks: int
+
+
+def metric_rows(plant, safe_rows) -> MetricRows:
+    """The normalised rows of ``plant`` and of the safe set's ``(E, G, F, f)`` (or ``(E, G, f)``)."""
+    region = plant.region
+    xlo, xhi = np.asarray(region.x_min, float), np.asarray(region.x_max, float)
+    ulo, uhi = np.asarray(plant.u_min, float), np.asarray(plant.u_max, float)
+    Fs, fs, _ = plant.state_rows()
+    Fu, fu, _ = plant.input_rows()
+    s_range = fs - _box_min(Fs, xlo, xhi)
+    u_range = fu - _input_set_min(Fu, plant)
+    E, G, F, f = _safe_rows(safe_rows, plant)
+    blocks = F.shape[1] // plant.nr if plant.nr else 0
+    rlo, rhi = np.tile(region.r_min, blocks), np.tile(region.r_max, blocks)
+    f_range = f - _box_min(E, xlo, xhi) - _box_min(G, ulo, uhi) - _box_min(F, rlo, rhi)
+    ss, su, sf = (_floor(rng, rhs) for rng, rhs in ((s_range, fs), (u_range, fu), (f_range, f)))
+    return MetricRows(Fs / ss[:, None], fs / ss, Fu / su[:, None], fu / su,
+                      E / sf[:, None], G / sf[:, None], F / sf[:, None], f / sf, blocks)
+
+
+def nonlinear_safe_scale(safe_set, plant, count: int = 2048, seed: int = 0) -> np.ndarray:
+    """Ranges of the rows ``G u <= rhs(x)`` of a safe set with a nonlinear drift (a model
+    plant's): ``max_x rhs_i(x) - min_{u in box} G_i u``, the maximum *sampled* over the region's
+    corners and ``count`` uniform states (no closed form for a nonlinear ``rhs``)."""
+    region = plant.region
+    xlo, xhi = np.asarray(region.x_min, float), np.asarray(region.x_max, float)
+    rng = np.random.default_rng(seed)
+    xs = np.concatenate([box_corners(xlo, xhi, 1024, seed), rng.uniform(xlo, xhi, size=(count, len(xlo)))])
+    top = np.asarray(safe_set.rhs(xs), dtype=float).max(0)
+    G = np.asarray(safe_set.G, dtype=float)
+    return _floor(top - _box_min(G, np.asarray(plant.u_min, float), np.asarray(plant.u_max, float)), top)
+
+
+def _safe_rows(safe_rows, plant):
+    n, m, nr = plant.n, plant.m, plant.nr
+    if safe_rows is None or len(safe_rows) == 0:
+        return np.zeros((0, n)), np.zeros((0, m)), np.zeros((0, 0)), np.zeros(0)
+    if len(safe_rows) == 3:      # (E, G, f): a set without reference variables
+        E, G, f = safe_rows
+        F = np.zeros((len(f), 0))
+    else:
+        E, G, F, f = safe_rows
+    E, G, F, f = (np.asarray(a, dtype=np.float64) for a in (E, G, F, f))
+    R = len(f)
+    F = F.reshape(R, -1)
+    if E.shape != (R, n) or G.shape != (R, m):
+        raise ValueError(f"safe-set rows: E {E.shape} and G {G.shape} do not fit n={n}, m={m} with {R} rows")
+    if F.shape[1] and (nr == 0 or F.shape[1] % nr):
+        raise ValueError(f"safe-set rows: F has {F.shape[1]} columns, not a whole number of reference "
+                         f"blocks of nr={nr}")
+    return E, G, F, f
+
+
+def _box_min(F: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``min_{lo <= z <= hi} F_i z`` per row (the support function of a box)."""
+    if F.shape[1] == 0:
+        return np.zeros(len(F))
+    c, w = (lo + hi) / 2.0, (hi - lo) / 2.0
+    return F @ c - np.abs(F) @ w
+
+
+def _input_set_min(Fu: np.ndarray, plant) -> np.ndarray:
+    """``min_{u in U} F_i u`` per input row: the box's closed form, an LP where ``G`` cuts it."""
+    lo, hi = np.asarray(plant.u_min, float), np.asarray(plant.u_max, float)
+    out = _box_min(Fu, lo, hi)
+    Gp, gp = np.asarray(plant.G, float), np.asarray(plant.g, float)
+    if len(gp):
+        from scipy.optimize import linprog
+        bounds = list(zip(lo, hi))
+        for i, row in enumerate(Fu):
+            res = linprog(row, A_ub=Gp, b_ub=gp, bounds=bounds, method="highs")
+            if res.status == 0:
+                out[i] = res.fun
+    return out
+
+
+def _floor(rng: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Ranges kept positive: a region touching a limit leaves that row no room (range 0);
+    a tiny floor keeps the fraction finite there (and its sign, which is what safety reads)."""
+    return np.maximum(rng, 1e-6 * (1.0 + np.abs(rhs)))
+
+
+def backup_decrease(backup) -> float:
+    """``1 - max_e V(Φe)/V(e)``: the backup's guaranteed relative decrease of ``V = eᵀPe`` per
+    step (the generalised eigenvalue of ``(ΦᵀPΦ, P)``)."""
+    P = np.asarray(backup.P, dtype=np.float64)
+    Phi = np.asarray(backup.A_cl, dtype=np.float64)
+    top = scipy.linalg.eigh(Phi.T @ P @ Phi, P, eigvals_only=True).max()
+    return float(1.0 - top)
+
+
+def max_region_lyapunov(plant, P: np.ndarray, limit: int = 4096, seed: int = 0) -> float:
+    """Largest ``V(x - x_ss(r))`` over the region's [x, r] box: a convex function of (x, r), so
+    its maximum sits at a corner (every corner up to ``limit``, a random sample of them beyond)."""
+    z = box_corners(plant.region.lower, plant.region.upper, limit, seed)
+    x, r = z[:, :plant.n], z[:, plant.n:]
+    xs, _ = plant.equilibrium(r if plant.nr else None)
+    e = x - xs
+    return float(np.einsum("bi,ij,bj->b", e, P, e).max())
+
+
+def box_corners(lo: np.ndarray, hi: np.ndarray, limit: int = 4096, seed: int = 0) -> np.ndarray:
+    """The corners of the box ``[lo, hi]`` (``(2^d, d)``), or ``limit`` random distinct ones."""
+    d = len(lo)
+    if 2 ** d <= limit:
+        pick = ((np.arange(2 ** d)[:, None] >> np.arange(d)) & 1).astype(bool)
+    else:
+        pick = np.unique(np.random.default_rng(seed).integers(0, 2, size=(limit, d)).astype(bool), axis=0)
+    return np.where(pick, hi, lo)
+
+
+# ====================================================================== the engine
+
+class PlantRollout:
+    """Closed loop ``u = backup(x, r) + φ_θ([x, r])`` of any ``Plant`` under its backup.
+
+    ``backup``: the plant's ``LQRBackup`` (``K``, ``P``, ``A_cl``, callable on torch batches).
+    ``safe_rows``: ``(E, G, F, f)`` of the envelope's safe set (``SafeActionSet.affine_rows()``),
+    ``(E, G, f)`` for a set without reference variables, ``()`` for none (the ``safe_set``
+    metric then reads -1); ``None``: ``safe_set_for(plant, backup, late_commands=1)``, the set
+    the safety node's envelope uses.
+    """
+
+    def __init__(self, plant, backup, layout: MLPLayout, spec: SafetySpec = SafetySpec(),
+                 safe_rows: tuple | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        n, m, nr = plant.n, plant.m, plant.nr
+        if layout.in_dim != n + nr or layout.out_dim != m:
+            raise ValueError(f"layout {layout.sizes} does not fit the plant {plant.name} "
+                             f"(need in_dim = n + nr = {n + nr}, out_dim = m = {m})")
+        self.plant, self.backup, self.layout, self.spec = plant, backup, layout, spec
         self.device, self.dtype = torch.device(device), dtype
-        as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)  # noqa: E731
-        # One matmul pair per step yields the next error, the action and P e+ (row-vector
-        # form): out = e G_e + φ G_φ = [e+ | u | P e+], so V(e+) = e+ · (P e+).
-        # The safe-set rows at step t, E x_t + G u_t - f with x_t = e_t + x_ref and
-        # u_t = -K e_t + φ_t, are four more column blocks of the same pair:
-        # e (E - G K)ᵀ + φ Gᵀ, plus a per-state constant x_ref Eᵀ - f.
-        if safe_rows is None:
-            safe_rows = safe_set_for(system, late_commands=1).affine_rows()
-        E, G, f = (np.asarray(a, dtype=np.float64) for a in safe_rows)
-        self._E, self._f = as_t(E), as_t(f)
-        Acl, Bm, P = backup.A_cl, system.B, backup.P
-        self._G_e = as_t(np.hstack([Acl.T, -backup.K.T, Acl.T @ P, (E - G @ backup.K).T]))
-        self._G_phi = as_t(np.hstack([Bm.T, np.eye(system.dof), Bm.T @ P, G.T]))
-        self._P = as_t(P)
-        self.limits = (system.p_max, system.v_max, system.u_max)
+        self.steps = spec.steps(plant.dt)
+        self.rows, self._nonlinear_set = _resolve_safe_rows(plant, backup, safe_rows)
+        P = np.asarray(backup.P, dtype=np.float64)
+        self.alpha = spec.lyap_alpha * max(0.0, backup_decrease(backup))
+        self.eps = spec.lyap_eps * max_region_lyapunov(plant, P)
+        if not self.eps > 0.0:
+            raise ValueError("the certified region is a single equilibrium point: no Lyapunov scale")
+        self._build_tensors(P)
+
+    def _t(self, a) -> torch.Tensor:
+        return torch.as_tensor(np.array(a, dtype=np.float64), dtype=self.dtype, device=self.device)
+
+    def _build_tensors(self, P: np.ndarray) -> None:
+        plant, rows, K = self.plant, self.rows, np.asarray(self.backup.K, dtype=np.float64)
+        n, m = plant.n, plant.m
+        Mx, mx, Mu, mu = (np.asarray(a, dtype=np.float64) for a in plant.equilibrium_map())
+        self._Mx, self._mx, self._Mu, self._mu, self._P = (self._t(a) for a in (Mx, mx, Mu, mu, P))
+        self._K = self._t(K)
+        self._Fs, self._fs, self._Fu, self._fu = (self._t(a) for a in (rows.Fs, rows.fs, rows.Fu, rows.fu))
+        self._E, self._G, self._F, self._f = (self._t(a) for a in (rows.E, rows.G, rows.F, rows.f))
+        if self._nonlinear_set is not None:
+            self._safe_scale = self._t(1.0 / nonlinear_safe_scale(self._nonlinear_set, plant))
+        self._track = torch.as_tensor(plant.tracked_index if plant.nr else np.arange(n), device=self.device)
+        self.group_sizes = (len(rows.fs), len(rows.fu), len(rows.f))
+        # per-state constants of every row, affine in r: const(r) = r Cᵀ + c0
+        Fsum = sum((rows.F[:, b * plant.nr:(b + 1) * plant.nr] for b in range(rows.blocks)),
+                   np.zeros((len(rows.f), plant.nr)))
+        C = np.vstack([rows.Fs @ Mx, rows.Fu @ Mu, rows.E @ Mx + rows.G @ Mu + Fsum])
+        c0 = np.concatenate([rows.Fs @ mx - rows.fs, rows.Fu @ mu - rows.fu, rows.E @ mx + rows.G @ mu - rows.f])
+        self._C, self._c0 = self._t(C), self._t(c0)
+        if not plant.linear:
+            return
+        # The fused path: out = e G_e + φ G_φ = [e+ | P e+ | u - u_ss | state rows of x+ |
+        # input rows of u | safe rows of (x, u)], each row without its per-state constant.
+        A, B = np.asarray(plant.A, dtype=np.float64), np.asarray(plant.B, dtype=np.float64)
+        Phi = A - B @ K
+        self._G_e = self._t(np.hstack([Phi.T, Phi.T @ P, -K.T, (rows.Fs @ Phi).T, (-rows.Fu @ K).T,
+                                       (rows.E - rows.G @ K).T]))
+        self._G_phi = self._t(np.hstack([B.T, B.T @ P, np.eye(m), (rows.Fs @ B).T, rows.Fu.T, rows.G.T]))
+
+    def equilibrium(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_ss(r), u_ss(r))`` of a batch of references (torch)."""
+        return r @ self._Mx.T + self._mx, r @ self._Mu.T + self._mu
+
+    @torch.no_grad()
+    def evaluate(self, params, x0, r, per_state: bool = False, with_cost: bool = False) -> RolloutResult:
+        """Roll out ``params (N, d)`` from every ``x0 (M, n)`` with references ``r (M, nr)``."""
+        params = torch.as_tensor(params, dtype=self.dtype, device=self.device)
+        if params.ndim == 1:
+            params = params.unsqueeze(0)
+        x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0, dtype=self.dtype,
+                             device=self.device).reshape(-1, self.plant.n)
+        r = torch.as_tensor(np.asarray(r) if not torch.is_tensor(r) else r, dtype=self.dtype,
+                            device=self.device).reshape(len(x0), self.plant.nr)
+        N, M = params.shape[0], x0.shape[0]
+        run = self._evaluate_linear if self.plant.linear else self._evaluate_model
+        row_max, lyap, cost = run(params, x0, r, with_cost)
+        const = (r @ self._C.T + self._c0).repeat(N, 1)   # per state: added once, after the max
+        state, inputs, safe = self._group_max(row_max + const).unbind(-1)
+        per = torch.stack([state, inputs, lyap / self.eps, safe], -1).view(N, M, len(METRICS))
+        per = torch.nan_to_num(per, nan=_NONFINITE, posinf=_NONFINITE, neginf=-_NONFINITE)
+        g = per.amax(1)
+        if with_cost:
+            cost = cost.view(N, M).mean(1) * self.plant.dt
+        return RolloutResult(g=g, cost=cost, g_per_state=per if per_state else None)
+
+    def _group_max(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)``: the state, input and safe-set maxima of the row columns."""
+        out, i = [], 0
+        for size in self.group_sizes:
+            if size:
+                out.append(rows[:, i:i + size].amax(-1))
+            else:
+                out.append(torch.full((rows.shape[0],), _EMPTY_GROUP, dtype=rows.dtype, device=rows.device))
+            i += size
+        return torch.stack(out, -1)
 
     def _layers(self, params: torch.Tensor):
         """Per-layer ``(Wᵀ (N, in, out), b (N, 1, out))``, laid out for ``baddbmm``."""
         return [(W.transpose(-1, -2).contiguous(), b.unsqueeze(-2).contiguous())
                 for W, b in self.layout.unflatten(params)]
 
-    @torch.no_grad()
-    def evaluate(self, params: torch.Tensor, x0: torch.Tensor, r: torch.Tensor,
-                 per_state: bool = False, with_cost: bool = False) -> RolloutResult:
-        """Roll out ``params (N, d)`` from every ``x0 (M, 2 dof)`` with references ``r (M, dof)``.
+    def _initial_rows(self, e0: torch.Tensor) -> torch.Tensor:
+        """Running maxima of the rows at the start: the state rows of x_0 (the constant comes
+        later), the input and safe-set rows not yet seen."""
+        rest = sum(self.group_sizes[1:])
+        return torch.cat([e0 @ self._Fs.T, torch.full((len(e0), rest), -torch.inf, dtype=self.dtype,
+                                                      device=self.device)], -1)
 
-        The loop body is a fixed, short list of batched kernels writing into buffers
-        allocated once per call: the MLP (3 matmuls, 2 in-place tanh), then one pair of
-        matmuls ``out = e G_e + φ G_φ`` producing in one go the next error, the action,
-        and the vectors the two Lyapunov quadratic forms need; running maxima/minima
-        of e and u give the box metrics exactly at the end (r is constant).
-        """
-        params = torch.as_tensor(params, dtype=self.dtype, device=self.device)
-        if params.ndim == 1:
-            params = params.unsqueeze(0)
-        x0 = torch.as_tensor(x0, dtype=self.dtype, device=self.device)
-        r = torch.as_tensor(r, dtype=self.dtype, device=self.device)
-        N, M, n = params.shape[0], x0.shape[0], self.system.dof
-        B = N * M
+    def _evaluate_linear(self, params, x0, r, with_cost):
+        """The fused error-form loop: a fixed, short list of batched kernels per step writing into
+        buffers allocated once per call (the MLP, then one matmul pair ``e G_e + φ G_φ``)."""
+        n, m = self.plant.n, self.plant.m
+        N, M = params.shape[0], x0.shape[0]
+        Bsz = N * M
         layers = self._layers(params)
         (W0T, b0), hidden, (WLT, bL) = layers[0], layers[1:-1], layers[-1]
-        # The state is propagated as the tracking error e = x - x_ref; x_ref = [r, 0] and
-        # r are constant along a rollout, so their part of layer 0 folds into its bias.
-        x_ref = torch.cat([r, torch.zeros_like(r)], -1)
-        W0eT = W0T[:, : 2 * n]
-        bias0 = torch.matmul(torch.cat([x_ref, r], -1).unsqueeze(0), W0T) + b0   # (N, M, h0)
+        xs, _ = self.equilibrium(r)
+        # x = e + x_ss(r) and r are constant offsets of the input [x, r]: they fold into layer 0's bias
+        W0eT = W0T[:, :n]
+        bias0 = torch.matmul(torch.cat([xs, r], -1).unsqueeze(0), W0T) + b0        # (N, M, h0)
         G_e, G_phi = self._G_e, self._G_phi
         width = G_e.shape[1]
-        out = torch.empty(B, width, dtype=self.dtype, device=self.device)
-        tmp = torch.empty(B, width, dtype=self.dtype, device=self.device)
+        out = torch.empty(Bsz, width, dtype=self.dtype, device=self.device)
+        tmp = torch.empty_like(out)
         hbufs = [torch.empty(N, M, W.shape[-1], dtype=self.dtype, device=self.device)
                  for W, _ in [(W0T, None)] + hidden]
-        phi = torch.empty(N, M, n, dtype=self.dtype, device=self.device)
-        # e lives in its own contiguous buffers: the layer-0 matmul is ~30 % faster on them
-        # than on a column slice of `out`.
-        e_bufs = [(x0 - x_ref).repeat(N, 1), torch.empty(B, 2 * n, dtype=self.dtype, device=self.device)]
+        phi = torch.empty(N, M, m, dtype=self.dtype, device=self.device)
+        phi2 = phi.view(Bsz, m)
+        e_bufs = [(x0 - xs).repeat(N, 1), torch.empty(Bsz, n, dtype=self.dtype, device=self.device)]
         e = e_bufs[0]
-        e_max, e_min = e.clone(), e.clone()
-        u_max = torch.full((B, n), -torch.inf, dtype=self.dtype, device=self.device)
-        u_min = torch.full((B, n), torch.inf, dtype=self.dtype, device=self.device)
-        lyap = torch.full((B,), -torch.inf, dtype=self.dtype, device=self.device)
-        safe_const = (x_ref @ self._E.T - self._f).repeat(N, 1)                  # (B, R)
-        safe_max = torch.full_like(safe_const, -torch.inf)
+        row_max = self._initial_rows(e)
+        lyap = torch.full((Bsz,), -torch.inf, dtype=self.dtype, device=self.device)
         V = ((e @ self._P) * e).sum(-1)
-        cost = torch.zeros(B, dtype=self.dtype, device=self.device) if with_cost else None
-        eps, alpha, w_u = self.spec.lyap_eps, self.spec.lyap_alpha, self.spec.cost_action_weight
-        phi2 = phi.view(B, n)
-        for t in range(self.spec.horizon):
-            h = torch.baddbmm(bias0, e.view(N, M, 2 * n), W0eT, out=hbufs[0]).tanh_()
+        cost = torch.zeros(Bsz, dtype=self.dtype, device=self.device) if with_cost else None
+        eps, alpha, w_u = self.eps, self.alpha, self.spec.cost_action_weight
+        for t in range(self.steps):
+            h = torch.baddbmm(bias0, e.view(N, M, n), W0eT, out=hbufs[0]).tanh_()
             for (WT, b), hb in zip(hidden, hbufs[1:]):
                 h = torch.baddbmm(b, h, WT, out=hb).tanh_()
-            torch.matmul(h, WLT, out=phi).add_(bL)  # faster than baddbmm for one output column
+            torch.matmul(h, WLT, out=phi).add_(bL)
             torch.mm(phi2, G_phi, out=tmp)
             torch.addmm(tmp, e, G_e, out=out)
-            # columns of out: [e+ | u | P e+ | safe-set rows minus their constant]
-            u = out[:, 2 * n: 3 * n]
-            torch.maximum(safe_max, out[:, 5 * n:], out=safe_max)
-            torch.maximum(u_max, u, out=u_max)
-            torch.minimum(u_min, u, out=u_min)
-            e_next = out[:, : 2 * n]
-            V_next = (out[:, 3 * n: 5 * n] * e_next).sum(-1)
+            torch.maximum(row_max, out[:, 2 * n + m:], out=row_max)
+            e_next = out[:, :n]
+            V_next = (out[:, n:2 * n] * e_next).sum(-1)
             # min(V+ - (1-α)V, V+ - ε) = V+ - max((1-α)V, ε)
             torch.maximum(lyap, V_next - V.mul_(1.0 - alpha).clamp_min_(eps), out=lyap)
             V = V_next
             if with_cost:
-                cost += (e[:, :n] * e[:, :n]).sum(-1) + w_u * (u * u).sum(-1)
+                du = out[:, 2 * n:2 * n + m]
+                cost += e[:, self._track].square().sum(-1) + w_u * du.square().sum(-1)
             e = e_bufs[(t + 1) % 2].copy_(e_next)
-            torch.maximum(e_max, e, out=e_max)
-            torch.minimum(e_min, e, out=e_min)
+        return row_max, lyap, cost
+
+    def _safe_rows_direct(self, x, u, rho):
+        if self._nonlinear_set is None:
+            return x @ self._E.T + u @ self._G.T + rho @ self._F.T - self._f
+        # U_safe(x) = {u : G u <= rhs(x)}: the row's value is G u - rhs(x), over its range
+        rhs = torch.as_tensor(self._nonlinear_set.rhs(x), dtype=self.dtype, device=self.device)
+        return (u @ self._G.T) - rhs * self._safe_scale
+
+    def _evaluate_model(self, params, x0, r, with_cost):
+        """The direct loop: ``plant.step`` on ``x``, every row evaluated from ``(x, u, ρ)``
+        (the model plants' path; for a linear plant the reference of the fused one)."""
+        N, M = params.shape[0], x0.shape[0]
         rr = r.repeat(N, 1)
-        p_bound = torch.maximum(e_max[:, :n] + rr, -(e_min[:, :n] + rr)).amax(-1)
-        v_bound = torch.maximum(e_max[:, n:], -e_min[:, n:]).amax(-1)
-        u_bound = torch.maximum(u_max, -u_min).amax(-1)
-        limits = self.limits
-        safe = (safe_max + safe_const).amax(-1)   # the constant is per state: add it once, after the max
-        per = torch.stack([p_bound - limits[0], v_bound - limits[1], u_bound - limits[2], lyap, safe],
-                          -1).view(N, M, len(METRICS))
-        g = per.amax(1)
-        if with_cost:
-            cost = cost.view(N, M).mean(1) * self.system.dt
-        return RolloutResult(g=g, cost=cost, g_per_state=per if per_state else None)
+        xs, us = self.equilibrium(rr)
+        rho = rr.repeat(1, self.rows.blocks)
+        x = x0.repeat(N, 1)
+        e = x - xs
+        row_max = self._initial_rows(e)
+        # the direct rows carry their constants: take them out so `evaluate` adds them once
+        const = rr @ self._C.T + self._c0
+        lyap = torch.full((len(x),), -torch.inf, dtype=self.dtype, device=self.device)
+        V = ((e @ self._P) * e).sum(-1)
+        cost = torch.zeros(len(x), dtype=self.dtype, device=self.device) if with_cost else None
+        for _ in range(self.steps):
+            inputs = torch.cat([x, rr], -1).view(N, M, -1)
+            # the backup u_ss(r) - K e, from its tensors (one matmul; LQRBackup.__call__ is the same map)
+            u = us - e @ self._K.T + self.layout.batched_forward(params, inputs).reshape(len(x), -1)
+            x_next = self.plant.step(x, u)
+            rows = torch.cat([x_next @ self._Fs.T - self._fs, u @ self._Fu.T - self._fu,
+                              self._safe_rows_direct(x, u, rho)], -1)
+            torch.maximum(row_max, rows - const, out=row_max)
+            e_next = x_next - xs
+            V_next = ((e_next @ self._P) * e_next).sum(-1)
+            lyap = torch.maximum(lyap, V_next - torch.clamp_min((1.0 - self.alpha) * V, self.eps))
+            if with_cost:
+                du = u - us
+                cost += e[:, self._track].square().sum(-1) + self.spec.cost_action_weight * du.square().sum(-1)
+            x, e, V = x_next, e_next, V_next
+        return row_max, lyap, cost
 
 
-def region_bounds(initial_set: InitialSet, dof: int) -> np.ndarray:
-    """Half-widths ``(3 dof,)`` of the (x0, r) box of ``initial_set``, in the order ``[p, v, r]``
-    of ``policy_inputs`` (every sampler of initial conditions scales by these)."""
-    return np.array([initial_set.p0_max] * dof + [initial_set.v0_max] * dof + [initial_set.r_max] * dof)
+def _resolve_safe_rows(plant, backup, safe_rows):
+    """``(MetricRows, nonlinear set or None)`` of the ``safe_rows`` argument of ``PlantRollout``:
+    a tuple of rows, ``()``, a safe set (its ``affine_rows()``; a model plant's set with a
+    nonlinear drift is kept whole: its rows ``G u <= rhs(x)`` are evaluated per step), or None
+    (the default set: ``late_commands=1``; a model plant whose set cannot absorb a late
+    command, like the pendulum's, gets its nominal set)."""
+    if safe_rows is None:
+        from .safeguard.invariant_set import safe_set_for  # lazy: only for the default
+        try:
+            safe_rows = safe_set_for(plant, backup, late_commands=1)
+        except ValueError:
+            if plant.linear:
+                raise
+            safe_rows = safe_set_for(plant, backup, late_commands=0)
+    if isinstance(safe_rows, (tuple, list)):
+        return metric_rows(plant, safe_rows), None
+    try:
+        return metric_rows(plant, safe_rows.affine_rows()), None
+    except ValueError:
+        if plant.linear:
+            raise
+    rows = metric_rows(plant, ())
+    G = np.asarray(safe_rows.G, dtype=np.float64)
+    scale = nonlinear_safe_scale(safe_rows, plant)
+    zeros = np.zeros(len(G))
+    return MetricRows(rows.Fs, rows.fs, rows.Fu, rows.fu, np.zeros((len(G), plant.n)), G / scale[:, None],
+                      np.zeros((len(G), 0)), zeros, 0), safe_rows
 
 
-def structured_states(initial_set: InitialSet, dof: int, max_points: int = 256,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic initial conditions where the metrics are tightest.
+# ====================================================================== initial conditions
 
-    The (x0, r) box's vertices (the worst case of any linear closed loop sits there),
-    centres of its edges and faces (the points of {-1, 0, 1}^(3 dof), subsampled
-    when there are too many), and states near equilibrium at several scales, where
-    the Lyapunov condition is tightest.
+def _box(region) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(region.lower, dtype=float), np.asarray(region.upper, dtype=float)
+
+
+def _split(plant_or_region, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(_region_of(plant_or_region).x_min)
+    return pts[:, :n].copy(), pts[:, n:].copy()
+
+
+def _region_of(plant_or_region):
+    return getattr(plant_or_region, "region", plant_or_region)
+
+
+def structured_states(region, max_points: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic initial conditions where the metrics are tightest: ``(x (P, n), r (P, nr))``.
+
+    ``region``: a ``plant.Region`` or a ``Plant`` (its region; then the points near equilibrium
+    sit around ``x_ss(r)``, else around the centre of the state box). The [x, r] box's corners
+    (the worst case of any linear closed loop sits there; every one when they fit in
+    ``max_points``, else a random half of it), centres of its edges and faces (points of {-1, 0, 1}^d with
+    a zero, drawn at random: 3^d is never enumerated), and states near equilibrium at three
+    scales, where the Lyapunov condition is tightest.
     """
-    s = region_bounds(initial_set, dof)
-    grid = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=3 * dof)))
-    is_vertex = np.all(grid != 0.0, axis=1)
-    vertices, others = grid[is_vertex], grid[~is_vertex]
+    reg = _region_of(region)
+    lo, hi = _box(reg)
+    d, nx = len(lo), len(reg.x_min)
     rng = np.random.default_rng(seed)
-    near = []
+    near = _near_equilibrium(region, reg, rng, count=min(24, max(1, max_points // 8)))
+    room = max(1, max_points - len(near))
+    # every corner when they fit, else a random half of the room (the rest: edges and faces)
+    corners = box_corners(lo, hi, limit=room if 2 ** d <= room else max(1, room // 2), seed=seed)
+    budget = max(0, max_points - len(corners) - len(near))
+    if budget and d:
+        unit = rng.integers(-1, 2, size=(budget, d)).astype(float)
+        unit[np.arange(budget), rng.integers(0, d, size=budget)] = 0.0   # off the corners
+        centre, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+        others = centre + unit * half
+    else:
+        others = np.zeros((0, d))
+    pts = np.concatenate([corners, others, near])[:max_points]
+    pts = np.clip(pts, lo, hi)
+    return pts[:, :nx].copy(), pts[:, nx:].copy()
+
+
+def _near_equilibrium(source, reg, rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` points ``[x_ss(r) + δ, r]`` with δ at the scales 1e-3, 1e-2, 5e-2 of the box."""
+    lo, hi = _box(reg)
+    nx = len(reg.x_min)
+    half = (hi - lo) / 2.0
+    per = max(1, count // 3)
+    out = []
     for scale in (1e-3, 1e-2, 5e-2):
-        r = rng.uniform(-1.0, 1.0, size=(8, dof)) * initial_set.r_max
-        e = rng.standard_normal((8, 2 * dof)) * scale
-        near.append(np.concatenate([(e[:, :dof] + r) / s[:dof], e[:, dof:] / s[dof:2 * dof], r / s[2 * dof:]], 1))
-    near = np.clip(np.concatenate(near), -1.0, 1.0)
-    budget = max(0, max_points - len(vertices) - len(near))
-    if len(others) > budget:
-        others = others[rng.choice(len(others), budget, replace=False)]
-    unit = np.concatenate([vertices, others, near])
-    pts = unit * s
-    return pts[:, : 2 * dof], pts[:, 2 * dof:]
+        r = rng.uniform(reg.r_min, reg.r_max, size=(per, len(reg.r_min)))
+        if hasattr(source, "equilibrium") and len(reg.r_min):
+            xs, _ = source.equilibrium(r)
+        elif hasattr(source, "equilibrium"):
+            xs = np.broadcast_to(source.equilibrium()[0], (per, nx))
+        else:
+            xs = np.broadcast_to((lo[:nx] + hi[:nx]) / 2.0, (per, nx))
+        x = xs + rng.standard_normal((per, nx)) * scale * half[:nx]
+        out.append(np.concatenate([x, r], 1))
+    return np.concatenate(out)[:count]
 
 
-def random_states(initial_set: InitialSet, dof: int, count: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform initial states and references in the (x0, r) box."""
-    s = region_bounds(initial_set, dof)
-    pts = rng.uniform(-1.0, 1.0, size=(count, 3 * dof)) * s
-    return pts[:, : 2 * dof], pts[:, 2 * dof:]
+def random_states(region, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform initial states and references in the region's [x, r] box."""
+    lo, hi = _box(_region_of(region))
+    pts = rng.uniform(lo, hi, size=(count, len(lo)))
+    return _split(region, pts)
 
 
-def state_set(initial_set: InitialSet, dof: int, count: int, rng: np.random.Generator,
+def state_set(region, count: int, rng: np.random.Generator,
               structured: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``count`` initial conditions: the structured points first, the rest uniform random."""
     if structured is None:
-        structured = structured_states(initial_set, dof, max_points=count // 2)
+        structured = structured_states(region, max_points=count // 2)
     xs, rs = structured
-    xr, rr = random_states(initial_set, dof, max(0, count - len(xs)), rng)
+    xr, rr = random_states(region, max(0, count - len(xs)), rng)
     return np.concatenate([xs, xr])[:count], np.concatenate([rs, rr])[:count]
+

@@ -46,18 +46,14 @@ SMALL_SCPO = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "hor
 # --------------------------------------------------------------------------- pure helpers
 
 def nominal_and_safe_sets(dof: int = 1, dt: float = DT):
-    """(nominal maximal control-invariant set, the set S the envelope keeps) for the test plant.
-
-    Works with the issue-9 API (``safe_set_for(system, late_commands=1)``, ``.nominal``)
-    and with the older one (one set, ``.invariant``)."""
-    from scpo_ros.dynamics import DoubleIntegrator
+    """(nominal maximal control-invariant set, the set S the envelope keeps) for the test plant:
+    the double integrator of the nodes' default parameters (``plant.plant_from_params``, the
+    bridge every node builds its plant with), ``late_commands=1``."""
+    from scpo_ros.params import MODEL_PARAMS, defaults
+    from scpo_ros.plant import plant_from_params
     from scpo_ros.safeguard.invariant_set import safe_set_for
-    system = DoubleIntegrator(dof=dof, dt=dt)
-    try:
-        s = safe_set_for(system, late_commands=1)
-    except TypeError:
-        s = safe_set_for(system)
-    return getattr(s, "nominal", s.invariant), s.invariant
+    s = safe_set_for(plant_from_params(defaults(MODEL_PARAMS, dof=dof, dt=dt)), late_commands=1)
+    return s.nominal, s.invariant
 
 
 def recoverable_starts(n_extra: int = 3, shrink: float = 0.97) -> list[tuple[float, float]]:

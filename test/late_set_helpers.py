@@ -5,10 +5,12 @@ import dataclasses
 import functools
 
 import numpy as np
+import yaml
 from hypothesis import strategies as st
 
 from scpo_ros.backup import LQRBackup, dlqr
-from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.dynamics import DoubleIntegrator, Pendulum
+from scpo_ros.plant import load_plant, plant_from_dict, plant_from_params
 from scpo_ros.safeguard.invariant_set import Polytope, linear_safe_set, safe_set_for
 from scpo_ros.safeguard.projection import SafeguardProjector
 
@@ -18,6 +20,39 @@ UNSTABLE = "unstable"
 """An open-loop unstable plant whose late set is strictly smaller than its nominal set (for
 the double integrator the two sets coincide), so the nominal level of the projector is
 exercised on states of the nominal set."""
+
+
+def plant_of(system):
+    """The generic ``Plant`` of a ``dynamics.DoubleIntegrator`` (through the node parameters'
+    bridge) or a ``dynamics.Pendulum`` (the shipped file with the system's dt, params and
+    limits): the tests simulate with the system and build sets and backups on the plant."""
+    if isinstance(system, Pendulum):
+        return _pendulum_plant(system.dt, system.g, system.tau_max, system.theta_max, system.theta_dot_max,
+                               system.a_max)
+    return _di_plant(system.dof, system.dt, system.p_max, system.v_max, system.u_max)
+
+
+@functools.cache
+def _di_plant(dof, dt, p_max, v_max, u_max):
+    return plant_from_params({"dof": dof, "dt": dt, "p_max": p_max, "v_max": v_max, "u_max": u_max})
+
+
+@functools.cache
+def _pendulum_plant(dt, g, tau_max, theta_max, theta_dot_max, a_max):
+    d = yaml.safe_load(load_plant("pendulum").text)
+    d.update(dt=dt, params={"g": g, "tau_max": tau_max}, x_min=[-theta_max, -theta_dot_max],
+             x_max=[theta_max, theta_dot_max], u_min=[-a_max], u_max=[a_max])
+    return plant_from_dict(d, "<pendulum of the test>")
+
+
+def safe_set_of(system, late_commands: int = 0):
+    """``safe_set_for`` of the system's plant (nominal by default, as the old system API)."""
+    return safe_set_for(plant_of(system), late_commands=late_commands)
+
+
+def backup_of(system):
+    """The LQR backup of the system's plant."""
+    return LQRBackup(plant_of(system))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +78,8 @@ def setup(*cfg):
     else:
         dof, dt, u_max = cfg
         sysm = DoubleIntegrator(dof=dof, dt=dt, u_max=u_max)
-        S = safe_set_for(sysm, late_commands=1)
-        lqr = LQRBackup(sysm)
+        S = safe_set_of(sysm, late_commands=1)
+        lqr = backup_of(sysm)
         backup = lambda x, r: lqr(x, np.zeros(dof))   # noqa: E731
     return sysm, S, backup, SafeguardProjector(S, backup=backup)
 

@@ -45,7 +45,7 @@ def write_sqlite_bag(path: Path) -> dict:
             w.write(c_cmd, t + (k + 1) * 1_000_000, ts.serialize_cdr(cmd, "std_msgs/msg/Float64MultiArray"))
         for k, status in enumerate(["accepted", "rejected", "backtracked", "accepted"]):
             rec = {"kind": "proposal", "status": status, "raw_step_norm": 1.0, "committed_step_norm": 0.01,
-                   "margins_after": {"position": -0.1}, "times_ms": {"total": 10.0 + k}}
+                   "margins_after": {"state": -0.1, "safe_set": -0.2}, "times_ms": {"total": 10.0 + k}}
             w.write(c_dec, t0 + k, ts.serialize_cdr(String(data=json.dumps(rec)), "std_msgs/msg/String"))
         w.write(c_mode, t0 + 5, ts.serialize_cdr(String(data=json.dumps({"mode": "backup_region"})),
                                                  "std_msgs/msg/String"))

@@ -4,7 +4,10 @@ import array
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from plant_strategies import random_plant
 from scpo_ros import graph as g
 from scpo_ros.backup import LQRBackup
 from scpo_ros.control_law import (
@@ -20,12 +23,12 @@ from scpo_ros.control_law import (
     make_law,
     select,
 )
-from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.envelope import CommandEnvelope
 from scpo_ros.params import MODEL_PARAMS, defaults
+from scpo_ros.plant import plant_from_params
 from scpo_ros.policy import MLPLayout, NumpyMLP
 from scpo_ros.residual_scpo import backup_weights
-from scpo_ros.safety_model import build_model
+from scpo_ros.safety_model import Model, build_model
 
 
 def model_values(**changes):
@@ -39,10 +42,46 @@ class Msg:
         self.data = array.array("d", [0.0] * n)
 
 
+def check_folded(plant, seed, hidden=(16, 8)):
+    """The folded law equals ``backup(x, r) + φ([x, r])`` at random points of the region."""
+    backup = LQRBackup(plant)
+    n, nr, m = plant.n, plant.nr, plant.m
+    layout = MLPLayout(n + nr, m, hidden)
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal(layout.size) * 0.3
+    gain = backup.input_gain()
+    assert gain.shape == (m, n + nr + 1)
+    folded, alone, mlp = FoldedPolicy(gain, layout, theta), FoldedPolicy(gain, None, None), NumpyMLP(layout, theta)
+    flat_layout = MLPLayout(n + nr, m, ())
+    theta_flat = rng.standard_normal(flat_layout.size)
+    affine, affine_ref = FoldedPolicy(gain, flat_layout, theta_flat), NumpyMLP(flat_layout, theta_flat)
+    out = np.zeros(m)
+    lo, hi = plant.region.lower, plant.region.upper
+    for _ in range(10):
+        inp = rng.uniform(lo, hi)
+        x, r = inp[:n], inp[n:]
+        z = np.append(inp, 1.0)
+        scale = 1.0 + np.abs(backup(x, r)).max()
+        assert np.allclose(folded(z, out), backup(x, r) + mlp(inp), atol=1e-9 * scale)
+        assert np.allclose(alone(z, out), backup(x, r), atol=1e-9 * scale)
+        assert np.allclose(affine(z, out), backup(x, r) + affine_ref(inp), atol=1e-9 * scale)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), affine=st.booleans())
+def test_folded_policy_of_random_plants(seed, affine):
+    # an affine term c moves the equilibrium off the origin: the backup's gain gets a constant
+    # column, which the fold must carry through the augmented input's 1
+    plant = random_plant(seed, affine=affine)
+    if affine:
+        assert np.abs(LQRBackup(plant).input_gain()[:, -1]).max() > 0
+    check_folded(plant, seed)
+
+
 @pytest.mark.parametrize("dof", [1, 2])
 def test_folded_policy_equals_backup_plus_mlp(dof):
-    system = DoubleIntegrator(dof=dof, dt=0.05)
-    backup = LQRBackup(system)
+    plant = plant_from_params(model_values(dof=dof))
+    backup = LQRBackup(plant)
     layout = MLPLayout(3 * dof, dof, (16, 8))
     rng = np.random.default_rng(dof)
     theta = rng.standard_normal(layout.size) * 0.3
@@ -81,6 +120,7 @@ def test_make_law_region_is_the_certified_box(dof):
     assert law.policy is None and law.version == 3 and not law.certifying
     assert law.upper == tuple([0.7] * dof + [0.15] * dof + [0.4] * dof)
     assert law.lower == tuple(-u for u in law.upper)
+    assert len(law.upper) == model.plant.n + model.plant.nr
     law = make_law(model, backup_weights(model.layout).astype(float), 4, certifying=True)
     assert law.certifying and law.policy is not None
     # the backup's own weights: the law is the backup
@@ -88,6 +128,21 @@ def test_make_law_region_is_the_certified_box(dof):
     out = np.zeros(dof)
     law.policy(np.concatenate([x, r, [1.0]]), out)
     assert np.allclose(out, model.backup(x, r), atol=1e-6)
+
+
+def test_make_law_region_of_any_plant():
+    # the region is the plant's [x, r] box, asymmetric and without references alike
+    plant = random_plant(7, n=3, m=2, nr=0, affine=True)
+    backup = LQRBackup(plant)
+    layout = MLPLayout(plant.n, plant.m, (8,))
+    model = Model(plant, backup, layout, None, None, 8, 8, 0, 0)
+    law = make_law(model, np.zeros(layout.size), 1)
+    assert law.lower == tuple(plant.region.x_min) and law.upper == tuple(plant.region.x_max)
+    z = list((plant.region.x_min + plant.region.x_max) / 2)
+    assert select(law, z, "waiting_for_state", 0, 3) == ("policy", 1)
+    out = np.zeros(plant.m)
+    law.policy(np.append(z, 1.0), out)
+    assert np.allclose(out, backup(np.array(z)), atol=1e-9)
 
 
 def law(policy=True, certifying=False):
@@ -131,30 +186,30 @@ def hold_model():
 
 def test_hold_predictor_dead_reckons_under_the_fallback(hold_model):
     model, envelope = hold_model
-    system = model.plant.system
+    plant = model.plant
     x0, r = np.array([0.5, -0.3, 0.4, 0.2]), np.array([0.1, -0.2])
     pred = HoldPredictor()
     x_start = x0.copy()
     pred.start(x_start, 10.0)
     x_start[:] = 9.0                                     # the node's buffer moves on: the hold keeps its copy
     # within the first period: the fallback for the last state itself
-    res = pred.command(10.0 + 0.5 * system.dt, system, envelope, r, "backup_predicted")
+    res = pred.command(10.0 + 0.5 * plant.dt, plant, envelope, r, "backup_predicted")
     assert pred.steps == 0 and np.allclose(pred.x, x0)
     assert np.allclose(res.u, envelope.fallback(x0, r, "hold_stale").u) and res.reason == "hold_stale"
     # one model step per dt elapsed, each under the fallback for the predicted state
     expected = x0.copy()
     for _ in range(7):
-        expected = system.step(expected, envelope.fallback(expected, r, "hold_stale").u)
-    pred.advance(10.0 + 3.2 * system.dt, system, envelope, r)         # incremental: 3 steps now, 4 later
-    res = pred.command(10.0 + 7.5 * system.dt, system, envelope, r, "backup_predicted")
+        expected = plant.step(expected, envelope.fallback(expected, r, "hold_stale").u)
+    pred.advance(10.0 + 3.2 * plant.dt, plant, envelope, r)         # incremental: 3 steps now, 4 later
+    res = pred.command(10.0 + 7.5 * plant.dt, plant, envelope, r, "backup_predicted")
     assert pred.steps == 7 and np.allclose(pred.x, expected, atol=1e-12)
     assert not np.allclose(expected, x0)
     assert np.allclose(res.u, envelope.fallback(expected, r, "hold_stale").u)
     # zero: the envelope's filter of a zero candidate for the predicted state; a new start restarts
-    res = pred.command(10.0 + 7.5 * system.dt, system, envelope, r, "zero")
+    res = pred.command(10.0 + 7.5 * plant.dt, plant, envelope, r, "zero")
     assert np.allclose(res.u, envelope.filter(expected, np.zeros(2), r).u)
     pred.start(x0, 20.0)
-    assert pred.steps == 0 and np.allclose(pred.advance(20.0, system, envelope, r), x0)
+    assert pred.steps == 0 and np.allclose(pred.advance(20.0, plant, envelope, r), x0)
 
 
 # ----------------------------------------------------------------- the control diagnostic

@@ -217,7 +217,7 @@ def test_mean_weights_are_the_residual_layout_of_the_scpo_policy():
         learner.policy.residual.net[-1].bias.fill_(0.3)      # move it, then read it back through numpy
     obs = env.reset()
     mlp = NumpyMLP(learner.layout, learner.mean_weights())
-    backup = LQRBackup(env.system)
+    backup = LQRBackup(env.plant)     # the env's plant: the bridge's double integrator
     x, r = obs[0, :2].double().numpy(), obs[0, 2:].double().numpy()
     expected = backup(x, r) + mlp(policy_inputs(x, r))
     mean = learner.act(obs, deterministic=True)[0][0].double().numpy()

@@ -9,10 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scpo_ros.backup import LQRBackup
+from late_set_helpers import backup_of, safe_set_of
 from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.envelope import CommandEnvelope
-from scpo_ros.safeguard.invariant_set import safe_set_for
 
 PLANTS = {
     "dof1": DoubleIntegrator(dof=1, dt=0.05),
@@ -26,7 +25,7 @@ _ENVELOPES = {}
 def envelope(name: str) -> tuple[DoubleIntegrator, CommandEnvelope]:
     if name not in _ENVELOPES:
         system = PLANTS[name]
-        _ENVELOPES[name] = (system, CommandEnvelope(safe_set_for(system, late_commands=1), LQRBackup(system)))
+        _ENVELOPES[name] = (system, CommandEnvelope(safe_set_of(system, late_commands=1), backup_of(system)))
     return _ENVELOPES[name]
 
 
@@ -128,7 +127,7 @@ def test_closed_loop_with_a_policy_pushing_into_the_walls_and_late_commands_neve
 def test_certified_policy_commands_pass_unchanged():
     """Inside the set, a candidate already in U_safe(x) (the backup well inside) is not changed."""
     system, env = envelope("dof1")
-    backup = LQRBackup(system)
+    backup = backup_of(system)
     for x in ([0.0, 0.0], [0.3, -0.1], [-0.5, 0.2]):
         x = np.array(x)
         u = backup(x, np.zeros(1))
@@ -153,7 +152,7 @@ def test_backup_from_the_certified_region_passes_the_envelope_unchanged():
     [x, r] (|p| <= 0.8, |v| <= 0.2, |r| <= 0.5) and along its trajectories is never changed: the
     certificate and the envelope agree on the safe set."""
     system, env = envelope("dof2")
-    backup = LQRBackup(system)
+    backup = backup_of(system)
     rng = np.random.default_rng(0)
     for _ in range(40):
         x = rng.uniform(-1, 1, 4) * np.array([0.8, 0.8, 0.2, 0.2])

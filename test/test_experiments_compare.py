@@ -29,7 +29,8 @@ def test_se_rl_wrapper_keeps_an_adversarial_learner_inside_the_constraints():
     env = SafeguardedEnv(VecDoubleIntegrator(64, system=system, episode_length=60, seed=0, dtype=torch.float64))
     raw = VecDoubleIntegrator(64, system=system, episode_length=60, seed=0)
     obs, obs_raw = env.reset(), raw.reset()
-    assert obs.dtype == torch.float32 and torch.allclose(obs, obs_raw)
+    # the same episodes (drawn in float32 either way; the float64 env's corners round once more)
+    assert obs.dtype == torch.float32 and torch.allclose(obs, obs_raw, atol=1e-6)
     cost_safe = cost_raw = 0.0
     for _ in range(60):
         push = torch.where(obs[:, :1] >= 0, 1.0, -1.0) * 5.0          # full throttle outwards
@@ -41,6 +42,31 @@ def test_se_rl_wrapper_keeps_an_adversarial_learner_inside_the_constraints():
         obs, obs_raw = step.obs, raw_step.obs
     assert cost_raw > 0, "without the safeguard the same actions break the limits"
     assert cost_safe == 0.0 and env.fallbacks == 0 and env.interventions > 0
+    assert env.safe_set.name.startswith("double_integrator explicit")     # the maximal invariant set
+
+
+def test_every_method_runs_on_the_double_integrator_and_on_a_plant_file(tmp_path):
+    """Smoke: one epoch of every method (SCPO and SE-RL included) on the default task, and the
+    plant-file task; the SCPO rows commit only certified steps, so their evaluation is safe."""
+    import json
+
+    from scpo_ros.experiments import compare
+
+    torch.set_num_threads(1)
+    for env, methods in (("double_integrator", "scpo_imitation,scpo_rl,se_rl"),
+                         ("mass_spring_damper", "c_trpo,scpo_imitation,se_rl")):
+        out = tmp_path / f"{env}.json"
+        rc = compare.main(["--env", env, "--methods", methods, "--seeds", "1", "--epochs", "1", "--num-envs", "4",
+                           "--eval-episodes", "8", "--json", str(out), "--plot", ""])
+        assert rc == 0
+        data = json.loads(out.read_text())
+        assert set(data["results"]) == set(methods.split(",")) and not data["skipped"]
+        for name in ("scpo_imitation", "se_rl"):
+            assert data["results"][name]["eval_cost"] == 0.0, (env, name)
+    with pytest.raises(SystemExit):
+        compare.main(["--env", "no_such_plant", "--methods", "c_trpo"])
+    skipped = compare.available("se_rl", compare.CompareSettings(env="pendulum"))
+    assert skipped == (False, "not defined on pendulum")
 
 
 def test_compare_main_writes_table_json_and_plot(tmp_path):

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from scpo_ros.backup import InitialSet, LQRBackup
+from scpo_ros.backup import LQRBackup
 from scpo_ros.ctrpo import CTRPOConfig
-from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.learners import CTRPOProposer, ImitationLearner
+from scpo_ros.plant import Region, load_plant
 from scpo_ros.policy import MLPLayout, NumpyMLP, check_weights, policy_inputs
 
-SYSTEM = DoubleIntegrator(dof=1, dt=0.05)
-BACKUP = LQRBackup(SYSTEM)
+PLANT = load_plant("double_integrator")
+BACKUP = LQRBackup(PLANT)
 HIDDEN = (16, 16)
 LAYOUT = MLPLayout(3, 1, HIDDEN)
 
@@ -20,7 +20,7 @@ LAYOUT = MLPLayout(3, 1, HIDDEN)
 def small_proposer(seed: int = 0, **kwargs) -> CTRPOProposer:
     torch.set_num_threads(1)
     config = CTRPOConfig(algorithm="c_trpo", cost_limit=1.0, hidden=HIDDEN, critic_epochs=2)
-    return CTRPOProposer(SYSTEM, BACKUP, LAYOUT, InitialSet(), config, num_envs=8, horizon=25, seed=seed, **kwargs)
+    return CTRPOProposer(PLANT, BACKUP, LAYOUT, None, config, num_envs=8, horizon=25, seed=seed, **kwargs)
 
 
 def test_ctrpo_proposer_starts_as_the_backup_and_proposes_changing_layout_true_weights():
@@ -68,11 +68,35 @@ def test_ctrpo_proposer_rebases_on_certified_weights():
 
 def test_ctrpo_proposer_refuses_a_mismatched_setup():
     with pytest.raises(ValueError, match="hidden"):
-        CTRPOProposer(SYSTEM, BACKUP, MLPLayout(3, 1, (32, 32)), config=CTRPOConfig(hidden=HIDDEN))
-    with pytest.raises(ValueError, match="double integrator"):
-        CTRPOProposer(SYSTEM, BACKUP, MLPLayout(6, 2, HIDDEN), config=CTRPOConfig(hidden=HIDDEN))
+        CTRPOProposer(PLANT, BACKUP, MLPLayout(3, 1, (32, 32)), config=CTRPOConfig(hidden=HIDDEN))
+    with pytest.raises(ValueError, match="does not fit the plant double_integrator"):
+        CTRPOProposer(PLANT, BACKUP, MLPLayout(6, 2, HIDDEN), config=CTRPOConfig(hidden=HIDDEN))
+    # episodes starting outside the limits (|p| <= 1.2 > p_max), or references whose
+    # equilibrium breaks them, would carry cost from their first step
+    wide = Region(np.array([-1.2, -0.2]), np.array([1.2, 0.2]), np.array([-0.5]), np.array([0.5]))
+    with pytest.raises(ValueError, match="inside the constraint box.*position"):
+        CTRPOProposer(PLANT, BACKUP, LAYOUT, wide, config=CTRPOConfig(hidden=HIDDEN))
+    far = Region(np.array([-0.8, -0.2]), np.array([0.8, 0.2]), np.array([-1.5]), np.array([1.5]))
     with pytest.raises(ValueError, match="inside the constraint box"):
-        CTRPOProposer(SYSTEM, BACKUP, LAYOUT, InitialSet(p0_max=1.2), config=CTRPOConfig(hidden=HIDDEN))
+        CTRPOProposer(PLANT, BACKUP, LAYOUT, far, config=CTRPOConfig(hidden=HIDDEN))
+
+
+def test_ctrpo_proposer_trains_on_any_plant():
+    # four states and no tracked state (references of shape (0,)): the mean starts as its backup
+    torch.set_num_threads(1)
+    plant = load_plant("cart_pole")
+    layout = MLPLayout(plant.n + plant.nr, plant.m, HIDDEN)
+    config = CTRPOConfig(algorithm="c_trpo", cost_limit=1.0, hidden=HIDDEN, critic_epochs=2)
+    prop = CTRPOProposer(plant, None, layout, None, config, num_envs=4, horizon=10, seed=1)
+    assert np.array_equal(prop.weights(), layout.initial_parameters(1).double().numpy())
+    backup = LQRBackup(plant)
+    x = 0.5 * (plant.region.x_min + plant.region.x_max) + 0.01
+    r = 0.5 * (plant.region.r_min + plant.region.r_max)
+    obs = torch.tensor(policy_inputs(x, r), dtype=torch.float32)[None]
+    mean = prop.learner.act(obs, deterministic=True)[0].numpy()[0] + prop.env.action_offset.numpy()
+    np.testing.assert_allclose(mean, backup(x, r), atol=1e-5)
+    stats = prop.update(1)
+    assert stats["env_steps"] == 40 and np.all(np.isfinite(prop.weights()))
 
 
 def test_ctrpo_proposer_runtime_settings_reach_the_critics():

@@ -18,12 +18,18 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
 from scpo_ros.backup import LQRBackup  # noqa: E402
 from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
-from scpo_ros.nodes.action_safeguard import ActionSafeguard  # noqa: E402
+from scpo_ros.nodes.action_safeguard import PARAMS, ActionSafeguard  # noqa: E402
+from scpo_ros.params import defaults  # noqa: E402
+from scpo_ros.plant import plant_from_params  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, WARN  # noqa: E402
 from scpo_ros.safeguard.invariant_set import safe_set_for  # noqa: E402
 from scpo_ros.safeguard.projection import SafeguardProjector  # noqa: E402
+from scpo_ros.safety_model import pendulum_plant  # noqa: E402
 
 TIMEOUT = 10.0
+PLANT = plant_from_params(defaults(PARAMS))
+"""The safeguard's plant with its default parameters (the bridge's double integrator): the
+safe set and backup it builds; ``DoubleIntegrator()`` (the same dt and limits) steps it here."""
 
 
 def wait_for(cond, timeout=TIMEOUT):
@@ -39,11 +45,12 @@ class Harness:
     """The safeguard node plus a peer node (state/raw-action publisher, cmd/record/diagnostics
     listener) in one private context, spun by one executor thread."""
 
-    def __init__(self, timeout=5.0):
+    def __init__(self, timeout=5.0, **overrides):
         self.ctx = rclpy.context.Context()
         rclpy.init(context=self.ctx)
         self.node = ActionSafeguard(context=self.ctx, parameter_overrides=[
-            Parameter("state_timeout", value=timeout), Parameter("action_timeout", value=timeout)])
+            Parameter("state_timeout", value=timeout), Parameter("action_timeout", value=timeout),
+            *(Parameter(k, value=v) for k, v in overrides.items())])
         self.peer = rclpy.create_node("safeguard_test_peer", context=self.ctx)
         self.state_pub = self.peer.create_publisher(JointState, "joint_states", 10)
         self.raw_pub = self.peer.create_publisher(Float64MultiArray, "raw_action", 10)
@@ -101,7 +108,7 @@ def harness():
 
 def test_malicious_raw_actions_are_projected_and_the_plant_stays_safe(harness):
     sysm = DoubleIntegrator()
-    S = safe_set_for(sysm, late_commands=1)
+    S = safe_set_for(PLANT, late_commands=1)
     x = np.array([0.3, 0.4])
     harness.prime()
     for t in range(150):
@@ -122,7 +129,7 @@ def test_malicious_raw_actions_are_projected_and_the_plant_stays_safe(harness):
 
 def test_bad_and_stale_inputs_fall_back_to_the_backup(harness):
     sysm = DoubleIntegrator()
-    backup = LQRBackup(sysm)
+    backup = LQRBackup(PLANT)
     x = np.array([0.2, -0.1])
     harness.prime()
     harness.send_state(x)
@@ -141,7 +148,7 @@ def test_bad_and_stale_inputs_fall_back_to_the_backup(harness):
     np.testing.assert_allclose(harness.node.x, x)
     # A state outside the invariant set from which one admissible action still returns into it:
     # projected (no fallback), the record says so, WARN diagnostic.
-    S = safe_set_for(sysm, late_commands=1)
+    S = safe_set_for(PLANT, late_commands=1)
     offline = SafeguardProjector(S, margin=1e-6)
     back = np.array([1.02, -0.6])
     assert not S.invariant.contains(back) and not offline.project(back, [0.5]).fallback
@@ -171,8 +178,7 @@ def test_bad_and_stale_inputs_fall_back_to_the_backup(harness):
 def test_stale_state_and_stale_action():
     h = Harness(timeout=0.3)
     try:
-        sysm = DoubleIntegrator()
-        backup = LQRBackup(sysm)
+        backup = LQRBackup(PLANT)
         x = np.array([0.1, 0.2])
         # No raw action yet: every state is answered with the backup (stale_action).
         n = len(h.cmds)
@@ -197,7 +203,7 @@ def test_stale_state_and_stale_action():
 def test_lifecycle_deactivate_answers_states_with_the_fallback_and_bad_parameters_are_refused():
     h = Harness()
     try:
-        backup = LQRBackup(DoubleIntegrator())
+        backup = LQRBackup(PLANT)
         h.prime()
         h.send_state(np.array([0.0, 0.0]))
         h.send_raw([0.1])
@@ -231,3 +237,27 @@ def test_lifecycle_deactivate_answers_states_with_the_fallback_and_bad_parameter
             ActionSafeguard(context=ctx, parameter_overrides=[Parameter("plant", value="rocket")])
     finally:
         rclpy.shutdown(context=ctx)
+
+
+def test_the_pendulum_variant_keeps_the_pendulum_in_its_safe_set():
+    """``plant: pendulum``: the envelope of ``safety_model.pendulum_plant`` (angle p_max, rate
+    v_max, torque u_max; no references), membership by ``safe_set.contains(x, r)``."""
+    limits = {"p_max": 1.0, "v_max": 6.0, "u_max": 0.8}
+    h = Harness(plant="pendulum", late_commands=0, **limits)
+    try:
+        plant = pendulum_plant(defaults(PARAMS, **limits))
+        S = h.node.envelope.safe_set
+        assert "pendulum" in S.name.lower() and h.node.projector.m == 1
+        x = np.array([0.3, 1.0])
+        assert S.contains(x, None)
+        h.prime()
+        for t in range(60):                                  # full torque towards the limit, then back
+            h.send_state(x)
+            cmd = h.send_raw([0.8 if t < 40 else -0.8])
+            assert cmd.shape == (1,) and abs(cmd[0]) <= 0.8 + 1e-12
+            x = np.asarray(plant.step(x, cmd), dtype=float)
+            assert S.contains(x, None, tol=1e-7), f"left the safe set at step {t}: x={x}"
+            assert abs(x[0]) <= 1.0 and abs(x[1]) <= 6.0
+        assert any(not r["fallback"] and r["distance"] > 0 for r in h.records)   # it did project
+    finally:
+        h.close()

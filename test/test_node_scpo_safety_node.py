@@ -20,7 +20,8 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from attack_helpers import background, ros_parameter  # noqa: E402
 from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
 from scpo_ros.backup import LQRBackup  # noqa: E402
-from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
+from scpo_ros.params import MODEL_PARAMS, defaults  # noqa: E402
+from scpo_ros.plant import plant_from_params  # noqa: E402
 from scpo_ros.policy import MLPLayout  # noqa: E402
 from scpo_ros.residual_scpo import backup_weights  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, OK  # noqa: E402
@@ -30,8 +31,8 @@ from scpo_ros.scpo import COMMITTED, STATUSES  # noqa: E402
 
 NODE = "/scpo_safety_node"
 LAYOUT = MLPLayout(3, 1, (32, 32))
-SYSTEM = DoubleIntegrator(dof=1, dt=0.05)
-BACKUP = LQRBackup(SYSTEM)
+# the node's plant and backup (config/scpo_double_integrator.yaml's values are the tables' defaults)
+BACKUP = LQRBackup(plant_from_params(defaults(MODEL_PARAMS)))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scpo_ros import params
-from scpo_ros.backup import InitialSet, LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.params import (
     BACKUP_PARAMS,
@@ -26,6 +25,7 @@ from scpo_ros.params import (
     compose,
     read_only,
 )
+from scpo_ros.plant import load_plant, plant_from_params
 from scpo_ros.policy import MLPLayout
 from scpo_ros.residual_scpo import ResidualSCPO
 from scpo_ros.rollout import SafetySpec
@@ -47,12 +47,38 @@ def _by_name(table):
     return {s.name: s for s in table}
 
 
-@pytest.mark.parametrize(("table", "cls"), [(PLANT_PARAMS, DoubleIntegrator), (BACKUP_PARAMS, LQRBackup),
-                                            (REGION_PARAMS, InitialSet), (ROLLOUT_PARAMS, SafetySpec)])
-def test_table_defaults_are_the_dataclass_defaults(table, cls):
-    for spec in table:
-        assert spec.default == _field_default(cls, spec.name), spec.name
-        assert type(spec.default) is type(_field_default(cls, spec.name)), spec.name
+def test_plant_defaults_are_the_double_integrator_defaults():
+    for spec in PLANT_PARAMS:
+        assert spec.default == _field_default(DoubleIntegrator, spec.name), spec.name
+        assert type(spec.default) is type(_field_default(DoubleIntegrator, spec.name)), spec.name
+
+
+def test_backup_and_region_defaults_are_the_shipped_double_integrator_file():
+    # the tables carry the file's backup: and certified_region: until the nodes read plant_file;
+    # the bridge's plant of the defaults is the shipped file's plant
+    shipped = load_plant("double_integrator")
+    bridged = plant_from_params(params.defaults(PLANT_PARAMS + BACKUP_PARAMS + REGION_PARAMS))
+    b, r = _by_name(BACKUP_PARAMS), _by_name(REGION_PARAMS)
+    assert shipped.backup_Q.tolist() == [b["q_pos"].default, b["q_vel"].default]
+    assert shipped.backup_R.tolist() == [b["r_act"].default]
+    assert shipped.region.x_max.tolist() == [r["p0_max"].default, r["v0_max"].default]
+    assert shipped.region.r_max.tolist() == [r["r_max"].default]
+    for name in ("A", "B", "c", "x_min", "x_max", "u_min", "u_max", "backup_Q", "backup_R"):
+        np.testing.assert_allclose(getattr(bridged, name), getattr(shipped, name), atol=1e-12, err_msg=name)
+    for name in ("x_min", "x_max", "r_min", "r_max"):
+        np.testing.assert_array_equal(getattr(bridged.region, name), getattr(shipped.region, name))
+    assert all(isinstance(spec.default, float) for spec in BACKUP_PARAMS + REGION_PARAMS)
+
+
+def test_rollout_defaults_are_the_safety_spec_defaults():
+    # ``horizon`` stays in steps: SafetySpec's horizon_s at the default dt
+    specs, spec = _by_name(ROLLOUT_PARAMS), SafetySpec()
+    dt = _by_name(PLANT_PARAMS)["dt"].default
+    assert specs["horizon"].default == spec.steps(dt) and type(specs["horizon"].default) is int
+    assert specs["horizon"].default * dt == pytest.approx(spec.horizon_s)
+    for name in ("lyap_alpha", "lyap_eps"):
+        assert specs[name].default == getattr(spec, name), name
+    assert set(specs) == {"horizon", "lyap_alpha", "lyap_eps"}
 
 
 def test_scpo_defaults_are_scpo_config_defaults():

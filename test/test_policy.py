@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scpo_ros.backup import LQRBackup
-from scpo_ros.dynamics import DoubleIntegrator
+from scpo_ros.plant import plant_from_params
 from scpo_ros.policy import (
     MLPLayout,
     NumpyMLP,
@@ -38,12 +38,13 @@ def test_numpy_form_takes_batches_and_matches_the_module():
 
 @pytest.mark.parametrize("dof,hidden", [(1, (16, 8)), (2, (8,)), (1, ()), (2, (4, 4, 4))])
 def test_folded_law_is_backup_plus_mlp(dof, hidden):
-    backup = LQRBackup(DoubleIntegrator(dof=dof))
+    backup = LQRBackup(plant_from_params({"dof": dof, "dt": 0.05, "p_max": 1.0, "v_max": 1.0, "u_max": 1.0}))
     layout = MLPLayout(3 * dof, dof, hidden)
     rng = np.random.default_rng(dof)
     theta = rng.standard_normal(layout.size) * 0.3
-    mats, alone = fold_residual_policy(backup.input_gain(), layout, theta), \
-        fold_residual_policy(backup.input_gain(), layout, None)
+    gain = backup.input_gain()
+    assert gain.shape == (dof, 3 * dof + 1) and np.all(gain[:, -1] == 0.0)   # no affine term: u_ss(0) = 0
+    mats, alone = fold_residual_policy(gain[:, :-1], layout, theta), fold_residual_policy(gain[:, :-1], layout, None)
     assert len(alone) == 1 and (len(mats) == 1) == (not hidden)
     mlp = NumpyMLP(layout, theta)
     for _ in range(20):

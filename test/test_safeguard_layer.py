@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from late_set_helpers import safe_set_of
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
-from scpo_ros.safeguard.invariant_set import safe_set_for
 from scpo_ros.safeguard.layer import ProjectionLayer
 from scpo_ros.safeguard.projection import SafeguardProjector
 from test_safeguard_projection import coupled_safe_set
@@ -21,11 +21,11 @@ def batch(S, limits, n, seed, spread=2.5):
     return torch.tensor(x), torch.tensor(u)
 
 
-CASES = [("di2", lambda: safe_set_for(DoubleIntegrator(dof=2)), [1.0] * 4, "closed_form"),
-         ("di2-daqp", lambda: safe_set_for(DoubleIntegrator(dof=2)), [1.0] * 4, "daqp"),
-         ("di2-late", lambda: safe_set_for(DoubleIntegrator(dof=2), late_commands=1), [1.0] * 4, "closed_form"),
-         ("di2-late-daqp", lambda: safe_set_for(DoubleIntegrator(dof=2, dt=0.1), late_commands=1), [1.0] * 4, "daqp"),
-         ("pendulum", lambda: safe_set_for(Pendulum()), [np.pi, 8.0], "closed_form"),
+CASES = [("di2", lambda: safe_set_of(DoubleIntegrator(dof=2)), [1.0] * 4, "closed_form"),
+         ("di2-daqp", lambda: safe_set_of(DoubleIntegrator(dof=2)), [1.0] * 4, "daqp"),
+         ("di2-late", lambda: safe_set_of(DoubleIntegrator(dof=2), late_commands=1), [1.0] * 4, "closed_form"),
+         ("di2-late-daqp", lambda: safe_set_of(DoubleIntegrator(dof=2, dt=0.1), late_commands=1), [1.0] * 4, "daqp"),
+         ("pendulum", lambda: safe_set_of(Pendulum()), [np.pi, 8.0], "closed_form"),
          ("coupled", coupled_safe_set, [1.0, 1.0], "daqp")]
 
 
@@ -63,7 +63,7 @@ def test_forward_equals_projector_and_gradients_match_finite_differences(name, m
 
 
 def test_jacobian_rank_drops_by_the_number_of_active_constraints():
-    S = safe_set_for(DoubleIntegrator(dof=2))
+    S = safe_set_of(DoubleIntegrator(dof=2))
     layer = ProjectionLayer(S)
     x, u = batch(S, [1.0] * 4, 200, seed=5)
     ut = layer(x, u)
@@ -93,7 +93,7 @@ def test_jacobian_rank_drops_by_the_number_of_active_constraints():
 def test_gradients_match_cvxpylayers(late_commands):
     cp = pytest.importorskip("cvxpy")
     cvxpylayers_torch = pytest.importorskip("cvxpylayers.torch")
-    S = safe_set_for(DoubleIntegrator(dof=2), late_commands=late_commands)
+    S = safe_set_of(DoubleIntegrator(dof=2), late_commands=late_commands)
     G = S.G
     k, m = G.shape
     z, up, bp = cp.Variable(m), cp.Parameter(m), cp.Parameter(k)
@@ -124,7 +124,7 @@ def test_float32_states_on_the_boundary_stay_feasible_with_float64_gradients(sol
     feasible, and its float32 gradients must be the float64 ones, not 1/eps blow-ups of
     rounding-level eigenvalues."""
     sysm = DoubleIntegrator(dof=2)
-    S = safe_set_for(sysm)
+    S = safe_set_of(sysm)
     P = SafeguardProjector(S)
     rng = np.random.default_rng(4)
     xs, x = [], np.zeros(4)
@@ -154,3 +154,14 @@ def test_float32_states_on_the_boundary_stay_feasible_with_float64_gradients(sol
     torch.testing.assert_close(g32[same], g64[same], atol=1e-5, rtol=0)
     # ∂ũ/∂u is an orthogonal projector: it never lengthens the upstream gradient
     assert (g32.norm(dim=-1) <= w.norm(dim=-1) + 1e-5).all()
+
+
+def test_sets_with_free_reference_variables_are_refused():
+    """An implicit set (ρ columns) would get wrong gradients from the (ũ)-only KKT system: refused."""
+    from plant_strategies import random_plant
+    from scpo_ros.safeguard.invariant_set import safe_set_for
+    plant = random_plant(3, n=4, m=1, nr=1, stable=True, h_rows=0, region_frac=0.2)   # n + m > 4: implicit
+    S = safe_set_for(plant, late_commands=0)
+    assert S.kind == "implicit" and S.rho_dim == 1
+    with pytest.raises(ValueError, match="free reference variables"):
+        ProjectionLayer(S)

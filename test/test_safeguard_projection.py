@@ -11,17 +11,18 @@ from scipy.optimize import linprog
 from late_set_helpers import (
     TOL,
     UNSTABLE,
+    backup_of,
     boundary_state,
     config,
     daqp_projector,
     direction,
     max_violation,
     raw_action,
+    safe_set_of,
     setup,
 )
-from scpo_ros.backup import LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
-from scpo_ros.safeguard.invariant_set import Polytope, SafeActionSet, double_integrator_safe_set, safe_set_for
+from scpo_ros.safeguard.invariant_set import Polytope, SafeActionSet
 from scpo_ros.safeguard.projection import SafeguardProjector, project_batch
 
 cp = pytest.importorskip("cvxpy")
@@ -35,8 +36,10 @@ class ReferenceProjection:
         self.z = cp.Variable(safe_set.action_dim)
         self.u = cp.Parameter(safe_set.action_dim)
         self.b = cp.Parameter(safe_set.G.shape[0])
+        centre = (safe_set.u_max + safe_set.u_min) / 2.0   # the box as |z - centre| <= half-width
         self.prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(self.z - self.u)),
-                               [safe_set.G @ self.z <= self.b, cp.abs(self.z) <= safe_set.u_max])
+                               [safe_set.G @ self.z <= self.b,
+                                cp.abs(self.z - centre) <= (safe_set.u_max - safe_set.u_min) / 2.0])
 
     def __call__(self, x, u):
         self.u.value, self.b.value = u, self.safe_set.rhs(x)
@@ -55,18 +58,19 @@ def coupled_safe_set():
     h = np.array([1.0, 1.0, 1.0, 1.0, 1.2, 1.5])
     A = np.array([[1.0, 0.1], [0.0, 1.0]])
     B = np.array([[0.3, 0.1], [0.05, 0.4]])
-    return SafeActionSet(Polytope(H, h), B, 1.0, lambda x: x @ A.T,
-                         lambda x: x @ torch.as_tensor(A.T, dtype=x.dtype), name="coupled", drift_matrix=A)
+    return SafeActionSet(Polytope(H, h), B, -1.0, 1.0, D=H, G=H @ B, F=np.zeros((len(h), 0)), f=h,
+                         drift_np=lambda x: x @ A.T, drift_torch=lambda x: x @ torch.as_tensor(A.T, dtype=x.dtype),
+                         name="coupled", drift_matrix=A)
 
 
-CASES = [("di1", lambda: safe_set_for(DoubleIntegrator(dof=1)), [1.0, 1.0]),
-         ("di2", lambda: safe_set_for(DoubleIntegrator(dof=2)), [1.0, 1.0, 1.0, 1.0]),
-         ("pendulum", lambda: safe_set_for(Pendulum()), [np.pi, 8.0]),
+CASES = [("di1", lambda: safe_set_of(DoubleIntegrator(dof=1)), [1.0, 1.0]),
+         ("di2", lambda: safe_set_of(DoubleIntegrator(dof=2)), [1.0, 1.0, 1.0, 1.0]),
+         ("pendulum", lambda: safe_set_of(Pendulum()), [np.pi, 8.0]),
          ("coupled", coupled_safe_set, [1.0, 1.0])]
 
 
-LATE_CASES = [("di1-late", lambda: safe_set_for(DoubleIntegrator(dof=1), late_commands=1), [1.0, 1.0]),
-              ("di2-late", lambda: safe_set_for(DoubleIntegrator(dof=2, dt=0.1, u_max=0.6), late_commands=1),
+LATE_CASES = [("di1-late", lambda: safe_set_of(DoubleIntegrator(dof=1), late_commands=1), [1.0, 1.0]),
+              ("di2-late", lambda: safe_set_of(DoubleIntegrator(dof=2, dt=0.1, u_max=0.6), late_commands=1),
                [1.0] * 4)]
 
 
@@ -93,7 +97,7 @@ def test_projection_matches_reference_qp(name, make, limits):
             assert res.distance == pytest.approx(np.linalg.norm(ref - u), abs=1e-6)
             # The active rows are tight at the solution; the others hold.
             A_full = np.vstack([S.G, np.eye(S.action_dim), -np.eye(S.action_dim)])
-            b_full = np.concatenate([S.rhs(xi), np.full(2 * S.action_dim, S.u_max)])
+            b_full = np.concatenate([S.rhs(xi), S.u_max, -S.u_min])
             slack = b_full - A_full @ res.u
             assert np.all(slack >= -1e-9)
             assert np.all(np.abs(slack[res.active]) <= 1e-8)
@@ -106,7 +110,7 @@ def test_warm_started_qp_agrees_with_closed_form_over_a_trajectory():
     """Warm starts carry the previous active set: along a closed loop (consecutive,
     correlated problems) the daqp answer must still equal the closed form exactly."""
     sysm = DoubleIntegrator(dof=2)
-    S = safe_set_for(sysm)
+    S = safe_set_of(sysm)
     cf, qp = SafeguardProjector(S, solver="closed_form"), SafeguardProjector(S, solver="daqp")
     rng = np.random.default_rng(3)
     x = np.array([0.2, -0.3, 0.5, 0.4])
@@ -127,7 +131,7 @@ def least_violation(S, x):
     c = np.zeros(m + 1)
     c[-1] = 1.0
     lp = linprog(c, A_ub=np.hstack([S.G, -np.ones((k, 1))]), b_ub=S.rhs(x),
-                 bounds=[(-S.u_max, S.u_max)] * m + [(None, None)], method="highs")
+                 bounds=list(zip(S.u_min, S.u_max)) + [(None, None)], method="highs")
     assert lp.status == 0
     return lp.fun
 
@@ -182,11 +186,10 @@ def test_recovery_keeps_a_plant_with_late_commands_inside_its_limits():
     random steps (20 %), and the raw policy drives into the walls. Recovery (hardest
     admissible braking once U_safe is empty) keeps every true limit; the LQR backup as the
     fallback (the former behaviour) does not."""
-    from scpo_ros.backup import LQRBackup
     true = DoubleIntegrator()
     tight = DoubleIntegrator(p_max=0.95, v_max=0.9)
-    S = safe_set_for(tight)
-    lqr = LQRBackup(tight)
+    S = safe_set_of(tight)
+    lqr = backup_of(tight)
     violations = {}
     for recovery in (True, False):
         P = SafeguardProjector(S, backup=lambda x, r: lqr(x, np.zeros(1)), recovery=recovery)
@@ -211,7 +214,7 @@ def test_per_step_closed_form_is_the_batched_interval_projection(dof, late):
     import torch
 
     from scpo_ros.safeguard.projection import IntervalBatch
-    S = safe_set_for(DoubleIntegrator(dof=dof), late_commands=late)
+    S = safe_set_of(DoubleIntegrator(dof=dof), late_commands=late)
     rng = np.random.default_rng(dof + 2 * late)
     x = rng.uniform(-1.0, 1.0, (4000, 2 * dof))
     x = x[S.invariant.contains(x, tol=-1e-6)][:300]
@@ -236,7 +239,7 @@ def test_float32_plant_driven_into_the_walls_never_falls_back(dof, solver):
     around it. Before the fix ~half of these steps fell back (outside_invariant_set) and the
     backup-less plant left the box."""
     sysm = DoubleIntegrator(dof=dof)
-    S = safe_set_for(sysm)
+    S = safe_set_of(sysm)
     A, B = sysm.A.astype(np.float32), sysm.B.astype(np.float32)
     P = SafeguardProjector(S, solver=solver)
     rng = np.random.default_rng(dof)
@@ -256,7 +259,7 @@ def test_float32_plant_driven_into_the_walls_never_falls_back(dof, solver):
 
 
 def test_float32_states_on_the_boundary_are_members_and_float64_stays_exact():
-    S = safe_set_for(DoubleIntegrator(dof=1))
+    S = safe_set_of(DoubleIntegrator(dof=1))
     P = SafeguardProjector(S)
     # points on the invariant set's facets (vertices and midpoints), rounded to float32 outward or inward
     V = S.invariant.vertices()
@@ -291,8 +294,8 @@ def test_float32_states_on_the_boundary_are_members_and_float64_stays_exact():
 
 def test_projector_falls_back_to_the_backup_outside_the_set():
     sysm = DoubleIntegrator(dof=1)
-    backup = LQRBackup(sysm)
-    proj = SafeguardProjector(double_integrator_safe_set(sysm), backup=backup)
+    backup = backup_of(sysm)
+    proj = SafeguardProjector(safe_set_of(sysm), backup=backup)
     x = np.array([0.99, 0.9])                   # cannot brake in time
     res = proj.project(x, np.array([0.3]), r=np.array([0.0]))
     assert res.fallback and res.reason == "outside_invariant_set"

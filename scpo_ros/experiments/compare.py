@@ -1,10 +1,13 @@
 """One constrained task, every method: C-TRPO, TRPO-Lagrangian, TRPO, SCPO, SE-RL safeguard.
 
-Task (double integrator, one axis): track a reference held for a 5 s episode (100 steps);
-reward ``-(|p - r|² + 0.1 u²)·dt`` (the return is minus the SCPO task cost); cost 1 for
-every step outside the box ``|p| <= 1``, ``|v| <= v_max`` (default 0.5: a speed limit the
+Task (default: the double integrator, one axis): track a reference held for a 5 s episode
+(100 steps); reward ``-(|p - r|² + 0.1 u²)·dt`` (the return is minus the SCPO task cost); cost 1
+for every step outside the box ``|p| <= 1``, ``|v| <= v_max`` (default 0.5: a speed limit the
 certified LQR backup keeps, with margin, and a fast tracker breaks); cost limit ``b`` on
-the expected episode cost. Initial states and references from the certified initial set.
+the expected episode cost. Initial states and references from the certified region.
+``--env pendulum`` is the SafeGBPO pendulum (its own reward; the RL methods only); any other
+``--env`` is a plant file (a shipped name or a path, ``plant.load_plant``): the same tracking
+task on that plant (``envs.VecPlantEnv``), every method included.
 
 Same budget for every method: ``epochs`` epochs, each executing ``num_envs`` whole
 episodes with the method's *current deployed* policy (the stochastic policy for the RL
@@ -15,7 +18,7 @@ simulates rollouts to certify its steps (model-based; not executed, not counted)
 Each method is one entry of ``RUNNERS``: ``runner(seed, settings) -> RunResult``.
 
     python -m scpo_ros.experiments compare [--seeds 3] [--epochs 60] [--methods c_trpo,trpo]
-        [--json PATH] [--plot PATH] [--env double_integrator|pendulum]
+        [--json PATH] [--plot PATH] [--env double_integrator|pendulum|PLANT]
 
 Columns: ``return`` / ``task_cost`` of the final deployed policy (deterministic, on a fixed
 evaluation set of initial states), its ``eval_cost`` (mean episode cost) and
@@ -34,29 +37,31 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from ..backup import InitialSet, LQRBackup
+from ..backup import LQRBackup
 from ..ctrpo import CTRPOConfig, CTRPOLearner, evaluate_policy, train
 from ..dynamics import DoubleIntegrator, Pendulum
-from ..envs import VecDoubleIntegrator, VecPendulum
-from ..expert import ExpertConfig
+from ..envs import VecDoubleIntegrator, VecPendulum, VecPlantEnv
+from ..expert import Expert, ExpertConfig
+from ..plant import Plant, load_plant, plant_from_params
 from ..policy import MLPLayout, ResidualMLP
 from ..residual_scpo import ResidualSCPO
 from ..safeguard.invariant_set import safe_set_for
 from ..safeguard.projection import project_batch
 from ..scpo import COMMITTED
-from .imitation import ImitationSettings, imitation_step, make_learner
+from .imitation import ImitationSettings, demo_region, envelope_safe_set, imitation_step, make_learner
 from .report import aggregate, print_table, write_json
 
 
 @dataclass(frozen=True)
 class CompareSettings:
     env: str = "double_integrator"
+    """``double_integrator`` (the bridge's, with ``v_max``), ``pendulum`` or a plant file."""
     seeds: int = 3
     epochs: int = 60
     num_envs: int = 32
     episode_length: int = 100
     v_max: float = 0.5
-    """Speed limit of the double-integrator task (the constraint that binds)."""
+    """Speed limit of the double-integrator task (the constraint that binds; that task only)."""
     cost_limit: float = 2.0
     """b, in unsafe steps per episode."""
     hidden: tuple[int, ...] = (64, 64)
@@ -85,13 +90,24 @@ def di_system(s: CompareSettings) -> DoubleIntegrator:
     return DoubleIntegrator(dof=1, v_max=s.v_max)
 
 
+def task_plant(s: CompareSettings) -> Plant:
+    """The plant of the task: the bridge's double integrator with the task's ``v_max`` (the
+    parameter tables' backup and certified region), or the plant file ``s.env``."""
+    if s.env == "double_integrator":
+        d = di_system(s)
+        return plant_from_params({"dof": d.dof, "dt": d.dt, "p_max": d.p_max, "v_max": d.v_max, "u_max": d.u_max})
+    if s.env == "pendulum":
+        raise ValueError("the pendulum task has no plant of its own here (its env: envs.VecPendulum)")
+    return load_plant(s.env)
+
+
 def make_env(s: CompareSettings, seed: int, num_envs: int | None = None, dtype: torch.dtype = torch.float32):
     n = num_envs or s.num_envs
     if s.env == "double_integrator":
         return VecDoubleIntegrator(n, system=di_system(s), episode_length=s.episode_length, seed=seed, dtype=dtype)
     if s.env == "pendulum":
         return VecPendulum(n, system=Pendulum(), episode_length=s.episode_length, seed=seed)
-    raise ValueError(f"unknown env {s.env!r}")
+    return VecPlantEnv(task_plant(s), n, episode_length=s.episode_length, seed=seed, dtype=dtype)
 
 
 def final_evaluation(s: CompareSettings, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
@@ -139,19 +155,21 @@ def rl_runner(algorithm: str) -> Callable[[int, CompareSettings], RunResult]:
 # ------------------------------------------------------------------ runners: SCPO
 
 def _scpo_parts(s: CompareSettings, seed: int):
-    """The SCPO client of the imitation experiment, with its settings, on this task's plant."""
-    system = di_system(s)
-    backup = LQRBackup(system)
-    initial_set = InitialSet()
-    layout = MLPLayout(3, 1, s.scpo_hidden)
-    im = ImitationSettings()
-    scpo = ResidualSCPO(system, backup, layout, initial_set, ResidualSCPO.default_config(n_samples=im.n_samples),
-                        n_sample_states=im.n_sample_states, n_cert_states=im.n_cert_states, seed=seed)
-    return system, backup, initial_set, layout, im, scpo
+    """The SCPO client of the imitation experiment, with its settings and its safe set (robust
+    to one late command), on this task's plant."""
+    plant = task_plant(s)
+    backup = LQRBackup(plant)
+    layout = MLPLayout(plant.n + plant.nr, plant.m, s.scpo_hidden)
+    im = ImitationSettings(plant=s.env)
+    scpo = ResidualSCPO(plant, backup, layout, ResidualSCPO.default_config(n_samples=im.n_samples),
+                        n_sample_states=im.n_sample_states, n_cert_states=im.n_cert_states, seed=seed,
+                        safe_set=envelope_safe_set(plant, backup))
+    return plant, backup, layout, im, scpo
 
 
 def _committed_policy(env, layout, theta):
-    """Deterministic deployed policy: backup + residual with the committed weights."""
+    """Deterministic deployed policy: backup + residual with the committed weights (the env
+    adds the backup's constant part, ``action_offset``, to every action)."""
     net = ResidualMLP(layout)
     net.load_flat(theta)
     W = env.backup_gain()
@@ -166,17 +184,17 @@ def run_scpo_imitation(seed: int, s: CompareSettings) -> RunResult:
     """SCPO imitation of the malicious expert (as in ``experiments.imitation``); the committed
     policy is deployed for one epoch of episodes after every ``scpo_updates_per_epoch`` steps."""
     torch.manual_seed(seed)
-    system, backup, initial_set, layout, im, scpo = _scpo_parts(s, seed)
+    plant, backup, layout, im, scpo = _scpo_parts(s, seed)
     env = make_env(s, seed)
-    expert = ExpertConfig(malicious=True)
-    demo_region = InitialSet(p0_max=system.p_max, v0_max=im.demo_v_max, r_max=initial_set.r_max)
+    expert = Expert(plant, ExpertConfig(malicious=True))
+    demos = demo_region(plant, im.demo_spread)
     rng = np.random.default_rng(10_000 + seed)
     learner = make_learner(layout, backup, scpo.theta, im, seed)
     curve, statuses, k = [], [], 0
     t0 = time.perf_counter()
     for epoch in range(s.epochs):
         for _ in range(s.scpo_updates_per_epoch):
-            delta, _ = imitation_step(learner, k, im, demo_region, expert, system, rng)
+            delta, _ = imitation_step(learner, k, im, demos, expert, rng)
             decision = scpo.propose_step(delta.numpy())
             learner.load(scpo.theta)
             statuses.append(decision.status)
@@ -196,7 +214,7 @@ def run_scpo_rl(seed: int, s: CompareSettings) -> RunResult:
     committed. Exploration noise (the Gaussian policy's σ) is executed on top of the
     certified mean: it is outside the SCPO certificate and its violations are counted."""
     torch.manual_seed(seed)
-    system, backup, initial_set, layout, im, scpo = _scpo_parts(s, seed)
+    plant, backup, layout, im, scpo = _scpo_parts(s, seed)
     env = make_env(s, seed)
     cfg = CTRPOConfig(algorithm="trpo", cost_limit=s.cost_limit, hidden=s.scpo_hidden)
     learner = CTRPOLearner(env.obs_dim, env.act_dim, cfg, base_gain=env.backup_gain(), seed=seed)
@@ -223,18 +241,20 @@ class SafeguardedEnv:
 
     The learner acts with raw actions ``u`` (its log-probabilities, critics and updates
     all see ``u``); the plant receives ``Φ(x, u)`` from ``scpo_ros.safeguard``'s batched
-    projection onto the safe action set of the maximal control-invariant set. The reward
-    is penalised by ``penalty·|u - Φ(x, u)|²·dt`` (the SE-RL mitigation of arXiv
-    2509.12833). States outside the invariant set (none are expected: the initial set lies
-    inside it) get the backup action instead, clipped to the actuator box. The plant runs
-    in float64: the projection puts the next state *on* the invariant set's boundary, and a
-    float32 step lands up to ~1e-7 outside it, beyond the projector's 1e-9 membership slack.
-    Observations go to the learner in float32.
+    projection onto the plant's safe action set (``safe_set_for(plant, late_commands=0)``:
+    the maximal control-invariant set of the double integrator). The reward is penalised by
+    ``penalty·|u - Φ(x, u)|²·dt`` (the SE-RL mitigation of arXiv 2509.12833). States outside
+    the invariant set (none are expected: the certified region lies inside it) get the backup
+    action instead, clipped to the input box. The plant runs in float64: the projection puts
+    the next state *on* the invariant set's boundary, and a float32 step lands up to ~1e-7
+    outside it, beyond the projector's 1e-9 membership slack. Observations go to the learner
+    in float32. Actions are absolute here (the env's ``action_offset`` added before the
+    projection and taken off again for the env, which adds it back).
     """
 
-    def __init__(self, env: VecDoubleIntegrator, penalty: float = 1.0):
+    def __init__(self, env: VecPlantEnv, penalty: float = 1.0):
         self.env, self.penalty = env, float(penalty)
-        self.safe_set = safe_set_for(env.system)
+        self.safe_set = safe_set_for(env.plant, env.backup, late_commands=0)
         self.obs_dim, self.act_dim, self.num_envs = env.obs_dim, env.act_dim, env.num_envs
         self.episode_length, self.action_limit = env.episode_length, env.action_limit
         self._backup_gain = env.backup_gain()
@@ -245,21 +265,23 @@ class SafeguardedEnv:
         return self.env.reset().float()
 
     def step(self, action):
-        u = torch.nan_to_num(torch.as_tensor(action, dtype=self.env.dtype)).reshape(self.num_envs, self.act_dim)
-        x = self.env.x.double().numpy()
-        safe, _, feasible = project_batch(self.safe_set, x, u.double().clamp(-self.action_limit,
-                                                                           self.action_limit).numpy())
-        safe = torch.as_tensor(safe, dtype=self.env.dtype)
+        env = self.env
+        u = torch.nan_to_num(torch.as_tensor(action, dtype=env.dtype)).reshape(self.num_envs, self.act_dim)
+        u = u + env.action_offset
+        x = env.x.double().numpy()
+        safe, _, feasible = project_batch(self.safe_set, x, torch.clamp(u.double(), env.u_min.double(),
+                                                                       env.u_max.double()).numpy())
+        safe = torch.as_tensor(safe, dtype=env.dtype)
         feasible = torch.as_tensor(np.asarray(feasible, dtype=bool))
         if not bool(feasible.all()):
-            obs = torch.cat([self.env.x, self.env.r], dim=-1)
-            fallback = (obs @ self._backup_gain.T).clamp(-self.action_limit, self.action_limit)
+            obs = torch.cat([env.x, env.r], dim=-1)
+            fallback = torch.clamp(obs @ self._backup_gain.T + env.action_offset, env.u_min, env.u_max)
             safe = torch.where(feasible.unsqueeze(-1), safe, fallback)
             self.fallbacks += int((~feasible).sum())
         gap = ((u - safe) ** 2).sum(-1)
         self.interventions += int((gap > 1e-12).sum())
-        result = self.env.step(safe)
-        result.reward = (result.reward - self.penalty * gap * self.env.system.dt).float()
+        result = env.step(safe - env.action_offset)
+        result.reward = (result.reward - self.penalty * gap * env.plant.dt).float()
         result.cost = result.cost.float()
         result.obs, result.final_obs = result.obs.float(), result.final_obs.float()
         return result
@@ -289,22 +311,32 @@ def run_se_rl(seed: int, s: CompareSettings) -> RunResult:
 @dataclass(frozen=True)
 class Method:
     runner: Callable[[int, CompareSettings], RunResult]
-    envs: tuple[str, ...] = ("double_integrator", "pendulum")
-    """Tasks the method is defined on (the SCPO and SE-RL runners need the double integrator's model)."""
+    envs: tuple[str, ...] | None = None
+    """Tasks the method is defined on (None: every task). The SCPO and SE-RL runners need a
+    ``Plant`` (every task but the pendulum's, whose env has its own reward)."""
+
+
+_PLANT_TASKS = ("double_integrator", "plant file")
+
+
+def task_kind(env: str) -> str:
+    """``double_integrator``, ``pendulum`` or ``plant file`` (what ``Method.envs`` lists)."""
+    return env if env in ("double_integrator", "pendulum") else "plant file"
 
 
 RUNNERS: dict[str, Method] = {
     "c_trpo": Method(rl_runner("c_trpo")),
     "trpo_lag": Method(rl_runner("trpo_lag")),
     "trpo": Method(rl_runner("trpo")),
-    "scpo_imitation": Method(run_scpo_imitation, ("double_integrator",)),
-    "scpo_rl": Method(run_scpo_rl, ("double_integrator",)),
-    "se_rl": Method(run_se_rl, ("double_integrator",)),
+    "scpo_imitation": Method(run_scpo_imitation, _PLANT_TASKS),
+    "scpo_rl": Method(run_scpo_rl, _PLANT_TASKS),
+    "se_rl": Method(run_se_rl, _PLANT_TASKS),
 }
 
 
 def available(name: str, s: CompareSettings) -> tuple[bool, str]:
-    if s.env not in RUNNERS[name].envs:
+    envs = RUNNERS[name].envs
+    if envs is not None and task_kind(s.env) not in envs:
         return False, f"not defined on {s.env}"
     return True, ""
 
@@ -365,7 +397,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = CompareSettings()
     ap.add_argument("--methods", default=",".join(RUNNERS), help="comma-separated subset of %(default)s")
-    ap.add_argument("--env", default=d.env, choices=("double_integrator", "pendulum"))
+    ap.add_argument("--env", default=d.env, help="double_integrator (default), pendulum, or a plant file: a "
+                                                 "shipped plant's name or a path")
     ap.add_argument("--seeds", type=int, default=d.seeds)
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--num-envs", type=int, default=d.num_envs)
@@ -378,6 +411,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     s = replace(d, env=args.env, seeds=args.seeds, epochs=args.epochs, num_envs=args.num_envs,
                 cost_limit=args.cost_limit, v_max=args.v_max, eval_episodes=args.eval_episodes)
+    if task_kind(s.env) == "plant file":
+        try:
+            load_plant(s.env)            # a bad file: its PlantError (naming the key) before any work
+        except ValueError as exc:
+            ap.error(str(exc))
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in RUNNERS]
     if unknown:

@@ -38,6 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..dynamics import DoubleIntegrator, Pendulum
+from ..envs import pendulum_plant
+from ..plant import Plant, plant_from_params
 from ..safeguard.invariant_set import SafeActionSet, safe_set_for
 from ..safeguard.layer import ProjectionLayer
 from .report import aggregate, print_table, write_json
@@ -116,15 +118,27 @@ class Task:
         return self.system.violation(x)
 
 
+def task_plant(name: str, system) -> Plant:
+    """The generic ``Plant`` of a task's system: the bridge's double integrator, or the shipped
+    pendulum file with the system's limits (``envs.pendulum_plant``)."""
+    if name == "double_integrator":
+        return plant_from_params({"dof": system.dof, "dt": system.dt, "p_max": system.p_max,
+                                  "v_max": system.v_max, "u_max": system.u_max})
+    return pendulum_plant(system)
+
+
 def make_task(name: str) -> Task:
+    """The task's system (its dynamics and violation check, in float64) and the safe set of
+    its plant without late commands (``safe_set_for``: the explicit maximal control-invariant
+    set of the double integrator, the pendulum model's own)."""
     if name == "double_integrator":
         sysm = DoubleIntegrator(dof=1)
-        return Task(name, sysm, safe_set_for(sysm), obs_dim=3, act_dim=1, u_max=sysm.u_max,
-                    reward_scale=1.0, state_box=np.array([sysm.p_max, sysm.v_max]), ref_max=0.95)
+        return Task(name, sysm, safe_set_for(task_plant(name, sysm), late_commands=0), obs_dim=3, act_dim=1,
+                    u_max=sysm.u_max, reward_scale=1.0, state_box=np.array([sysm.p_max, sysm.v_max]), ref_max=0.95)
     if name == "pendulum":
         sysm = Pendulum()
-        return Task(name, sysm, safe_set_for(sysm), obs_dim=3, act_dim=1, u_max=sysm.a_max,
-                    reward_scale=0.1, state_box=np.array([0.9 * math.pi, 4.0]))
+        return Task(name, sysm, safe_set_for(task_plant(name, sysm), late_commands=0), obs_dim=3, act_dim=1,
+                    u_max=sysm.a_max, reward_scale=0.1, state_box=np.array([0.9 * math.pi, 4.0]))
     raise ValueError(f"unknown task {name!r} ({'|'.join(TASKS)})")
 
 

@@ -185,8 +185,16 @@ class DoubleIntegratorSim(Node):
     # -- parameters
     @staticmethod
     def _make_system(p) -> DoubleIntegrator:
-        """The plant's model with the simulator's process noise."""
-        return dataclasses.replace(plant_from_params(p).system, noise_std=p["noise_std"])
+        """The plant's model with the simulator's process noise.
+
+        The parameters are checked by the one bridge to the generic core
+        (``plant.plant_from_params``, the same checks and messages as every node's); the
+        simulator itself integrates ``DoubleIntegrator`` (its zero-order hold equals the
+        bridge plant's ``A``, ``B``), which adds the process noise and counts violations per
+        kind (position, velocity, actuation)."""
+        plant_from_params(p)
+        return DoubleIntegrator(int(p["dof"]), float(p["dt"]), float(p["p_max"]), float(p["v_max"]),
+                                float(p["u_max"]), noise_std=float(p["noise_std"]))
 
     @staticmethod
     def _late_rng(seed: int) -> np.random.Generator:

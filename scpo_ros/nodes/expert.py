@@ -11,8 +11,11 @@ so it lines up with the simulator however late either process starts. With
 ``malicious: true`` the last ``malicious_duty`` of every ``malicious_period_s`` demonstrates
 actions that drive the plant beyond its limits.
 
-Parameters: the plant (``PLANT_PARAMS`` of ``scpo_ros.params``: clean actions stay within
-``min(u_limit, u_max)``) and the schedule of the demonstrations (``ExpertConfig``).
+Parameters: the plant (``PLANT_PARAMS``, ``BACKUP_PARAMS``, ``REGION_PARAMS`` of
+``scpo_ros.params``, through the one bridge ``plant.plant_from_params``: the expert is the
+LQR of that plant with its backup weights scaled by ``gain_q``/``gain_r``, its references
+fractions of the certified reference box ``r_max``) and the schedule of the demonstrations
+(``ExpertConfig``: every field a fraction or a multiplier).
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray
 
 from .. import graph as g
-from ..expert import ExpertConfig, expert_action, is_malicious, reference_at
-from ..params import PLANT_PARAMS, ParamSpec, compose
+from ..expert import Expert, ExpertConfig, is_malicious
+from ..params import BACKUP_PARAMS, PLANT_PARAMS, REGION_PARAMS, ParamSpec, compose
 from ..plant import plant_from_params
 from ..ros.diagnostics import OK, WARN, Diagnostics
 from ..ros.messages import state_from_joint_state
@@ -35,24 +38,29 @@ from ..ros.runner import flush_publishers, run_node
 
 _D = ExpertConfig()
 EXPERT_PARAMS = (
-    ParamSpec("references", list(_D.references), "Reference positions visited in turn (axis i starts i entries "
-                                                  "later).", -1e3, 1e3, min_len=1, max_len=64),
+    ParamSpec("references", list(_D.references), "Reference schedule visited in turn, each a fraction of the "
+                                                  "certified reference box (-1: -r_max, 0: centre, 1: r_max; axis "
+                                                  "i starts i entries later).", -1.0, 1.0, min_len=1, max_len=64),
     ParamSpec("switch_period_s", _D.switch_period_s, "Time each reference is held (s).", 0.05, 3600.0),
-    ParamSpec("kp", _D.kp, "Proportional gain of the clean expert.", 1e-3, 1e3),
-    ParamSpec("kd", _D.kd, "Derivative gain of the clean expert.", 1e-3, 1e3),
-    ParamSpec("u_limit", _D.u_limit, "Clean actions are clipped to +-u_limit.", 1e-3, 1e3),
+    ParamSpec("gain_q", _D.gain_q, "The clean expert's LQR state weights: the backup's (q_pos, q_vel) times "
+                                   "this.", 1e-3, 1e3),
+    ParamSpec("gain_r", _D.gain_r, "The clean expert's LQR input weights: the backup's r_act times this.",
+              1e-3, 1e3),
+    ParamSpec("u_limit", _D.u_limit, "Clean actions stay within this fraction of the input box around the "
+                                     "reference's equilibrium input.", 1e-3, 1.0),
     ParamSpec("malicious", _D.malicious, "Enable the malicious phases."),
     ParamSpec("malicious_period_s", _D.malicious_period_s, "Length of one clean + malicious cycle (s).",
               0.1, 3600.0),
     ParamSpec("malicious_duty", _D.malicious_duty, "Fraction of each cycle (its end) that is malicious.", 0.0, 1.0),
-    ParamSpec("malicious_target", _D.malicious_target, "Position the malicious expert drives to (sign follows "
-                                                       "the clean reference); beyond p_max to be unsafe.", 0.0, 1e3),
+    ParamSpec("malicious_target", _D.malicious_target, "Malicious target of a tracked state in half-widths of its "
+                                                       "limit box from the centre (side follows the clean "
+                                                       "reference); above 1 to be unsafe.", 1e-3, 1e3),
     ParamSpec("malicious_gain", _D.malicious_gain, "Gain multiplier in malicious phases (no clipping).", 1e-3, 1e3),
 )
-PARAMS = compose(PLANT_PARAMS, EXPERT_PARAMS)
+PARAMS = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, EXPERT_PARAMS)
 
-CONFIG_FIELDS = ("switch_period_s", "kp", "kd", "u_limit", "malicious", "malicious_period_s", "malicious_duty",
-                 "malicious_target", "malicious_gain")
+CONFIG_FIELDS = ("switch_period_s", "gain_q", "gain_r", "u_limit", "malicious", "malicious_period_s",
+                 "malicious_duty", "malicious_target", "malicious_gain")
 
 
 def expert_config(values: dict) -> ExpertConfig:
@@ -60,13 +68,19 @@ def expert_config(values: dict) -> ExpertConfig:
                         **{k: values[k] for k in CONFIG_FIELDS})
 
 
+def make_expert(values: dict) -> Expert:
+    """The demonstrator of ``values``: ``Expert`` of the bridge's plant (``ValueError`` with the
+    reason for unusable values)."""
+    return Expert(plant_from_params(values), expert_config(values))
+
+
 class ExpertNode(Node):
     def __init__(self, **kwargs):
         super().__init__(g.EXPERT, **kwargs)
         self.p = declare_parameters(self, PARAMS)
         self.dof = int(self.p["dof"])
-        self.cfg = expert_config(self.p)
-        self.system = plant_from_params(self.p).system
+        self.expert = make_expert(self.p)
+        self.cfg = self.expert.cfg
         self.x = np.zeros(2 * self.dof)
         self.t_start = None
         self.demos = 0
@@ -83,16 +97,15 @@ class ExpertNode(Node):
 
     def _check(self, values) -> str | None:
         try:
-            expert_config(values)
-            plant_from_params(values)
+            make_expert(values)
         except ValueError as exc:
             return str(exc)
         return None
 
     def _apply(self, values, changed) -> None:
         self.p = values
-        self.cfg = expert_config(values)
-        self.system = plant_from_params(values).system
+        self.expert = make_expert(values)
+        self.cfg = self.expert.cfg
         self.get_logger().info(f"parameters changed: {sorted(changed)}")
 
     def _on_state(self, msg: JointState) -> None:
@@ -105,9 +118,9 @@ class ExpertNode(Node):
         if self.t_start is None:
             self.t_start = now
         t = now - self.t_start
-        r = reference_at(t, self.cfg, self.dof)
+        r = self.expert.reference_at(t)
         mal = is_malicious(t, self.cfg)
-        u = expert_action(self.x, r, mal, self.cfg, self.system)
+        u = self.expert.action(self.x, r, mal)
         self.action_pub.publish(Float64MultiArray(data=u.tolist()))
         self.ref_pub.publish(Float64MultiArray(data=r.tolist()))
         self.mal_pub.publish(Bool(data=bool(mal)))

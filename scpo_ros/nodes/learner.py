@@ -39,6 +39,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
 from .. import graph as g
+from ..backup import LQRBackup
 from ..ctrpo import DIVERGENCES, CTRPOConfig
 from ..learners import CTRPOProposer, ImitationLearner
 from ..params import BACKUP_PARAMS, PLANT_PARAMS, POLICY_PARAMS, REGION_PARAMS, SEED, ParamSpec, compose, read_only
@@ -54,7 +55,7 @@ _T = CTRPOConfig()
 
 
 def build_imitation(p: dict, plant: Plant, layout: MLPLayout) -> ImitationLearner:
-    return ImitationLearner(plant.backup(), layout, lr=p["lr"], batch_size=p["batch_size"],
+    return ImitationLearner(LQRBackup(plant), layout, lr=p["lr"], batch_size=p["batch_size"],
                             buffer_size=p["buffer_size"], seed=p["seed"])
 
 
@@ -63,7 +64,7 @@ def build_c_trpo(p: dict, plant: Plant, layout: MLPLayout) -> CTRPOProposer:
                          target_kl=p["target_kl"], beta=p["beta"], divergence=p["divergence"],
                          log_std_init=p["log_std_init"], critic_lr=p["lr"], critic_epochs=p["critic_epochs"],
                          critic_batch=p["batch_size"])
-    return CTRPOProposer(plant.system, plant.backup(), layout, plant.region, config, num_envs=p["sim_envs"],
+    return CTRPOProposer(plant, LQRBackup(plant), layout, config=config, num_envs=p["sim_envs"],
                          horizon=p["sim_horizon"], episode_length=p["sim_episode_length"], seed=p["seed"])
 
 
@@ -115,8 +116,10 @@ class LearnerNode(Node):
         self.p = declare_parameters(self, PARAMS)
         torch.set_num_threads(1)
         self.dof = int(self.p["dof"])
-        self.layout = MLPLayout(3 * self.dof, self.dof, tuple(self.p["hidden"]))
-        self.algo = ALGORITHMS[self.p["algorithm"]](self.p, plant_from_params(self.p), self.layout)
+        plant = plant_from_params(self.p)
+        # the safety node's layout (safety_model.build_model): input [x, r], output the inputs
+        self.layout = MLPLayout(plant.n + plant.nr, plant.m, tuple(self.p["hidden"]))
+        self.algo = ALGORITHMS[self.p["algorithm"]](self.p, plant, self.layout)
         self.x = np.zeros(2 * self.dof)
         self.have_state = False
         self.r = np.zeros(self.dof)

@@ -104,8 +104,8 @@ class SCPOSafetyNode(LifecycleNode):
         self.model_id = 0
         self.theta: np.ndarray | None = None
         self.gate = StateGate(self.p["max_state_age"], self.p["future_tolerance"])
-        r = self.model.plant.region.r_max
-        self.references = ReferenceGate(np.full(d, -r), np.full(d, r))
+        region = self.model.plant.region
+        self.references = ReferenceGate(region.r_min, region.r_max)
         self.inputs = InputMonitor(self.joints, self.gate, self.references)
         self._build_runtime(self.model)
         self.law = cl.make_law(self.model, None, 0)
@@ -139,8 +139,9 @@ class SCPOSafetyNode(LifecycleNode):
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._update_control_diag(cl.UNCONFIGURED)
         self._update_inputs_diag()
+        box = f"{np.round(region.lower, 4).tolist()}..{np.round(region.upper, 4).tolist()}"
         self.get_logger().info(f"SCPO safety node: dof={d}, layout {self.model.layout.sizes} "
-                               f"({self.model.layout.fingerprint}), region {self.model.plant.region}, joints "
+                               f"({self.model.layout.fingerprint}), region [x, r] in {box}, joints "
                                f"{self.joints.joints}, safe set {self.envelope.safe_set.name} "
                                f"({self.envelope.projector.num_rows} rows)")
         if self.p["autostart"]:
@@ -149,8 +150,7 @@ class SCPOSafetyNode(LifecycleNode):
     def _build_runtime(self, model: Model) -> None:
         """The envelope of ``model`` and its reference box (the gates keep their counters)."""
         self.envelope = CommandEnvelope(model.safe_set(), model.backup)
-        r = model.plant.region.r_max
-        self.references.lower[:], self.references.upper[:] = -r, r
+        self.references.lower[:], self.references.upper[:] = model.plant.region.r_min, model.plant.region.r_max
 
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -364,7 +364,7 @@ class SCPOSafetyNode(LifecycleNode):
     def _on_reference(self, msg: Float64MultiArray) -> None:
         reason = self.references.apply(msg.data, self._r)
         if reason is not None:
-            self.get_logger().warning(reference_text(reason, msg.data, self.model.plant.region.r_max),
+            self.get_logger().warning(reference_text(reason, msg.data, self._r_max()),
                                       throttle_duration_sec=2.0)
             self._update_inputs_diag()
         self._r_list = self._r.tolist()
@@ -385,7 +385,7 @@ class SCPOSafetyNode(LifecycleNode):
             self.hold.start(self._x, now)
             self._set_mode(g.MODE_HOLD_STALE, f"no valid state for {self.p['state_timeout']:g} s: "
                                               f"holding ({self.p['hold_mode']})")
-        self._publish(g.LABEL_HOLD, self.hold.command(now, self.model.plant.system, self.envelope, self._r,
+        self._publish(g.LABEL_HOLD, self.hold.command(now, self.model.plant, self.envelope, self._r,
                                                       self.p["hold_mode"]))
         self.counts.hold_commands += 1
 
@@ -483,8 +483,14 @@ class SCPOSafetyNode(LifecycleNode):
 
     def _update_inputs_diag(self) -> None:
         clock_missing = self.get_clock().ros_time_is_active and ros_now(self) is None
-        level, text = self.inputs.status(time.monotonic(), clock_missing, self.model.plant.region.r_max)
+        level, text = self.inputs.status(time.monotonic(), clock_missing, self._r_max())
         self.diag.update("inputs", level, text, joints=self.joints.joints, **self.inputs.counts())
+
+    def _r_max(self) -> float:
+        """The reference bound of the log and diagnostic texts (``|r| <= r_max``: the bridge's
+        reference box is symmetric and the same on every axis)."""
+        region = self.model.plant.region
+        return float(np.max(np.abs(np.concatenate([region.r_min, region.r_max])), initial=0.0))
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9

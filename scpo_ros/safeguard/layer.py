@@ -15,6 +15,9 @@ fine). ``∂ũ/∂u`` is the orthogonal projector onto the null space of ``A_W``
 ``m - rank(A_W)``. That rank drop is *action aliasing*: raw actions that differ along
 the active rows' span all map to the same safe action, and the policy gradient of
 SP-RL loses those directions. ``rank_deficiency(active)`` reports ``rank(A_W)``.
+
+Sets with free reference variables ``ρ`` (the implicit sets, ``rho_dim > 0``) are refused with a
+``ValueError``: their projection is a QP in ``(ũ, ρ)`` whose derivative this layer does not form.
 """
 from __future__ import annotations
 
@@ -83,6 +86,13 @@ class ProjectionLayer(nn.Module):
 
     def __init__(self, safe_set: SafeActionSet, solver: str = "auto"):
         super().__init__()
+        if safe_set.rho_dim:
+            # The backward pass differentiates the projection onto {G ũ <= b}; with free reference
+            # variables the active rows are rows of [G F] in (ũ, ρ) and their gradient is another
+            # formula (and the ρ weight would enter it). Refused rather than silently wrong.
+            raise ValueError(f"ProjectionLayer: {safe_set.name or 'this set'} has {safe_set.rho_dim} free "
+                             f"reference variables (an implicit set); the differentiable layer supports "
+                             f"sets without them (explicit or model sets) only")
         self.safe_set = safe_set
         G = np.asarray(safe_set.G, dtype=float)
         self.k, self.m = G.shape

@@ -165,12 +165,13 @@ class IntervalForm:
     with their coefficients; ``constant_rows``: rows that touch no coordinate.
     """
 
-    def __init__(self, G: np.ndarray, u_max: float):
+    def __init__(self, G: np.ndarray, u_max, u_min=None):
         k, m = G.shape
         nonzero = np.abs(G) > 1e-12
         if np.any(nonzero.sum(axis=1) > 1):
             raise ValueError("G is not separable: a row touches more than one action coordinate")
-        self.k, self.m, self.u_max = k, m, float(u_max)
+        self.k, self.m = k, m
+        self.u_max, self.u_min = box_bounds(u_max, u_min, m)
         col = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), -1)
         coef = G[np.arange(k), np.maximum(col, 0)]
         self.upper = [np.flatnonzero((col == j) & (coef > 0)) for j in range(m)]
@@ -192,11 +193,12 @@ class IntervalBatch:
     this (candidates as one affine map of ``x``), tested against it.
     """
 
-    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
+    def __init__(self, G: np.ndarray, u_max, scale: float = 1.0, u_min=None):
         self.scale = scale
-        form = IntervalForm(G, u_max)
+        form = IntervalForm(G, u_max, u_min)
         k, m = G.shape
-        self.k, self.m, self.u_max = k, m, float(u_max)
+        self.k, self.m = k, m
+        self.u_max, self.u_min = form.u_max, form.u_min
         coef = np.zeros(k)
         up = np.zeros((m, k), dtype=bool)
         lo = np.zeros((m, k), dtype=bool)
@@ -216,22 +218,24 @@ class IntervalBatch:
         inf = torch.tensor(float("inf"), dtype=b.dtype)
         hi_g, hi_idx = torch.where(self.up, ratio, inf).min(-1)                # (B, m)
         lo_g, lo_idx = torch.where(self.lo, ratio, -inf).max(-1)
-        hi = hi_g.clamp(max=self.u_max)
-        lo = lo_g.clamp(min=-self.u_max)
+        u_hi = torch.as_tensor(self.u_max, dtype=b.dtype)
+        u_lo = torch.as_tensor(self.u_min, dtype=b.dtype)
+        hi = torch.minimum(hi_g, u_hi)
+        lo = torch.maximum(lo_g, u_lo)
         # the slack is in b units: a rounding error of b(x) is amplified by 1/G_ij in u units,
         # ~1e3 for the double integrator
         slack = tolerances_for(state_dtype(b) if dtype is None else dtype, self.scale).interval
         ratio_w = ((b + slack) * inv).unsqueeze(1)
-        hi_w = torch.where(self.up, ratio_w, inf).min(-1).values.clamp(max=self.u_max)
-        lo_w = torch.where(self.lo, ratio_w, -inf).max(-1).values.clamp(min=-self.u_max)
+        hi_w = torch.minimum(torch.where(self.up, ratio_w, inf).min(-1).values, u_hi)
+        lo_w = torch.maximum(torch.where(self.lo, ratio_w, -inf).max(-1).values, u_lo)
         feasible = (lo_w <= hi_w).all(-1)
         if len(self.const):
             feasible &= (b[:, self.const] >= -slack).all(-1)
         hi = torch.maximum(hi, lo)
         ut = torch.minimum(torch.maximum(u, lo), hi)
         cols = torch.arange(m)
-        hi_row = torch.where(hi_g < self.u_max, hi_idx, k + cols)
-        lo_row = torch.where(lo_g > -self.u_max, lo_idx, k + m + cols)
+        hi_row = torch.where(hi_g < u_hi, hi_idx, k + cols)
+        lo_row = torch.where(lo_g > u_lo, lo_idx, k + m + cols)
         over, under = u > hi, u < lo
         active = torch.zeros(u.shape[0], k + 2 * m, dtype=torch.bool)
         active.scatter_(1, torch.where(over, hi_row, lo_row), over | under)
@@ -267,13 +271,16 @@ class SafeguardProjector:
         self.G = np.ascontiguousarray(safe_set.G)
         self.k, self.m = self.G.shape
         self.n = safe_set.state_dim
-        self.u_max = float(safe_set.u_max)
+        self.u_max, self.u_min = box_bounds(safe_set.u_max, safe_set.u_min, self.m)
+        self._ref_dim = int(getattr(safe_set, "ref_dim", 0))
         if solver == "auto":
             solver = "closed_form" if safe_set.separable else "daqp"
         if solver not in ("closed_form", "daqp"):
             raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
         self.solver = solver
         C = safe_set.invariant
+        self._member_x = np.ascontiguousarray(C.H[:, :self.n])     # implicit sets: rows on (x, r)
+        self._member_r = C.H[:, self.n:]
         self._n_facets = len(C.h)     # membership rows: the facets of S (G may have more or fewer rows)
         self._scale = tolerance_scale(safe_set)
         self._tolerances: dict[np.dtype, tuple[Tolerances, np.ndarray]] = {}
@@ -282,12 +289,13 @@ class SafeguardProjector:
         if solver == "closed_form":
             self._setup_closed_form()
         else:
-            self._qp = DaqpProjection(self.G, self.u_max)
+            self._qp = DaqpProjection(self.G, self.u_max, self.u_min, F=safe_set.F, rho_min=safe_set.rho_min,
+                                      rho_max=safe_set.rho_max)
             A = safe_set.drift_matrix
             D, f = safe_set.drift_rows()
             # One matrix-vector product gives H x (membership) and D A x (right-hand side).
-            self._HS = np.vstack([C.H, D @ A]) if self._linear else C.H.copy()
-            self._h = f.copy()
+            self._HS = np.vstack([self._member_x, D @ A]) if self._linear else self._member_x.copy()
+            self._h = f - D @ safe_set.drift_offset if self._linear else f.copy()
         # Level 2 and 3 (module docstring): the nominal set's one-step projection and recovery.
         self._nominal = None
         if safe_set.late_commands:
@@ -302,7 +310,7 @@ class SafeguardProjector:
         step is one matrix-vector product and one ``reduceat`` per side. ``_cand_rows``
         maps a candidate back to its constraint row ``[G; I; -I]``.
         """
-        C, form, k, m = self.safe_set.invariant, IntervalForm(self.G, self.u_max), self.k, self.m
+        C, form, k, m = self.safe_set.invariant, IntervalForm(self.G, self.u_max, self.u_min), self.k, self.m
         D, f = self.safe_set.drift_rows()
         self._const = form.constant_rows
         rows = []
@@ -314,7 +322,7 @@ class SafeguardProjector:
         self._cand_rows = np.concatenate(rows)
         # Candidate value c = (f_i - D_i drift(x)) / G_ij for G rows, ±u_max for box rows.
         Hfull = np.vstack([D, np.zeros((2 * m, D.shape[1]))])
-        hfull = np.concatenate([f, np.full(m, self.u_max), np.full(m, self.u_max)])
+        hfull = np.concatenate([f, self.u_max, -self.u_min])
         Gfull = np.concatenate([self.G.sum(axis=1), np.ones(m), -np.ones(m)])  # one nonzero per row
         inv = 1.0 / Gfull[self._cand_rows]
         # moving row i's bound b_i by s moves its candidate by s / G_ij (box rows never move)
@@ -325,6 +333,7 @@ class SafeguardProjector:
         n_c = len(self._cand_rows)
         if self._linear:
             self._M = np.vstack([C.H, self._cand_H @ A])      # [H x (membership); candidates' drift part]
+            self._cand_c_lin = self._cand_c - self._cand_H @ self.safe_set.drift_offset
         else:
             self._M = C.H.copy()
         self._n_cand = n_c
@@ -401,13 +410,16 @@ class SafeguardProjector:
         nf = self._n_facets
         if self.solver == "daqp":
             y = self._HS @ x
+            rho_ref = self.safe_set.rho_of(r) if self._qp.p else None
+            if self._ref_dim:
+                h_member = h_member - self._member_r @ rho_ref[:self._ref_dim]
             in_set = not (y[:nf] > h_member).any()
             b = self._h - y[nf:] if self._linear else self.safe_set.rhs(x)
             if tol.margin > 0.0:
                 # aim inside; where that is empty, ever closer to the exact set, then just outside it
-                ut, active, feasible = self._qp.solve_shifted(u_raw, b, qp_shifts(tol))
+                ut, active, feasible = self._qp.solve_shifted(u_raw, b, qp_shifts(tol), rho_ref)
             else:
-                ut, active, feasible = self._qp.solve(u_raw, b)
+                ut, active, feasible = self._qp.solve(u_raw, b, rho_ref)
             if not feasible:
                 if self._nominal is not None:
                     return self._nominal_level(x, u_raw, tol, in_set, r)
@@ -419,7 +431,7 @@ class SafeguardProjector:
         y = self._M @ x
         in_set = not (y[:nf] > h_member).any()
         if self._linear:
-            cand = self._cand_c - y[nf:]
+            cand = self._cand_c_lin - y[nf:]
         else:
             cand = self._cand_c - self._cand_H @ self.safe_set.drift_np(x)
         hi = np.minimum.reduceat(cand, self._starts_hi)[:self.m]
@@ -434,7 +446,7 @@ class SafeguardProjector:
         ut = np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo))
         # an interval empty by rounding collapses onto its lower end, which may sit a hair
         # beyond the actuator box: the box is exact
-        np.clip(ut, -self.u_max, self.u_max, out=ut)
+        np.clip(ut, self.u_min, self.u_max, out=ut)
         d = ut - u_raw
         dist = math.sqrt(d @ d)
         active = np.zeros(self.k + 2 * self.m, dtype=bool)
@@ -473,21 +485,24 @@ class SafeguardProjector:
         relaxed = cand + s_star * self._cand_inv_g
         hi = np.minimum.reduceat(relaxed, self._starts_hi)[:self.m]
         lo = np.maximum.reduceat(relaxed, self._starts_lo)[1:]
-        ut = np.clip(np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo)), -self.u_max, self.u_max)
+        ut = np.clip(np.minimum(np.maximum(u_raw, lo), np.maximum(hi, lo)), self.u_min, self.u_max)
         active = np.zeros(self.num_rows, dtype=bool)
         self._mark_active(active, u_raw, lo, hi, relaxed)
         return ProjectionResult(ut, self._distance(ut, u_raw), active, True, self._reason(in_set), in_set, s_star)
 
     def _recover_qp(self, x, u_raw, b, in_set: bool) -> ProjectionResult:
-        """Recovery, general ``G``: ``min s  s.t.  G u <= b + s, |u| <= u_max`` (an LP, HiGHS;
-        this path runs only where ``U_safe(x)`` is empty), then the projection onto the
+        """Recovery, general ``G``: ``min s  s.t.  G u + F ρ <= b + s, u in the box, ρ in its box`` (an
+        LP, HiGHS; this path runs only where ``U_safe(x)`` is empty), then the projection onto the
         relaxed set by the same warm QP."""
         from scipy.optimize import linprog
-        k, m = self.k, self.m
-        c = np.zeros(m + 1)
+        k, m, p = self.k, self.m, self._qp.p
+        c = np.zeros(m + p + 1)
         c[-1] = 1.0
-        lp = linprog(c, A_ub=np.hstack([self.G, -np.ones((k, 1))]), b_ub=b,
-                     bounds=[(-self.u_max, self.u_max)] * m + [(0.0, None)], method="highs")
+        F = self.safe_set.F
+        rho_bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
+                      for lo, hi in zip(self.safe_set.rho_min, self.safe_set.rho_max)]
+        lp = linprog(c, A_ub=np.hstack([self.G, F, -np.ones((k, 1))]), b_ub=b,
+                     bounds=list(zip(self.u_min, self.u_max)) + rho_bounds + [(0.0, None)], method="highs")
         reason = self._reason(in_set)
         if lp.status != 0:   # cannot happen for a bounded box and finite b; never leave without an action
             return self._backup_result(x, u_raw, None, reason, in_set)
@@ -495,7 +510,7 @@ class SafeguardProjector:
         ut, active, feasible = self._qp.solve_shifted(
             u_raw, b, [s_star + slack * self._scale for slack in (0.0, 1e-12, 1e-10, 1e-8)])
         if not feasible:
-            ut, active = np.clip(lp.x[:m], -self.u_max, self.u_max), np.zeros(self.num_rows, dtype=bool)
+            ut, active = np.clip(lp.x[:m], self.u_min, self.u_max), np.zeros(self.num_rows, dtype=bool)
         return ProjectionResult(ut, self._distance(ut, u_raw), active, True, reason, in_set, s_star)
 
     def backup_action(self, x, r) -> np.ndarray:
@@ -508,7 +523,7 @@ class SafeguardProjector:
             except (ValueError, TypeError):   # a backup that cannot handle this input: zero action
                 ub = u
             if ub.shape == (self.m,) and np.isfinite(ub).all():
-                u = np.clip(ub, -self.u_max, self.u_max)
+                u = np.clip(ub, self.u_min, self.u_max)
         return u
 
     def _backup_result(self, x, u_raw, r, reason: str, in_set) -> ProjectionResult:
@@ -516,7 +531,7 @@ class SafeguardProjector:
         u = self.backup_action(x, r)
         if in_set is None:
             in_set = bool(x.shape == (self.n,) and np.isfinite(x).all()
-                          and (self.safe_set.invariant.H @ x <= self._h_member).all())
+                          and self.safe_set.contains(x, r, tol=self._tol64.member))
         return ProjectionResult(u, self._distance(u, u_raw), np.zeros(self.num_rows, dtype=bool), True, reason,
                                 in_set)
 
@@ -540,7 +555,7 @@ class SafeguardProjector:
         hi_t = np.minimum.reduceat(tight, self._starts_hi)[:self.m]
         lo_t = np.maximum.reduceat(tight, self._starts_lo)[1:]
         inner = lo_t <= hi_t
-        mid = np.clip(0.5 * (lo + hi), -self.u_max, self.u_max)   # the actuator box is exact
+        mid = np.clip(0.5 * (lo + hi), self.u_min, self.u_max)   # the actuator box is exact
         return np.where(inner, lo_t, mid), np.where(inner, hi_t, mid), tight, feasible
 
     def _mark_active(self, active, u, lo, hi, cand) -> None:
@@ -558,55 +573,92 @@ class SafeguardProjector:
 class DaqpProjection:
     """Dense active-set projection QP (daqp), workspace set up once, warm-started.
 
-    ``min ½||ũ||² - uᵀũ  s.t.  -u_max <= ũ <= u_max (simple bounds), G ũ <= b``.
+    Variables ``(ũ, ρ)``: ``min ½||ũ - u||² + ½ w ||ρ - ρ_ref||²  s.t.  u_min <= ũ <= u_max,
+    rho_min <= ρ <= rho_max (simple bounds), G ũ + F ρ <= b``. The small weight ``w`` on the free
+    reference variables keeps the QP strictly convex without moving ``ũ`` noticeably; without
+    ``F`` (``p = 0``) it is the plain projection.
+
+    daqp sees the problem in normalised coordinates: every bounded variable centred on its box
+    and divided by its half-width, ``w`` relative to the mean squared input half-width. In raw
+    units a plant whose inputs sit at 30 ± 1.2 with references in a box 0.007 wide made daqp
+    declare a feasible projection infeasible (a random plant of the safe-set property test).
     """
 
-    def __init__(self, G: np.ndarray, u_max: float, primal_tol: float = 1e-10):
+    def __init__(self, G: np.ndarray, u_max, u_min=None, primal_tol: float = 1e-10, F=None,
+                 rho_min=None, rho_max=None, rho_weight: float = 1e-6):
         import daqp
+        G = np.asarray(G, dtype=float)
         self.k, self.m = G.shape
-        self.u_max = float(u_max)
-        self._f = np.zeros(self.m)
-        self._bu = np.concatenate([np.full(self.m, self.u_max), np.zeros(self.k)])
-        self._bl = np.concatenate([np.full(self.m, -self.u_max), np.full(self.k, -1e30)])
+        self.u_max, self.u_min = box_bounds(u_max, u_min, self.m)
+        F = np.zeros((self.k, 0)) if F is None else np.asarray(F, dtype=float)
+        self.p = p = F.shape[1]
+        r_lo = np.full(p, -np.inf) if rho_min is None else np.asarray(rho_min, dtype=float)
+        r_hi = np.full(p, np.inf) if rho_max is None else np.asarray(rho_max, dtype=float)
+        lo, hi = np.concatenate([self.u_min, r_lo]), np.concatenate([self.u_max, r_hi])
+        finite = np.isfinite(lo) & np.isfinite(hi)
+        # z = (v - centre) / half_width for a bounded variable, z = v otherwise
+        self._centre = np.where(finite, (lo + hi) / 2.0, 0.0)
+        self._half = np.where(finite & (hi > lo), (hi - lo) / 2.0, 1.0)
+        z_lo = np.where(np.isfinite(lo), (lo - self._centre) / self._half, -1e30)
+        z_hi = np.where(np.isfinite(hi), (hi - self._centre) / self._half, 1e30)
+        M = np.hstack([G, F])
+        self._row_offset = M @ self._centre          # b in z units: b - M centre
+        Mz = M * self._half
+        u_scale = float(np.mean(self._half[:self.m] ** 2))
+        self._hdiag = np.concatenate([self._half[:self.m] ** 2, np.full(p, rho_weight * u_scale)])
+        self._w = float(rho_weight) * u_scale
+        self._f = np.zeros(self.m + p)
+        self._bu = np.concatenate([z_hi, np.zeros(self.k)])
+        self._bl = np.concatenate([z_lo, np.full(self.k, -1e30)])
+        self._rho_c = self._centre[self.m:]
         self._model = daqp.Model()
-        flag, _ = self._model.setup(np.eye(self.m), self._f, np.ascontiguousarray(G, dtype=float),
-                                    self._bu.copy(), self._bl.copy())
+        flag, _ = self._model.setup(np.diag(self._hdiag), self._f, np.ascontiguousarray(Mz), self._bu.copy(),
+                                    self._bl.copy())
         if flag < 0:
             raise RuntimeError(f"daqp setup failed with exit flag {flag}")
         self._model.settings = {"primal_tol": primal_tol}
         self._G = G
 
-    def solve(self, u: np.ndarray, b: np.ndarray):
-        """``(ũ, active (k + 2m), feasible)`` for one raw action and right-hand side."""
-        np.negative(u, out=self._f)
-        self._bu[self.m:] = b
+    def solve(self, u: np.ndarray, b: np.ndarray, rho_ref=None):
+        """``(ũ, active (k + 2m), feasible)`` for one raw action and right-hand side (``rho_ref``: the
+        reference variables' target, default the box centre)."""
+        m, p = self.m, self.p
+        half, centre = self._half, self._centre
+        # ½ h_u (z - (u - c)/s)² per input: linear term -h_u (u - c)/s = -s (u - c)
+        np.multiply(-half[:m], u - centre[:m], out=self._f[:m])
+        if p:
+            target = self._rho_c if rho_ref is None else rho_ref
+            self._f[m:] = -self._w * (target - centre[m:]) / half[m:]
+        self._bu[m + p:] = b - self._row_offset
         self._model.update(f=self._f, bupper=self._bu)
-        ut, _, flag, info = self._model.solve()
+        z, _, flag, info = self._model.solve()
         if flag < 1:
-            return np.clip(u, -self.u_max, self.u_max), np.zeros(self.k + 2 * self.m, bool), False
+            return np.clip(u, self.u_min, self.u_max), np.zeros(self.k + 2 * m, bool), False
         lam = info["lam"]
-        active = np.empty(self.k + 2 * self.m, dtype=bool)
-        active[:self.k] = lam[self.m:] > 0.0
-        active[self.k:self.k + self.m] = lam[:self.m] > 0.0
-        active[self.k + self.m:] = lam[:self.m] < 0.0
-        return np.asarray(ut, dtype=float), active, True
+        active = np.empty(self.k + 2 * m, dtype=bool)
+        active[:self.k] = lam[m + p:] > 0.0
+        active[self.k:self.k + m] = lam[:m] > 0.0
+        active[self.k + m:] = lam[:m] < 0.0
+        # daqp meets the simple bounds to its own tolerance; the actuator box is exact, and the
+        # clip moves ũ by no more than that tolerance
+        return np.clip(centre[:m] + half[:m] * z[:m], self.u_min, self.u_max), active, True
 
-    def solve_shifted(self, u: np.ndarray, b: np.ndarray, shifts):
+    def solve_shifted(self, u: np.ndarray, b: np.ndarray, shifts, rho_ref=None):
         """``solve(u, b + shift)`` for each shift in turn until one is feasible; the last
         result (infeasible) if none is."""
         for shift in shifts:
-            out = self.solve(u, b + shift)
+            out = self.solve(u, b + shift, rho_ref)
             if out[2]:
                 break
         return out
 
 
 class DaqpBatch:
-    """The projection for batches with a general ``G``: one warm-started daqp solve per row
-    (C calls), the same call and result as ``IntervalBatch``."""
+    """The projection for batches with a general ``G`` (and free reference variables): one
+    warm-started daqp solve per row (C calls), the same call and result as ``IntervalBatch``."""
 
-    def __init__(self, G: np.ndarray, u_max: float, scale: float = 1.0):
-        self.qp = DaqpProjection(G, u_max)
+    def __init__(self, G: np.ndarray, u_max, scale: float = 1.0, u_min=None, F=None, rho_min=None, rho_max=None):
+        self.qp = DaqpProjection(G, u_max, u_min, F=F, rho_min=rho_min, rho_max=rho_max)
         self.k, self.m = G.shape
         self.scale = scale
 
@@ -624,6 +676,13 @@ class DaqpBatch:
         return ut, active, feasible
 
 
+def box_bounds(u_max, u_min, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(u_max, u_min)`` as arrays of ``m`` (a scalar ``u_max`` without ``u_min``: ``|u| <= u_max``)."""
+    hi = np.array(np.broadcast_to(np.asarray(u_max, dtype=float), (m,)), dtype=float)
+    lo = -hi if u_min is None else np.array(np.broadcast_to(np.asarray(u_min, dtype=float), (m,)), dtype=float)
+    return hi, lo
+
+
 def batch_solver(safe_set: SafeActionSet, solver: str = "auto"):
     """``(solve, name)``: the batched projection of ``safe_set`` (``IntervalBatch`` when its
     rows are separable or ``solver="closed_form"``, else ``DaqpBatch``)."""
@@ -631,9 +690,10 @@ def batch_solver(safe_set: SafeActionSet, solver: str = "auto"):
         solver = "closed_form" if safe_set.separable else "daqp"
     G, scale = np.asarray(safe_set.G, dtype=float), tolerance_scale(safe_set)
     if solver == "closed_form":
-        return IntervalBatch(G, safe_set.u_max, scale), solver
+        return IntervalBatch(G, safe_set.u_max, scale, safe_set.u_min), solver
     if solver == "daqp":
-        return DaqpBatch(G, safe_set.u_max, scale), solver
+        return DaqpBatch(G, safe_set.u_max, scale, safe_set.u_min, F=safe_set.F, rho_min=safe_set.rho_min,
+                         rho_max=safe_set.rho_max), solver
     raise ValueError(f"solver must be auto, closed_form or daqp, got {solver!r}")
 
 
