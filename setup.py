@@ -62,7 +62,7 @@ setup(
     entry_points={
         "console_scripts": [
             "scpo-ros = scpo_ros.cli:main",
-            "double_integrator_sim = scpo_ros.nodes.double_integrator_sim:main",
+            "plant_sim = scpo_ros.nodes.plant_sim:main",
             "expert = scpo_ros.nodes.expert:main",
             "learner = scpo_ros.nodes.learner:main",
             "scpo_safety_node = scpo_ros.nodes.scpo_safety_node:main",

@@ -84,7 +84,7 @@ def start_node(kind: str, tmp: Path) -> subprocess.Popen:
         cmd = [sys.executable, __file__, "--relay-node"]
     else:
         from scpo_ros.graph import merged_params_file
-        params = merged_params_file(REPO / "config" / "scpo_double_integrator.yaml",
+        params = merged_params_file(REPO / "config" / "scpo.yaml",
                                     {"scpo_safety_node": {"state_timeout": 1.0}}, tmp / "params.yaml")
         cmd = [sys.executable, "-m", "scpo_ros.nodes.scpo_safety_node", "--ros-args", "--params-file", params]
     log = open(tmp / f"{kind}.log", "w")

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scpo_ros.plant import plant_from_params  # noqa: E402
+from scpo_ros.plant import double_integrator_plant  # noqa: E402
 from scpo_ros.safeguard.invariant_set import safe_set_for  # noqa: E402
 from scpo_ros.safeguard.layer import ProjectionLayer  # noqa: E402
 from scpo_ros.safeguard.projection import DaqpProjection, SafeguardProjector  # noqa: E402
@@ -41,7 +41,7 @@ from scpo_ros.safeguard.projection import DaqpProjection, SafeguardProjector  # 
 
 def di_safe_set(dof: int, late_commands: int = 0):
     """The explicit safe set of the ``dof``-axis double integrator (unit limits, dt 0.05)."""
-    plant = plant_from_params({"dof": dof, "dt": 0.05, "p_max": 1.0, "v_max": 1.0, "u_max": 1.0})
+    plant = double_integrator_plant(dof)
     return safe_set_for(plant, late_commands=late_commands)
 
 

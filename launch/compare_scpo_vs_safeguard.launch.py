@@ -2,20 +2,20 @@
 
 Two namespaces, the same (malicious) expert in both:
 
-- ``/scpo``: the graph of ``scpo_double_integrator.launch.py``: double_integrator_sim,
+- ``/scpo``: the graph of ``scpo.launch.py``: plant_sim,
   expert, learner, scpo_safety_node (which drives the sim's ``cmd``).
-- ``/safeguard``: double_integrator_sim, expert, action_safeguard. The expert is the
+- ``/safeguard``: plant_sim, expert, action_safeguard. The expert is the
   policy here: the safeguard takes ``expert_action`` as its raw action (remapped
   ``raw_action:=expert_action``) and its projection drives the sim's ``cmd``, so every
   unsafe demonstration reaches the plant only through the projection (SE-RL).
 
-Parameters: one copy of ``params_file`` (default ``config/scpo_double_integrator.yaml``)
+Parameters: one copy of ``params_file`` (default ``config/scpo.yaml``)
 with the ``action_safeguard`` section of ``safeguard_params`` (default
 ``config/safeguard.yaml``) and the launch arguments merged in
 (``scpo_ros.graph.compare_params_file``), not passed as ``-p``/dict overrides, which rcl
 would apply *under* the file's node sections. Both namespaces read the same sections
 (``/**/expert`` ...), so both simulators and both experts are identical by construction,
-and the simulator's plant (dof, dt, limits) is copied into the safeguard's section, so its
+and the simulator's ``plant_file`` (``plant:=NAME|FILE``) is copied into the safeguard's section, so its
 invariant set is computed for the plant it guards. Each simulator waits until its
 subscribers (and the recorder) are matched before its first step.
 
@@ -27,7 +27,8 @@ their first command; if the recorder exits before that, the launch shuts down.
 ``scpo-ros demo --compare`` starts the same processes from the same files without ROS
 tooling.
 
-    ros2 launch scpo_ros compare_scpo_vs_safeguard.launch.py malicious:=true record:=true bag:=runs/compare
+    ros2 launch scpo_ros compare_scpo_vs_safeguard.launch.py [plant:=double_integrator] \
+        malicious:=true record:=true bag:=runs/compare
 """
 import os
 import tempfile
@@ -47,15 +48,14 @@ def _nodes(context):
     from scpo_ros.ros.launch_actions import start_after_recorder
 
     get = lambda name: context.launch_configurations[name]  # noqa: E731
-    dof = int(get("dof"))
+    plant_file = g.plant_file_of(get("plant"))
     record = _truthy(get("record"))
     if record and os.path.exists(get("bag")):
         raise RuntimeError(f"bag directory {get('bag')} exists: remove it or pass another bag:=DIR")
     names = {name for nodes in g.COMPARE_PIPELINES.values() for name in nodes}
-    overrides = {name: {"dof": dof} for name in names}
+    overrides = {name: {"plant_file": plant_file} for name in names if name != g.RECORDER}
     overrides["expert"]["malicious"] = _truthy(get("malicious"))
-    overrides[g.SIMULATOR].update({"initial_position": [0.0], "initial_velocity": [0.0],
-                                   "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, record)})
+    overrides[g.SIMULATOR].update({"wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, record)})
     overrides[g.RECORDER] = {"output": get("bag"), "topics": g.compare_recorded_topics()}
     tmp = tempfile.mkdtemp(prefix="scpo_compare_")
     params = g.compare_params_file(get("params_file"), get("safeguard_params"), overrides,
@@ -87,15 +87,14 @@ def _nodes(context):
 
 
 def generate_launch_description():
+    from scpo_ros.ros.launch_actions import graph_arguments
+
     share = get_package_share_directory("scpo_ros")
     return LaunchDescription([
-        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "scpo_double_integrator.yaml"),
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "scpo.yaml"),
                               description="parameters of sim, expert, learner and SCPO node (both namespaces)"),
         DeclareLaunchArgument("safeguard_params", default_value=os.path.join(share, "config", "safeguard.yaml"),
                               description="action_safeguard section (its plant comes from the simulator's values)"),
-        DeclareLaunchArgument("malicious", default_value="true", description="malicious expert phases on/off"),
-        DeclareLaunchArgument("record", default_value="false", description="record both namespaces into one bag"),
-        DeclareLaunchArgument("bag", default_value="runs/compare", description="bag directory (must not exist)"),
-        DeclareLaunchArgument("dof", default_value="1", description="double-integrator axes (1 or 2)"),
+        *graph_arguments("record both namespaces into one bag", "runs/compare"),
         OpaqueFunction(function=_nodes),
     ])

@@ -1,74 +1,30 @@
-"""The SCPO double-integrator graph: simulator, (malicious) expert, learner, SCPO safety node,
-optionally a bag recorder.
+"""The SCPO graph of the double integrator: ``scpo.launch.py`` with ``plant:=double_integrator``
+(``dof:=2``: ``double_integrator_2axis``). Every other argument is passed on.
 
-    ros2 launch scpo_ros scpo_double_integrator.launch.py [malicious:=true] [record:=true] \\
-        [bag:=runs/scpo_bag] [namespace:=robot1] [dof:=1] [params_file:=/path/to.yaml]
-
-Every parameter comes from ``params_file`` (default: the package's
-``config/scpo_double_integrator.yaml``); the launch arguments are merged into a copy of
-it (``scpo_ros.graph.merged_params_file``), not passed as ``-p``/dict overrides, which rcl
-would apply *under* the file's node sections. ``scpo-ros demo`` starts the same nodes
-from the same file without ROS tooling.
-
-The safety node configures and activates itself (``autostart: true``); with
-``autostart: false`` a lifecycle manager (or ``ros2 lifecycle set``) drives it.
-
-As in ``scpo-ros demo``, the simulator's first step waits until the safety node, the
-expert, the learner (and the recorder) subscribe to its states; with ``record:=true`` the
-simulator starts only once the recorder has matched the publishers of the topics the first
-state triggers (``cmd``, ``expert_action``, ``reference``, ``malicious``), so the bag holds
-the run from its first command. If the recorder exits before that (the bag directory
-exists, say), the launch shuts down instead of running without its bag.
+    ros2 launch scpo_ros scpo_double_integrator.launch.py [dof:=1] [malicious:=true] [record:=true] ...
 """
 import os
-import tempfile
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch_ros.actions import Node
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+PLANTS = {"1": "double_integrator", "2": "double_integrator_2axis"}
 
 
-def _nodes(context):
-    from scpo_ros import graph as g
-    from scpo_ros.ros.launch_actions import start_after_recorder
-
-    get = lambda name: context.launch_configurations[name]  # noqa: E731
-    namespace = get("namespace").strip("/")
-    dof = int(get("dof"))
-    malicious = get("malicious").lower() in ("true", "1", "yes")
-    record = get("record").lower() in ("true", "1", "yes")
-    overrides = {name: {"dof": dof} for name in g.SCPO_PIPELINE}
-    overrides["expert"]["malicious"] = malicious
-    # the simulator's first step waits for its subscribers (safety node, expert, learner, the
-    # recorder), as in ``scpo-ros demo``: none of them, and not the bag, misses the first state
-    overrides[g.SIMULATOR].update({"initial_position": [0.0], "initial_velocity": [0.0],
-                                   "wait_for_subscribers": g.state_subscribers(g.SCPO_PIPELINE, record)})
-    if record and os.path.exists(get("bag")):
-        raise RuntimeError(f"bag directory {get('bag')} exists: remove it or pass another bag:=DIR")
-    overrides[g.RECORDER] = {"output": get("bag")}
-    out = tempfile.NamedTemporaryFile(prefix="scpo_params_", suffix=".yaml", delete=False).name
-    params = g.merged_params_file(get("params_file"), overrides, out)
-    names = g.SCPO_PIPELINE + ((g.RECORDER,) if record else ())
-    nodes = {name: Node(package="scpo_ros", executable=name, name=name, namespace=namespace, parameters=[params],
-                        output="screen", emulate_tty=True) for name in names}
-    if not record:
-        return list(nodes.values())
-    sim, recorder = nodes.pop(g.SIMULATOR), nodes.pop(g.RECORDER)
-    prefix = f"/{namespace}" if namespace else ""
-    return start_after_recorder(recorder, [f"{prefix}/{t}" for t in g.state_answers(g.SCPO_PIPELINE)], [sim],
-                                g.SIMULATOR) + [recorder, *nodes.values()]
+def _include(context):
+    dof = context.launch_configurations["dof"]
+    if dof not in PLANTS:
+        raise RuntimeError(f"dof:={dof}: the shipped double integrators have 1 or 2 axes (plant:=FILE for others)")
+    passed = {k: v for k, v in context.launch_configurations.items() if k != "dof"}
+    share = get_package_share_directory("scpo_ros")
+    return [IncludeLaunchDescription(PythonLaunchDescriptionSource(os.path.join(share, "launch", "scpo.launch.py")),
+                                     launch_arguments={**passed, "plant": PLANTS[dof]}.items())]
 
 
 def generate_launch_description():
-    share = get_package_share_directory("scpo_ros")
     return LaunchDescription([
-        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "scpo_double_integrator.yaml"),
-                              description="ROS parameter file of every node"),
-        DeclareLaunchArgument("malicious", default_value="true", description="malicious expert phases on/off"),
-        DeclareLaunchArgument("record", default_value="false", description="record a bag (MCAP) with bag_recorder"),
-        DeclareLaunchArgument("bag", default_value="runs/scpo_bag", description="bag directory (must not exist)"),
-        DeclareLaunchArgument("namespace", default_value="", description="namespace of every node"),
-        DeclareLaunchArgument("dof", default_value="1", description="double-integrator axes"),
-        OpaqueFunction(function=_nodes),
+        DeclareLaunchArgument("dof", default_value="1", description="double-integrator axes (1 or 2)"),
+        OpaqueFunction(function=_include),
     ])

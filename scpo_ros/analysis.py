@@ -10,10 +10,11 @@ Metrics (keys of the JSON):
   stale-state hold commands; ``backup_steps``: commands of the backup alone.
 - ``constraint_violations``: the simulator's violation reports (one per simulated step
   that breaks a limit); ``constraint_violations_from_states``: the same count recomputed
-  from the recorded states and commands against the limits.
-- ``min_constraint_margin``: smallest ``limit - |value|`` over the recorded states and
-  commands (overall and per kind: ``position``, ``velocity``, ``actuation`` of the double
-  integrator's boxes, in their units); negative means a violation.
+  from the recorded states and commands against the plant's constraints.
+- ``min_constraint_margin``: smallest margin ``f_i - F_i x`` of a constraint row over the
+  recorded states and commands, in the constraint's units; ``min_margin_by_kind`` per
+  constraint name (the plant file's state and input names, ``H`` and ``G`` for its
+  polytopes, as ``Plant.violations`` names them); negative means a violation.
 - ``updates``: SCPO decisions on proposals by status (``accepted``, ``backtracked``,
   ``rejected``, ``infeasible``); malformed proposals count as ``rejected``;
   ``recertifications`` counts the re-checks after parameter changes. The decisions'
@@ -21,7 +22,7 @@ Metrics (keys of the JSON):
   ``input``, ``lyapunov``, ``safe_set``), each a fraction of its constraint's range.
 - ``updates_shrunk``: committed updates shorter than proposed (projection or backtracking).
 - ``fallbacks``: switches of the safety node to the backup alone or to the hold command.
-- ``tracking_cost``: mean over states of ``Σ_axes (p - r)²`` (r: the expert's reference).
+- ``tracking_cost``: mean over states of ``Σ (x_tracked - r)²`` (r: the expert's reference).
 - ``latency_ms``: state -> command latency, ``median``/``p99``/``mean``/``max``: for every
   command (hold commands excluded), its log time (the recorder's receipt) minus the header
   stamp of the last state stamped before it (the simulator stamps a state as it publishes
@@ -35,7 +36,12 @@ Metrics (keys of the JSON):
   the action (fallbacks excluded). For a safeguard bag ``fallbacks`` counts its backup
   commands (``fallbacks_by_mode`` by reason), for an SCPO bag the switches into a fallback
   mode.
-Limits come from the simulator's diagnostics in the bag, else from the arguments.
+The plant (names, joints, limits) comes from the bag's latched ``plant`` topic
+(``plant.plant_record``; the simulator's record first: the plant's own limits, then a
+controller's), else from the ``plant`` argument, else it is the shipped double integrator
+(a bag of another graph); ``limits["source"]`` says which (``plant topic``, ``argument``,
+``default``). States are read through the plant's ``joints:`` map; a state message that
+does not carry them is counted in ``unreadable_states``.
 
 Side by side: a bag holding several namespaces (``scpo-ros demo --compare`` records
 ``/scpo`` and ``/safeguard`` into one bag), or two bags, give one column per pipeline
@@ -52,7 +58,13 @@ import numpy as np
 
 from . import graph as g
 from .bag import read_messages
+from .inputs import JointMap
+from .plant import Plant, PlantError, constraint_name, load_plant, plant_from_record
 from .scpo import COMMITTED, STATUSES
+
+DEFAULT_PLANT = "double_integrator"
+"""The plant of a bag that carries none and is analysed without ``plant``."""
+LIMITS_FROM_BAG, LIMITS_FROM_ARGUMENT, LIMITS_DEFAULT = "plant topic", "argument", "default"
 
 
 @dataclass
@@ -76,7 +88,9 @@ class Series:
     modes: list = field(default_factory=list)       # (t, dict)
     violations: list = field(default_factory=list)  # (t, dict)
     interventions: list = field(default_factory=list)  # (t, dict), action_safeguard records
-    sim_diag: dict = field(default_factory=dict)
+    plant: Plant | None = None
+    plant_source: str = LIMITS_DEFAULT    # where ``plant`` came from (LIMITS_*)
+    unreadable_states: int = 0            # joint_states without the plant's joints/fields
     topics: dict = field(default_factory=dict)
 
 
@@ -96,14 +110,29 @@ def bag_namespaces(messages: list) -> list[str]:
     return sorted({_namespace(m.topic) for m in messages if g.base_name(m.topic) == g.JOINT_STATES})
 
 
-def load_series(path: str | Path, namespace: str | None = None, messages: list | None = None) -> Series:
+def _bag_plant(records: list[dict], plant: Plant | str | Path | None) -> tuple[Plant, str]:
+    """The plant of the bag's ``plant`` records (the simulator's first), else ``plant`` (a
+    ``Plant`` or what ``load_plant`` reads), else ``DEFAULT_PLANT``."""
+    order = sorted(records, key=lambda r: r.get("node") != g.SIMULATOR)
+    for rec in order:
+        try:
+            return plant_from_record(rec), LIMITS_FROM_BAG
+        except (PlantError, ValueError, TypeError, KeyError):
+            continue   # a record of another version or a damaged one: the next, or the argument
+    if plant is not None:
+        return (plant if isinstance(plant, Plant) else load_plant(plant)), LIMITS_FROM_ARGUMENT
+    return load_plant(DEFAULT_PLANT), LIMITS_DEFAULT
+
+
+def load_series(path: str | Path, namespace: str | None = None, messages: list | None = None,
+                plant: Plant | str | Path | None = None) -> Series:
     """The series of one pipeline: of ``namespace`` (plus ``/diagnostics`` of its nodes) if
-    given, else of the busiest topic per base name. ``messages``: already read from ``path``."""
+    given, else of the busiest topic per base name. ``messages``: already read from ``path``;
+    ``plant``: the plant when the bag carries none (module docstring)."""
     s = Series()
     per_topic: dict[str, Counter] = {}
     buckets: dict[str, list] = {}
     ns = None if namespace is None else namespace.strip("/")
-    prefix = None if ns is None else ("/" + ns + "/" if ns else "/")   # of the nodes' hardware_id
     for m in (read_messages(path) if messages is None else messages):
         base = g.base_name(m.topic)
         if ns is not None and _namespace(m.topic) != ns and base != g.DIAGNOSTICS:
@@ -121,13 +150,24 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
     s.t0 = min(all_t) * 1e-9 if all_t else 0.0
     T = lambda m: m.log_time_ns * 1e-9 - s.t0  # noqa: E731
 
-    states = get(g.JOINT_STATES)
+    records = []
+    for m in get(g.PLANT):
+        try:
+            records.append(json.loads(m.msg.data))
+        except (TypeError, ValueError):
+            continue
+    s.plant, s.plant_source = _bag_plant([r for r in records if isinstance(r, dict)], plant)
+    joint_map = JointMap.for_plant(s.plant)
+    states, rows = [], []
+    x = np.zeros(s.plant.n)
+    for m in get(g.JOINT_STATES):
+        if joint_map.read_msg(m.msg, x) is None:
+            states.append(m)
+            rows.append(x.copy())
+    s.unreadable_states = len(get(g.JOINT_STATES)) - len(states)
     s.state_t = np.array([T(m) for m in states])
     s.state_stamp = np.array([m.msg.header.stamp.sec + 1e-9 * m.msg.header.stamp.nanosec - s.t0 for m in states])
-    s.state = _stack([list(m.msg.position) + list(m.msg.velocity) for m in states])
-    if states:  # position and velocity halves of equal length
-        dof = min(min(len(m.msg.position), len(m.msg.velocity)) for m in states)
-        s.state = np.array([list(m.msg.position[:dof]) + list(m.msg.velocity[:dof]) for m in states])
+    s.state = np.array(rows) if rows else np.zeros((0, s.plant.n))
     cmds = get(g.CMD)
     s.cmd_t = np.array([T(m) for m in cmds])
     s.cmd = [np.asarray(m.msg.data, dtype=float) for m in cmds]
@@ -145,13 +185,6 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
     s.modes = [(T(m), json.loads(m.msg.data)) for m in get(g.SAFETY_MODE)]
     s.violations = [(T(m), json.loads(m.msg.data)) for m in get(g.CONSTRAINT_VIOLATION)]
     s.interventions = [(T(m), json.loads(m.msg.data)) for m in get(g.INTERVENTION)]
-    for m in get(g.DIAGNOSTICS):
-        for st in m.msg.status:
-            if st.name.endswith(f"{g.SIMULATOR}: plant"):
-                # one simulator per namespace; a namespaced hardware_id names it, a bare one
-                # ("double_integrator_sim") could be either: in a --compare bag both share the limits
-                if prefix is None or st.hardware_id.startswith(prefix) or "/" not in st.hardware_id:
-                    s.sim_diag = {kv.key: kv.value for kv in st.values}
     return s
 
 
@@ -175,34 +208,52 @@ def _percentiles(values: np.ndarray) -> dict:
             "mean": float(values.mean()), "max": float(values.max()), "n": int(values.size)}
 
 
-def _limits(s: Series, p_max: float, v_max: float, u_max: float) -> dict:
-    """The plant's limits: from the simulator's diagnostics in the bag, else the arguments."""
-    if all(k in s.sim_diag for k in ("p_max", "v_max", "u_max")):
-        limits = {k: float(s.sim_diag[k]) for k in ("p_max", "v_max", "u_max")}
-        return {**limits, "source": "simulator diagnostics"}
-    return {"p_max": p_max, "v_max": v_max, "u_max": u_max, "source": "arguments"}
+def _json_bounds(a: np.ndarray) -> list:
+    return [float(v) if np.isfinite(v) else None for v in a]   # None: unbounded (JSON has no inf)
 
 
-def _constraint_metrics(s: Series, limits: dict) -> dict:
-    """Smallest margins per kind, and the simulated steps that broke a limit (a state out of
-    its box, or a command out of its box acting on it), recomputed from the recorded data."""
-    P, V, U = limits["p_max"], limits["v_max"], limits["u_max"]
+def _limits(s: Series) -> dict:
+    """The plant the constraints were counted against, and where it came from."""
+    p = s.plant
+    return {"source": s.plant_source, "plant": p.name, "digest": p.digest, "states": list(p.states),
+            "inputs": list(p.inputs), "x_min": _json_bounds(p.x_min), "x_max": _json_bounds(p.x_max),
+            "u_min": _json_bounds(p.u_min), "u_max": _json_bounds(p.u_max), "polytopes": int(len(p.h) + len(p.g))}
+
+
+def _row_margins(rows: tuple, values: np.ndarray) -> dict[str, np.ndarray]:
+    """Per constraint name: the smallest margin ``f_i - F_i v`` of its rows, per value."""
+    F, f, names = rows
+    if not len(f) or not len(values):
+        return {}
+    margin = f - values @ F.T
+    out = {}
+    for i, name in enumerate(names):
+        owner = constraint_name(name)
+        out[owner] = margin[:, i] if owner not in out else np.minimum(out[owner], margin[:, i])
+    return out
+
+
+def _constraint_metrics(s: Series) -> dict:
+    """Smallest margins per constraint, and the simulated steps that broke one (a state out of
+    its set, or a command out of its set acting on it), recomputed from the recorded data."""
+    plant = s.plant
     margins = {}
     state_viol = np.zeros(len(s.state_t), dtype=bool)
-    if len(s.state):
-        dof = s.state.shape[1] // 2
-        pm = P - np.abs(s.state[:, :dof]).max(1)
-        vm = V - np.abs(s.state[:, dof:]).max(1)
-        margins["position"] = float(pm.min())
-        margins["velocity"] = float(vm.min())
-        state_viol = (pm < 0) | (vm < 0)
-    if s.cmd:
-        um = np.array([U - np.abs(u).max() if u.size else np.inf for u in s.cmd])
-        margins["actuation"] = float(um.min())
+    for name, mg in _row_margins(plant.state_rows(), s.state).items():
+        margins[name] = float(mg.min())
+        state_viol |= mg < 0
+    cmds = [u for u in s.cmd if u.size == plant.m and np.isfinite(u).all()]
+    if cmds:
+        keep = np.array([u.size == plant.m and np.isfinite(u).all() for u in s.cmd])
+        um = _row_margins(plant.input_rows(), np.array(cmds))
+        worst = np.full(len(s.cmd), np.inf)
+        for name, mg in um.items():
+            margins[name] = float(mg.min())
+            worst[keep] = np.minimum(worst[keep], mg)
         # a command acts on the state published just before it: count steps, not messages
         if len(s.state_t):
             idx = np.searchsorted(s.state_t, s.cmd_t, side="right") - 1
-            bad_cmd = (um < 0) & (idx >= 0)
+            bad_cmd = (worst < 0) & (idx >= 0)
             state_viol[np.unique(idx[bad_cmd])] = True
     return {"constraint_violations": len(s.violations),
             "constraint_violations_from_states": int(state_viol.sum()),
@@ -221,16 +272,16 @@ def _latency_ms(s: Series, control: np.ndarray) -> np.ndarray:
 
 
 def _tracking_cost(s: Series) -> float | None:
-    """Mean over states of ``Σ_axes (p - r)²``, r the reference in force when the next state came."""
-    if not (len(s.state) and len(s.ref)):
+    """Mean over states of ``Σ (x_tracked - r)²``, r the reference in force when the next state came."""
+    idx = s.plant.tracked_index
+    if not (len(s.state) and len(s.ref) and idx.size) or s.ref.shape[1] < idx.size:
         return None
-    dof = s.state.shape[1] // 2
     nxt = np.append(s.state_t[1:], np.inf)
     ridx = np.searchsorted(s.ref_t, nxt, side="right") - 1
     ok = ridx >= 0
     if not ok.any():
         return None
-    err = s.state[ok, :dof] - s.ref[ridx[ok], :dof]
+    err = s.state[ok][:, idx] - s.ref[ridx[ok], :idx.size]
     return float((err ** 2).sum(1).mean())
 
 
@@ -277,9 +328,8 @@ def _pipeline(s: Series) -> str:
     return g.NS_SAFEGUARD if g.INTERVENTION in bases else "unknown"
 
 
-def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0) -> dict:
+def compute_metrics(s: Series) -> dict:
     """The metrics of one pipeline's series (module docstring)."""
-    limits = _limits(s, p_max, v_max, u_max)
     hold = np.array([lab == g.LABEL_HOLD for lab in s.cmd_label], dtype=bool)
     backup = np.array([lab == g.LABEL_BACKUP for lab in s.cmd_label], dtype=bool)
     control = ~hold
@@ -291,11 +341,12 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
         "duration_s": float(max([s.state_t[-1] if len(s.state_t) else 0.0,
                                  s.cmd_t[-1] if len(s.cmd_t) else 0.0])),
         "states": int(len(s.state_t)),
+        "unreadable_states": int(s.unreadable_states),
         "control_steps": int(control.sum()),
         "backup_steps": int(backup.sum()),
         "hold_commands": int(hold.sum()),
-        **_constraint_metrics(s, limits),
-        "limits": limits,
+        **_constraint_metrics(s),
+        "limits": _limits(s),
         **_decision_metrics(s),
         "fallbacks": int(sum(fallbacks.values())),
         "fallbacks_by_mode": dict(fallbacks),
@@ -307,14 +358,15 @@ def compute_metrics(s: Series, p_max: float = 1.0, v_max: float = 1.0, u_max: fl
     }
 
 
-def analyze(path: str | Path, p_max: float = 1.0, v_max: float = 1.0, u_max: float = 1.0,
-            namespace: str | None = None) -> tuple[dict, Series]:
-    s = load_series(path, namespace)
-    return compute_metrics(s, p_max, v_max, u_max), s
+def analyze(path: str | Path, namespace: str | None = None,
+            plant: Plant | str | Path | None = None) -> tuple[dict, Series]:
+    """``(metrics, series)`` of one bag (``plant``: used when the bag carries none)."""
+    s = load_series(path, namespace, plant=plant)
+    return compute_metrics(s), s
 
 
-def analyze_pipelines(bags: list[str | Path], p_max: float = 1.0, v_max: float = 1.0,
-                      u_max: float = 1.0) -> dict[str, tuple[dict, Series]]:
+def analyze_pipelines(bags: list[str | Path],
+                      plant: Plant | str | Path | None = None) -> dict[str, tuple[dict, Series]]:
     """One ``(metrics, series)`` per pipeline, keyed by a column label: per namespace of a
     single bag that holds several, else per bag (labelled by its namespace when the bags'
     namespaces differ, else ``bag1``, ``bag2``). Each bag is read once."""
@@ -324,15 +376,15 @@ def analyze_pipelines(bags: list[str | Path], p_max: float = 1.0, v_max: float =
     if len(read) == 1 and len(spaces[0]) > 1:
         path, msgs = read[0]
         for ns in spaces[0]:
-            s = load_series(path, ns, msgs)
-            columns[ns or "(root)"] = (compute_metrics(s, p_max, v_max, u_max), s)
+            s = load_series(path, ns, msgs, plant)
+            columns[ns or "(root)"] = (compute_metrics(s), s)
         return columns
     labels = [ns[0] if len(ns) == 1 and ns[0] else None for ns in spaces]
     if None in labels or len(set(labels)) < len(labels):
         labels = [f"bag{i + 1}" for i in range(len(read))] if len(read) > 1 else ["bag"]
     for label, (path, msgs) in zip(labels, read, strict=True):
-        s = load_series(path, None, msgs)
-        columns[label] = (compute_metrics(s, p_max, v_max, u_max), s)
+        s = load_series(path, None, msgs, plant)
+        columns[label] = (compute_metrics(s), s)
     return columns
 
 
@@ -359,7 +411,7 @@ def format_comparison(columns: dict[str, dict], title: str = "") -> str:
         ("SCPO updates rejected", lambda m: fmt(scpo_only(m, m["updates"]["rejected"]), "{}")),
         ("SCPO updates infeasible", lambda m: fmt(scpo_only(m, m["updates"]["infeasible"]), "{}")),
         ("fallbacks", lambda m: m["fallbacks"]),
-        ("tracking cost (mean |p-r|^2)", lambda m: fmt(m["tracking_cost"])),
+        ("tracking cost (mean |x-r|^2)", lambda m: fmt(m["tracking_cost"])),
         ("latency state->cmd median [ms]", lambda m: fmt(m["latency_ms"]["median"], "{:.3f}")),
         ("latency state->cmd p99 [ms]", lambda m: fmt(m["latency_ms"]["p99"], "{:.3f}")),
     ]
@@ -379,6 +431,7 @@ def format_table(metrics: dict, title: str = "") -> str:
     up = metrics["updates"]
     fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
     rows = [
+        ("plant", f"{metrics['limits']['plant']} ({metrics['limits']['source']})"),
         ("control steps", metrics["control_steps"]),
         ("  of which backup alone", metrics["backup_steps"]),
         ("hold commands (stale state)", metrics["hold_commands"]),
@@ -391,7 +444,7 @@ def format_table(metrics: dict, title: str = "") -> str:
         ("updates rejected", up["rejected"]),
         ("updates infeasible", up["infeasible"]),
         ("fallbacks", metrics["fallbacks"]),
-        ("tracking cost (mean |p-r|^2)", fmt(metrics["tracking_cost"])),
+        ("tracking cost (mean |x-r|^2)", fmt(metrics["tracking_cost"])),
         ("latency state->cmd median [ms]", fmt(lat["median"], "{:.3f}")),
         ("latency state->cmd p99 [ms]", fmt(lat["p99"], "{:.3f}")),
         ("SCPO update time median [ms]", fmt(metrics["update_time_ms"]["median"], "{:.1f}")),
@@ -411,40 +464,53 @@ def _shade_malicious(ax, s: Series) -> None:
             ax.axvspan(s.malicious_t[a], s.malicious_t[min(b, len(s.malicious_t) - 1)], color="0.9", lw=0)
 
 
-def _plot_states(plt, s: Series, lim: dict):
-    dof = s.state.shape[1] // 2
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for ax, k, name, L in ((axes[0], 0, "position", lim["p_max"]), (axes[1], dof, "velocity", lim["v_max"])):
+def _limit_lines(ax, lo: float, hi: float) -> None:
+    for v in (lo, hi):
+        if np.isfinite(v):
+            ax.axhline(v, color="r", lw=0.8)
+
+
+MAX_PLOTTED = 8
+"""States (inputs) per plot: a larger plant shows its first ones."""
+
+
+def _plot_states(plt, s: Series):
+    p = s.plant
+    n = min(p.n, MAX_PLOTTED)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.0 + 1.6 * n), sharex=True, squeeze=False)
+    tracked = list(p.tracked_index)
+    for i, ax in enumerate(axes[:, 0]):
         _shade_malicious(ax, s)
-        for i in range(dof):
-            ax.plot(s.state_t, s.state[:, k + i], lw=1, label=f"{name} axis_{i}")
-        if k == 0 and len(s.ref):
-            for i in range(min(dof, s.ref.shape[1])):
-                ax.step(s.ref_t, s.ref[:, i], "--", lw=0.8, where="post", label=f"reference axis_{i}")
-        ax.axhline(L, color="r", lw=0.8)
-        ax.axhline(-L, color="r", lw=0.8)
-        ax.set_ylabel(name)
+        ax.plot(s.state_t, s.state[:, i], lw=1, label=p.states[i])
+        if i in tracked and len(s.ref) and s.ref.shape[1] > tracked.index(i):
+            ax.step(s.ref_t, s.ref[:, tracked.index(i)], "--", lw=0.8, where="post", label="reference")
+        _limit_lines(ax, p.x_min[i], p.x_max[i])
+        ax.set_ylabel(p.states[i], fontsize=8)
         ax.legend(fontsize=7, loc="upper right")
-    axes[0].set_title("states against their limits (grey: malicious expert)")
-    axes[1].set_xlabel("time [s]")
+    axes[0, 0].set_title(f"{p.name}: states against their limits (grey: malicious expert)")
+    axes[-1, 0].set_xlabel("time [s]")
     return fig
 
 
-def _plot_actions(plt, s: Series, lim: dict):
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    _shade_malicious(ax, s)
-    cmd = _stack([list(u) for u in s.cmd])
-    for i in range(cmd.shape[1]):
-        ax.plot(s.cmd_t, cmd[:, i], lw=1, label=f"safe command axis_{i}")
-    for i in range(s.expert.shape[1] if len(s.expert) else 0):
-        ax.plot(s.expert_t, np.clip(s.expert[:, i], -3 * lim["u_max"], 3 * lim["u_max"]), lw=0.6, alpha=0.6,
-                label=f"expert action axis_{i} (clipped for display)")
-    ax.axhline(lim["u_max"], color="r", lw=0.8)
-    ax.axhline(-lim["u_max"], color="r", lw=0.8)
-    ax.set_xlabel("time [s]")
-    ax.set_ylabel("action")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title("actions")
+def _plot_actions(plt, s: Series):
+    p = s.plant
+    m = min(p.m, MAX_PLOTTED)
+    fig, axes = plt.subplots(m, 1, figsize=(9, 1.5 + 2.0 * m), sharex=True, squeeze=False)
+    cmd = _stack([list(u) for u in s.cmd if u.size == p.m])
+    cmd_t = np.array([t for t, u in zip(s.cmd_t, s.cmd, strict=True) if u.size == p.m])
+    span = p.u_max - p.u_min
+    for i, ax in enumerate(axes[:, 0]):
+        _shade_malicious(ax, s)
+        if len(cmd):
+            ax.plot(cmd_t, cmd[:, i], lw=1, label=f"safe command {p.inputs[i]}")
+        if len(s.expert) and s.expert.shape[1] > i:
+            ax.plot(s.expert_t, np.clip(s.expert[:, i], p.u_min[i] - span[i], p.u_max[i] + span[i]), lw=0.6,
+                    alpha=0.6, label="expert action (clipped for display)")
+        _limit_lines(ax, p.u_min[i], p.u_max[i])
+        ax.set_ylabel(p.inputs[i], fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0, 0].set_title("actions")
+    axes[-1, 0].set_xlabel("time [s]")
     return fig
 
 
@@ -489,12 +555,11 @@ def write_plots(s: Series, metrics: dict, out_dir: str | Path) -> list[str]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lim = metrics["limits"]
     plots = []
     if len(s.state):
-        plots.append(("states.png", lambda: _plot_states(plt, s, lim)))
+        plots.append(("states.png", lambda: _plot_states(plt, s)))
     if s.cmd:
-        plots.append(("actions.png", lambda: _plot_actions(plt, s, lim)))
+        plots.append(("actions.png", lambda: _plot_actions(plt, s)))
     if s.decisions:
         plots += [("margins.png", lambda: _plot_margins(plt, s)), ("decisions.png", lambda: _plot_decisions(plt, s))]
     files = []

@@ -1,7 +1,7 @@
 """``scpo-ros``: the one-command demo and the bag analysis.
 
-    scpo-ros demo [--duration 30] [--bag runs/demo] [--params config/scpo_double_integrator.yaml]
-                  [--no-malicious] [--dof 1] [--namespace NS] [--overwrite]
+    scpo-ros demo [--duration 30] [--bag runs/demo] [--params config/scpo.yaml]
+                  [--no-malicious] [--plant NAME|FILE] [--namespace NS] [--overwrite]
     scpo-ros demo --compare [--bag runs/compare] [--safeguard-params config/safeguard.yaml] ...
     scpo-ros analyze BAG [BAG2] [--json PATH] [--plots DIR]
 
@@ -24,7 +24,11 @@ def cmd_analyze(args) -> int:
         if not Path(bag).exists():
             print(f"error: no bag at {bag}", file=sys.stderr)
             return 2
-    columns = analyze_pipelines(args.bags, args.p_max, args.v_max, args.u_max)
+    try:
+        columns = analyze_pipelines(args.bags, args.plant)
+    except ValueError as exc:   # PlantError: a bad --plant
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if len(columns) == 1:
         (metrics, series), = columns.values()
         print(format_table(metrics, title=f"bag {args.bags[0]}"))
@@ -63,9 +67,8 @@ def main(argv=None) -> int:
     an.add_argument("bags", nargs="+", metavar="BAG", help="bag directory (one or two)")
     an.add_argument("--json", help="write the metrics as JSON here")
     an.add_argument("--plots", help="write PNG plots into this directory")
-    an.add_argument("--p-max", type=float, default=1.0, help="position limit if the bag has no sim diagnostics")
-    an.add_argument("--v-max", type=float, default=1.0)
-    an.add_argument("--u-max", type=float, default=1.0)
+    an.add_argument("--plant", help="plant NAME or FILE for a bag that carries no plant topic (default: the "
+                                    "bag's, else double_integrator)")
     an.set_defaults(func=cmd_analyze)
 
     from .demo import add_demo_arguments

@@ -205,16 +205,16 @@ UNCONFIGURED = "unconfigured"
 
 
 def control_status(mode: str, params, reason: str = "", dt_measured: float | None = None,
-                   policy_interventions: int = 0) -> tuple[int, str]:
+                   policy_interventions: int = 0, dt: float | None = None) -> tuple[int, str]:
     """The ``control`` diagnostic's ``(level, text)``: the mode's (``graph.SAFETY_MODE_TABLE``,
     ``params`` the node's parameter values), WARN where the policy acts on a state period
-    more than 25 % off the model's ``dt``, ERROR once the envelope has changed a certified
-    policy command."""
+    ``dt_measured`` more than 25 % off the plant's ``dt``, ERROR once the envelope has changed
+    a certified policy command."""
     text = f"{UNCONFIGURED}: {params['inactive_behavior']}" if mode == MODE_INACTIVE and reason == UNCONFIGURED \
         else mode_text(mode, params)
     level = mode_level(mode)
-    dt = params["dt"]
-    if mode == MODE_POLICY and dt_measured is not None and not abs(dt_measured - dt) <= 0.25 * dt and level == LEVEL_OK:
+    off_period = dt is not None and dt_measured is not None and not abs(dt_measured - dt) <= 0.25 * dt
+    if mode == MODE_POLICY and off_period and level == LEVEL_OK:
         level = LEVEL_WARN
         text += f"; state period {dt_measured:.4f} s differs from the model dt {dt:g} s"
     if policy_interventions:
@@ -290,16 +290,31 @@ class ComputeTimes:
 
 
 class RestDetector:
-    """The plant is at rest: ``|v| < speed`` on every axis for ``states`` accepted states in a
-    row (the controllers' shutdown hold stops sending then)."""
+    """The plant is at rest: no state moves faster than ``speed`` (a fraction of its scale per
+    second: ``|x_k - x_{k-1}| / dt < speed × scale`` on every entry) for ``states`` accepted
+    states in a row (the controllers' shutdown hold stops sending then). ``scale``: per state,
+    e.g. the certified region's half-widths (``for_plant``)."""
 
-    def __init__(self, speed: float = 1e-2, states: int = 5):
+    def __init__(self, scale, dt: float, speed: float = 2e-2, states: int = 5):
+        self.threshold = [float(s) * speed * dt for s in np.atleast_1d(np.asarray(scale, dtype=float))]
         self.speed, self.states = speed, states
         self.count = 0
+        self._last: list[float] | None = None
 
-    def update(self, v) -> None:
-        """One accepted state's velocities (any sequence of floats)."""
-        self.count = self.count + 1 if max(map(abs, v)) < self.speed else 0
+    @classmethod
+    def for_plant(cls, plant, **kwargs) -> RestDetector:
+        """Scaled by the certified region's half-widths, at the plant's ``dt``."""
+        return cls((plant.region.x_max - plant.region.x_min) / 2.0, plant.dt, **kwargs)
+
+    def update(self, x) -> None:
+        """One accepted state (any sequence of floats, the state vector)."""
+        last, self._last = self._last, [float(v) for v in x]
+        moving = last is None or any(abs(a - b) >= t for a, b, t in zip(self._last, last, self.threshold))
+        self.count = 0 if moving else self.count + 1
+
+    def restart(self) -> None:
+        """Count again from the next state (the shutdown hold starts)."""
+        self.count = 0
 
     @property
     def at_rest(self) -> bool:

@@ -40,9 +40,11 @@ learner takes to exit), the recorder last."""
 def add_demo_arguments(ap) -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of simulation (default 30)")
     ap.add_argument("--bag", default="runs/demo", help="bag directory to create (default runs/demo)")
-    ap.add_argument("--params", default=None, help="ROS parameter file (default config/scpo_double_integrator.yaml)")
+    ap.add_argument("--params", default=None, help="ROS parameter file (default config/scpo.yaml)")
     ap.add_argument("--no-malicious", action="store_true", help="a clean expert")
-    ap.add_argument("--dof", type=int, default=None, help="override dof for every node")
+    ap.add_argument("--plant", default=None, help="plant of every node: a shipped NAME (config/plants/NAME.yaml), "
+                                                  "a plant file or a package:// URL (default: the parameter file's "
+                                                  "plant_file, the double integrator)")
     ap.add_argument("--namespace", default="", help="namespace of every node")
     ap.add_argument("--no-record", action="store_true", help="do not record a bag")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing bag directory")
@@ -165,10 +167,9 @@ def _prepare_run(args, params_file: str) -> tuple[Path | None, Path, dict]:
 
 
 def _common_overrides(args) -> tuple[dict, dict]:
-    """Command-line overrides shared by every node, and the simulator's per-axis lists."""
-    common = {"dof": args.dof} if args.dof else {}
-    common_lists = {"initial_position": [0.0], "initial_velocity": [0.0]} if args.dof else {}
-    return common, common_lists
+    """Command-line overrides shared by every node (``--plant``), and the simulator's own."""
+    common = {"plant_file": g.plant_file_of(args.plant)} if args.plant else {}
+    return common, {}
 
 
 def _launch_and_run(graph: Graph, plan: list[tuple[str, list[str], tuple[str, ...]]], args, log_dir: Path,
@@ -300,7 +301,8 @@ def run_compare(args, out=print) -> dict:
 def format_summary(result: dict) -> str:
     nodes = result.get("nodes", {})
     sim, safety = nodes.get(g.SIMULATOR, {}), nodes.get(g.SAFETY_NODE, {})
-    lines = ["", "=== SCPO double-integrator demo ==="]
+    plant = sim.get("plant") or "double_integrator"
+    lines = ["", f"=== SCPO demo: {plant} ==="]
     up = safety.get("updates", {})
     lines.append(f"  control steps          {safety.get('control_steps')}  (backup alone: {safety.get('backup_steps')},"
                  f" hold: {safety.get('hold_commands')})")

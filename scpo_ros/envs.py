@@ -37,7 +37,7 @@ import torch
 
 from .backup import LQRBackup
 from .dynamics import DoubleIntegrator, Pendulum
-from .plant import Plant, Region, load_plant, plant_from_dict, plant_from_params
+from .plant import Plant, Region, double_integrator_plant, load_plant, plant_from_dict
 
 
 @dataclass
@@ -185,10 +185,10 @@ VecEnv = VecPlantEnv
 
 class VecDoubleIntegrator(VecPlantEnv):
     """``num_envs`` double integrators of ``system`` (dof, dt, limits, process noise) tracking
-    references, the plant of ``plant.plant_from_params`` with the parameter tables' backup
-    weights. ``initial_set``: where episodes start, a ``plant.Region`` or anything with the
-    parameter-era fields ``p0_max``, ``v0_max``, ``r_max`` (the bridge's certified region,
-    checked against the limits); None: the tables' certified region."""
+    references, the plant of ``plant.double_integrator_plant`` (the shipped file's backup
+    weights). ``initial_set``: where episodes start, a ``plant.Region`` or anything with the
+    parameter-era fields ``p0_max``, ``v0_max``, ``r_max`` (shrunk into the limits);
+    None: the shipped file's certified region."""
 
     def __init__(self, num_envs: int, system: DoubleIntegrator = DoubleIntegrator(), initial_set: Region | None = None,
                  episode_length: int = 100, action_weight: float = 0.1, seed: int = 0,
@@ -199,7 +199,7 @@ class VecDoubleIntegrator(VecPlantEnv):
         if initial_set is not None and not isinstance(initial_set, Region):
             values.update(p0_max=initial_set.p0_max, v0_max=initial_set.v0_max, r_max=initial_set.r_max)
             initial_set = None
-        super().__init__(plant_from_params(values), num_envs, None, episode_length, action_weight, seed, dtype,
+        super().__init__(double_integrator_plant(**values), num_envs, None, episode_length, action_weight, seed, dtype,
                          region=initial_set)
 
     def _dynamics(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ CERTIFIED_WEIGHTS = "certified_weights"
 SCPO_DECISION = "scpo_decision"
 SAFETY_MODE = "safety_mode"
 CONSTRAINT_VIOLATION = "constraint_violation"
+PLANT = "plant"
 INTERVENTION = "intervention"
 RAW_ACTION = "raw_action"
 DIAGNOSTICS = "/diagnostics"
@@ -45,14 +46,17 @@ TOPIC_TYPES = {
     SCPO_DECISION: "std_msgs/msg/String",
     SAFETY_MODE: "std_msgs/msg/String",
     CONSTRAINT_VIOLATION: "std_msgs/msg/String",
+    PLANT: "std_msgs/msg/String",
     INTERVENTION: "std_msgs/msg/String",
     RAW_ACTION: "std_msgs/msg/Float64MultiArray",
     DIAGNOSTICS: "diagnostic_msgs/msg/DiagnosticArray",
 }
 """Topic name -> ROS 2 type name (``pkg/msg/Name``)."""
 
-LATCHED_TOPICS = frozenset({CERTIFIED_WEIGHTS, SAFETY_MODE})
-"""Published transient-local: a late subscriber gets the value already sent."""
+LATCHED_TOPICS = frozenset({CERTIFIED_WEIGHTS, SAFETY_MODE, PLANT})
+"""Published transient-local: a late subscriber gets the value already sent. ``plant``: one
+JSON ``plant.plant_record`` per publishing node (``"node"`` says which), so a bag carries
+the plant file and the limits in force."""
 
 
 def base_name(topic: str) -> str:
@@ -135,7 +139,7 @@ def mode_reason(mode: str) -> str:
 
 # ------------------------------------------------------------------ nodes and pipelines
 
-SIMULATOR = "double_integrator_sim"
+SIMULATOR = "plant_sim"
 RECORDER = "bag_recorder"
 SAFETY_NODE = "scpo_safety_node"
 SAFEGUARD = "action_safeguard"
@@ -150,17 +154,17 @@ SUBSCRIBES = {
     SAFEGUARD: (JOINT_STATES, RAW_ACTION, REFERENCE),
 }
 PUBLISHES = {
-    SIMULATOR: (JOINT_STATES, CONSTRAINT_VIOLATION),
+    SIMULATOR: (JOINT_STATES, CONSTRAINT_VIOLATION, PLANT),
     EXPERT: (EXPERT_ACTION, REFERENCE, MALICIOUS),
     LEARNER: (PROPOSED_WEIGHTS,),
-    SAFETY_NODE: (CMD, CERTIFIED_WEIGHTS, SCPO_DECISION, SAFETY_MODE),
-    SAFEGUARD: (CMD, INTERVENTION),
+    SAFETY_NODE: (CMD, CERTIFIED_WEIGHTS, SCPO_DECISION, SAFETY_MODE, PLANT),
+    SAFEGUARD: (CMD, INTERVENTION, PLANT),
 }
 """Topics per node (relative names; every node also publishes ``/diagnostics``, the simulator
 ``/clock`` with ``publish_clock``; the recorder subscribes to what it records)."""
 
 RESET_SERVICE = "~/reset"
-"""The simulator's ``std_srvs/srv/Trigger`` service (private: ``/double_integrator_sim/reset``)."""
+"""The simulator's ``std_srvs/srv/Trigger`` service (private: ``/plant_sim/reset``)."""
 
 SCPO_PIPELINE = (SAFETY_NODE, EXPERT, LEARNER, SIMULATOR)
 """The SCPO graph in start order: the simulator last (its first state must reach every node)."""
@@ -208,7 +212,7 @@ def compare_recorded_topics() -> list[str]:
 
 # ------------------------------------------------------------------ parameter files
 
-def default_params_file(name: str = "scpo_double_integrator.yaml") -> str:
+def default_params_file(name: str = "scpo.yaml") -> str:
     """A YAML of the package: from the ament index when installed as a ROS package, else the source tree."""
     try:
         from ament_index_python.packages import get_package_share_directory
@@ -264,21 +268,29 @@ def node_parameters(data: dict, node: str) -> dict:
     return out
 
 
-def plant_param_names() -> tuple[str, ...]:
-    """The plant's parameters (``params.PLANT_PARAMS``): what the safeguard must share with the simulator."""
-    from .params import PLANT_PARAMS  # here, not at the top: it imports the SCPO core (torch)
-
-    return tuple(spec.name for spec in PLANT_PARAMS)
+def plant_file_of(plant: str) -> str:
+    """The ``plant_file`` value of a ``plant:=`` launch argument or ``--plant`` option: a shipped
+    plant's NAME as its ``package://`` URL, an existing relative path made absolute (the nodes
+    may run elsewhere), anything else as given (the nodes' loader says what is wrong with it)."""
+    text = str(plant).strip()
+    if not text:
+        raise ValueError("plant is empty: give a shipped plant NAME or a plant file")
+    if "/" not in text and not text.endswith((".yaml", ".yml")):
+        return f"package://scpo_ros/config/plants/{text}.yaml"
+    if "://" not in text and Path(text).exists():
+        return str(Path(text).resolve())
+    return text
 
 
 def compare_params_file(params_file: str | Path, safeguard_file: str | Path, overrides: dict[str, dict],
                         out: str | Path) -> str:
     """The parameter file of the side-by-side run: the SCPO graph's YAML, the safeguard's
-    section, ``overrides``, and the simulator's plant (``plant_param_names``) copied into the
-    safeguard's section, so its invariant set is computed for the plant it guards."""
+    section, ``overrides``, and the simulator's ``plant_file`` copied into the safeguard's
+    section, so its safe set is computed for the plant it guards."""
     merged_params_file(params_file, overrides, out, extra=[safeguard_file])
     data = yaml.safe_load(Path(out).read_text())
     sim = node_parameters(data, SIMULATOR)
-    merge_params(data, {SAFEGUARD: {k: sim[k] for k in plant_param_names() if k in sim}})
+    if "plant_file" in sim:
+        merge_params(data, {SAFEGUARD: {"plant_file": sim["plant_file"]}})
     Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
     return str(out)

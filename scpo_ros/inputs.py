@@ -74,10 +74,12 @@ def axis_names(dof: int) -> list[str]:
     return [f"axis_{i}" for i in range(dof)]
 
 
-def reference_text(reason: str, values: Sequence[float], r_max: float) -> str:
-    """The log line of a reference that ``ReferenceGate.apply`` clamped or rejected (``reason``)."""
+def reference_text(reason: str, values: Sequence[float], lower: Sequence[float], upper: Sequence[float]) -> str:
+    """The log line of a reference that ``ReferenceGate.apply`` clamped or rejected (``reason``);
+    ``lower``/``upper`` the certified reference box."""
     what = "clamped into" if reason == CLAMPED else "kept the last valid, in"
-    return f"reference {list(values)[:8]}: {reason} ({what} |r| <= r_max = {r_max:g})"
+    box = ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in zip(lower, upper))
+    return f"reference {list(values)[:8]}: {reason} ({what} the certified reference box {box})"
 
 
 # ------------------------------------------------------------------------- JointMap
@@ -87,8 +89,8 @@ class JointMap:
 
     ``entries[k] = (joint_name, field)`` says where state entry ``k`` comes from, field in
     ``position | velocity | effort``. This is the general form a plant file's ``joints:``
-    map (state name -> {joint, field}) fills; ``JointMap.for_axes(dof, joint_names)``
-    builds the usual ``x = [p_1..p_dof, v_1..v_dof]``.
+    map (state name -> {joint, field}) fills: ``JointMap.for_plant(plant)``;
+    ``JointMap.for_axes(dof, joint_names)`` builds the common ``x = [p_1..p_dof, v_1..v_dof]``.
 
     ``read`` rejects a message (returns a reason) when
       - ``missing_joint``: a needed joint is not in ``names``;
@@ -134,6 +136,11 @@ class JointMap:
         self._plan: list[tuple[int, int]] | None = None
         self._reason: str | None = None
         self.lookups = 0   # cache misses (index lookups done); a test and a diagnostic can read it
+
+    @classmethod
+    def for_plant(cls, plant) -> JointMap:
+        """The state of ``plant`` from its file's ``joints:`` map (state order)."""
+        return cls(plant.joints)
 
     @classmethod
     def for_axes(cls, dof: int, joint_names: Sequence[str] | None = None) -> JointMap:
@@ -198,6 +205,19 @@ class JointMap:
             return NON_FINITE
         out[:] = vals
         return None
+
+    def write(self, x: Sequence[float]) -> tuple[list[str], list[float], list[float], list[float]]:
+        """The inverse of ``read``: ``(name, position, velocity, effort)`` of a JointState that
+        carries state ``x`` (``size`` entries). Joints in first-use order; a field no entry uses
+        stays empty, and a used field's slot of a joint that does not map it is NaN (the
+        JointState convention for "not measured")."""
+        if len(x) != self.size:
+            raise ValueError(f"JointMap.write: {len(x)} values for {self.size} state entries")
+        index = {j: i for i, j in enumerate(self.joints)}
+        arrays = [[math.nan] * len(self.joints) if f in self.fields else [] for f in JOINT_FIELDS]
+        for (joint, fld), v in zip(self.entries, x):
+            arrays[_FIELD_INDEX[fld]][index[joint]] = float(v)
+        return list(self.joints), arrays[0], arrays[1], arrays[2]
 
     def read_msg(self, msg, out: np.ndarray) -> str | None:
         """``read`` from anything with ``name``, ``position``, ``velocity``, ``effort``
@@ -340,8 +360,8 @@ class ReferenceGate:
     def __init__(self, lower, upper):
         lo = np.array(lower, dtype=np.float64).reshape(-1)
         hi = np.array(upper, dtype=np.float64).reshape(-1)
-        if lo.shape != hi.shape or lo.size == 0:
-            raise ValueError(f"ReferenceGate: lower and upper need the same, non-zero number of entries, "
+        if lo.shape != hi.shape:   # empty for a plant without tracked states: only [] is valid
+            raise ValueError(f"ReferenceGate: lower and upper need the same number of entries, "
                              f"got {lo.size} and {hi.size}")
         if np.isnan(lo).any() or np.isnan(hi).any() or not (lo <= hi).all():
             raise ValueError(f"ReferenceGate: need lower <= upper (no NaN), got {lo.tolist()} / {hi.tolist()}")
@@ -415,7 +435,7 @@ class InputMonitor:
         return {"rejected_states": dict(self.rejected), "clamped_references": self.references.clamped,
                 "bad_references": sum(self.references.rejected.values()), "clock_jumps": self.gate.jumps}
 
-    def status(self, now: float, clock_missing: bool, r_max: float) -> tuple[int, str]:
+    def status(self, now: float, clock_missing: bool) -> tuple[int, str]:
         """The diagnostic's ``(level, text)`` at ``now``: WARN for rejected states, clamped or
         malformed references, or ``clock_missing`` (use_sim_time without a ``/clock``)."""
         level, text = LEVEL_OK, "inputs valid"
@@ -424,8 +444,8 @@ class InputMonitor:
         if clock_missing:
             level, text = LEVEL_WARN, "use_sim_time is set but no /clock has arrived: stamp ages are not checked"
         elif self.references.clamped or bad_references:
-            level, text = LEVEL_WARN, (f"{self.references.clamped} references clamped into |r| <= {r_max:g}, "
-                                       f"{bad_references} malformed kept the last valid")
+            level, text = LEVEL_WARN, (f"{self.references.clamped} references clamped into the certified "
+                                       f"reference box, {bad_references} malformed kept the last valid")
         if rejected:
             last = f"{rejected} joint_states rejected (last: {self.last_reason}: {self.text(self.last_reason)})"
             level, text = LEVEL_WARN, last if level == LEVEL_OK else f"{last}; {text}"

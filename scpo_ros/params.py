@@ -4,18 +4,17 @@ A ``ParamSpec`` is one declared parameter (default, description, range). The tab
 them by concept, and each default is read from the dataclass the parameters build, so a
 default lives in one place:
 
-- ``PLANT_PARAMS``: the double integrator (``dynamics.DoubleIntegrator``): dof, dt, limits;
-- ``BACKUP_PARAMS``: the LQR backup's weights (the double integrator's ``backup: {Q, R}``);
-- ``REGION_PARAMS``: the certified region of states and references (its ``certified_region``);
+- ``PLANT_PARAMS``: the plant file (``plant.load_plant``: dynamics, limits, joints, backup
+  weights, certified region; read once) and the runtime limits that can only tighten it;
 - ``POLICY_PARAMS``: the residual policy's structure (``policy.MLPLayout``) and the seed;
-- ``ROLLOUT_PARAMS``: the safety metrics of the rollouts (``rollout.SafetySpec``; ``horizon`` in
-  steps, read as ``horizon × dt`` seconds by ``safety_model.safety_spec``);
+- ``ROLLOUT_PARAMS``: the safety metrics of the rollouts (``rollout.SafetySpec``: the horizon in
+  seconds, the Lyapunov terms as fractions);
 - ``SCPO_PARAMS``: the projector (``scpo.SCPOConfig``) and its state samples;
 - ``ENVELOPE_PARAMS``: the late commands the shared safe set absorbs;
 - ``STATE_INPUT_PARAMS``: how a controller reads ``joint_states`` (``inputs``);
 - ``LIFECYCLE_PARAMS``: autostart, behaviour while inactive, the shutdown hold.
 
-``plant.plant_from_params`` builds the plant from the first three. A node declares
+``plant_of(values)`` builds the plant from the first. A node declares
 ``compose(TABLE, ..., its own specs)`` through ``scpo_ros.ros.parameters``. Nothing here
 imports rclpy.
 """
@@ -23,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .dynamics import DoubleIntegrator
+from .plant import PACKAGE_PREFIX, Plant, load_plant
 from .policy import MLPLayout
 from .residual_scpo import ResidualSCPO
 from .rollout import METRICS, SafetySpec
@@ -58,6 +57,8 @@ class ParamSpec:
     ptype: str | None = None
     min_len: int = 0
     max_len: int | None = None
+    finite: bool = True
+    """Refuse ±inf (NaN always): False for the tightening arrays, where ±inf means "the file's bound"."""
 
     @property
     def type(self) -> str:
@@ -101,7 +102,7 @@ class ParamSpec:
         else:
             values = []
         for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
+            if isinstance(v, float) and (math.isnan(v) or (self.finite and not math.isfinite(v))):
                 return f"{self.name} must be finite, got {v}"
             if self.min is not None and v < self.min:
                 return f"{self.name} = {v} is below its minimum {self.min}"
@@ -160,37 +161,46 @@ def _floats(value) -> list[float]:
     return [float(v) for v in np.atleast_1d(value)]
 
 
-_P = _defaults(DoubleIntegrator)
-# The backup weights and the certified region of the parameter era are the shipped
-# config/plants/double_integrator.yaml's ``backup:`` and ``certified_region:`` (the generic
-# LQRBackup and plant.Region carry no defaults of their own; phase 2 reads the file itself).
-_B = {"q_pos": 1.0, "q_vel": 1.0, "r_act": 10.0}
-_R = {"p0_max": 0.8, "v0_max": 0.2, "r_max": 0.5}
+PLANT_FILE_DEFAULT = f"{PACKAGE_PREFIX}scpo_ros/config/plants/double_integrator.yaml"
+"""The plant of every node unless ``plant_file`` names another."""
 _S, _C = SafetySpec(), ResidualSCPO.default_config()   # the residual client's per-metric margins
-_HORIZON_STEPS = _S.steps(_P["dt"])
-"""``horizon`` stays in steps of the default dt (``safety_model.safety_spec`` reads it as
-``horizon × dt`` seconds) until the nodes take ``horizon_s``."""
+_MAX_DIM = 64
+"""Longest tightening array a parameter accepts (states or inputs of a plant)."""
+
+
+def _tight(name: str, side: str, what: str) -> ParamSpec:
+    return ParamSpec(name, [], f"Runtime tightening of the plant file's {side}: one value per {what} (±.inf: the "
+                               f"file's bound), or [] for the file's. Only tightens; a change re-certifies.",
+                     ptype="double[]", max_len=_MAX_DIM, finite=False)
+
+
+PLANT_FILE = ParamSpec("plant_file", PLANT_FILE_DEFAULT, "The plant file: a path, package://scpo_ros/config/plants/"
+                                                           "NAME.yaml or a shipped plant's NAME (docs/plants.md). "
+                                                           "Read once at start-up (a file may name a model class, "
+                                                           "which runs code).", read_only=True)
+"""Every node's plant; the simulator declares only this one."""
 
 PLANT_PARAMS = (
-    ParamSpec("dof", _P["dof"], "Number of independent axes.", 1, 8, read_only=True),
-    ParamSpec("dt", _P["dt"], "Time step of the plant model (s): the control period.", 1e-4, 1.0),
-    ParamSpec("p_max", _P["p_max"], "Position limit |p| <= p_max.", 1e-3, 1e3),
-    ParamSpec("v_max", _P["v_max"], "Velocity limit |v| <= v_max.", 1e-3, 1e3),
-    ParamSpec("u_max", _P["u_max"], "Actuation limit |u| <= u_max.", 1e-3, 1e3),
+    PLANT_FILE,
+    _tight("x_min_tight", "x_min", "state"),
+    _tight("x_max_tight", "x_max", "state"),
+    _tight("u_min_tight", "u_min", "input"),
+    _tight("u_max_tight", "u_max", "input"),
 )
+TIGHTENING = tuple(s.name for s in PLANT_PARAMS[1:])
+"""The runtime limits: ``x_min_tight`` ... (``plant_of`` passes them to ``Plant.with_limits``)."""
 
-BACKUP_PARAMS = (
-    ParamSpec("q_pos", _B["q_pos"], "Backup LQR position weight.", 0.0, 1e6),
-    ParamSpec("q_vel", _B["q_vel"], "Backup LQR velocity weight.", 0.0, 1e6),
-    ParamSpec("r_act", _B["r_act"], "Backup LQR action weight.", 1e-6, 1e6),
-)
 
-REGION_PARAMS = (
-    ParamSpec("p0_max", _R["p0_max"], "Certified region: |p| <= p0_max.", 0.0, 1e3),
-    ParamSpec("v0_max", _R["v0_max"], "Certified region: |v| <= v0_max.", 0.0, 1e3),
-    ParamSpec("r_max", _R["r_max"], "Certified references: |r| <= r_max (references beyond are clamped).",
-              0.0, 1e3),
-)
+def plant_of(values: Mapping[str, Any], base: Plant | None = None) -> Plant:
+    """The plant of parameter values: ``load_plant(values["plant_file"])`` (or ``base``, the file
+    already read) with the ``*_tight`` limits applied. ``PlantError`` (a ``ValueError``) names the
+    key that is wrong."""
+    plant = base if base is not None else load_plant(values.get("plant_file") or PLANT_FILE_DEFAULT)
+    tight = {name[:-len("_tight")]: list(values.get(name) or []) for name in TIGHTENING}
+    if not any(tight.values()):
+        return plant
+    return plant.with_limits(**{k: v or None for k, v in tight.items()})
+
 
 SEED = ParamSpec("seed", 0, "Seed of the node's random numbers.", 0, 2**31 - 1)
 """The seed's range, for every node that has one (each says what it seeds)."""
@@ -203,8 +213,8 @@ POLICY_PARAMS = (
 )
 
 ROLLOUT_PARAMS = (
-    ParamSpec("horizon", _HORIZON_STEPS, "Rollout length H (steps of dt; the certification horizon is H × dt "
-                                         "seconds).", 1, 2000),
+    ParamSpec("horizon_s", _S.horizon_s, "Certification horizon: every rollout runs this long (s), in steps of the "
+                                         "plant's dt.", 1e-3, 600.0),
     ParamSpec("lyap_alpha", _S.lyap_alpha, "Required decrease of V per step, as a fraction of the backup's own "
                                            "worst-case decrease.", 0.0, 0.99),
     # ε divides the metric: 0 is refused (rollout.SafetySpec), hence the positive minimum
@@ -237,16 +247,15 @@ SCPO_PARAMS = (
 
 ENVELOPE_PARAMS = (
     ParamSpec("late_commands", 1, "Late or missed commands in a row the safe set absorbs (1: every command stays "
-                                  "safe when the plant applies it one period longer).", 0, 1, read_only=True),
+                                  "safe when the plant applies it one period longer). At most: a model plant "
+                                  "whose safe set is nominal only (the pendulum's) gets 0, with a warning.", 0, 1,
+              read_only=True),
 )
 
 STATE_QOS_CHOICES = ("reliable", "best_effort")
 """Values of ``state_qos`` (``scpo_ros.ros.qos.state_qos`` turns one into a profile)."""
 
 STATE_INPUT_PARAMS = (
-    ParamSpec("joint_names", [""], "JointState joints of the axes, in axis order (matched by name; extra joints "
-                                   "are ignored, a missing one rejects the message). [''] or []: axis_0..",
-              read_only=True, min_len=0, max_len=8),
     ParamSpec("state_qos", "reliable", "QoS of the joint_states subscription.", choices=STATE_QOS_CHOICES,
               read_only=True),
     ParamSpec("max_state_age", 0.5, "A state stamped more than this before now is rejected (s; 0: no age check, "
@@ -267,8 +276,7 @@ LIFECYCLE_PARAMS = (
 )
 
 
-MODEL_PARAMS = PLANT_PARAMS + BACKUP_PARAMS + REGION_PARAMS + POLICY_PARAMS + ROLLOUT_PARAMS + SCPO_PARAMS \
-    + ENVELOPE_PARAMS
+MODEL_PARAMS = PLANT_PARAMS + POLICY_PARAMS + ROLLOUT_PARAMS + SCPO_PARAMS + ENVELOPE_PARAMS
 """What ``safety_model.build_model`` reads: everything the safety node's certificate covers."""
 
 

@@ -20,9 +20,8 @@ equilibrium ``(x_ss(r), u_ss(r))`` of a reference ``r`` of the ``tracked`` state
 ``r`` and solved once here (``Plant.equilibrium_map``).
 
 ``load_plant`` refuses a bad file with ``PlantError``, whose message names the key; nothing
-here imports rclpy. ``plant_from_params`` is the bridge from the double integrator's node
-parameters (``params.PLANT_PARAMS`` ...) to the same ``Plant``, until the nodes read
-``plant_file``.
+here imports rclpy. ``double_integrator_plant`` builds the double integrator of given limits
+in code (the experiments sweep them).
 """
 from __future__ import annotations
 
@@ -184,8 +183,8 @@ class Plant:
                     > torch.tensor(f, dtype=vec.dtype, device=vec.device) + tol
             else:
                 bad = np.asarray(vec, dtype=float) @ F.T > f + tol
-            for name in dict.fromkeys(_row_owner(n) for n in row_names):
-                cols = [i for i, rn in enumerate(row_names) if _row_owner(rn) == name]
+            for name in dict.fromkeys(constraint_name(n) for n in row_names):
+                cols = [i for i, rn in enumerate(row_names) if constraint_name(rn) == name]
                 out[name] = bad[..., cols].any(-1)
         return out
 
@@ -251,8 +250,9 @@ class Plant:
                 "model": self.model_name, "source": self.source}
 
     def with_limits(self, x_min=None, x_max=None, u_min=None, u_max=None) -> Plant:
-        """The plant with tightened box limits (the runtime ``*_tight`` parameters). Refuses, naming
-        the key, a bound that would loosen the file's or leave the certified region outside."""
+        """The plant with tightened box limits (the runtime ``*_tight`` parameters; an infinite entry
+        on the loose side keeps the file's bound). Refuses, naming the key, a bound that would
+        loosen the file's or leave the certified region outside."""
         new = {}
         for key, val, old, tighter in (("x_min", x_min, self.x_min, np.greater_equal),
                                        ("x_max", x_max, self.x_max, np.less_equal),
@@ -262,6 +262,8 @@ class Plant:
                 new[key] = old
                 continue
             v = _vector(val, len(old), f"{key}_tight", self.source, allow_inf=True)
+            # ±inf on the loose side is "the file's bound" (a parameter array must give every entry)
+            v = np.where(np.isinf(v) & ((v > 0) == key.endswith("_max")), old, v)
             if not np.all(tighter(v, old)):
                 raise PlantError(f"{key}_tight", f"{v.tolist()} would loosen the plant file's {key} "
                                  f"{old.tolist()}: runtime limits can only tighten", self.source)
@@ -720,7 +722,9 @@ def _box_rows(lo, hi, names, M, v, poly_name):
     return F, np.array(rhs, dtype=float), tuple(row_names)
 
 
-def _row_owner(row_name: str) -> str:
+def constraint_name(row_name: str) -> str:
+    """The constraint a row of ``state_rows``/``input_rows`` belongs to: ``position<=max`` ->
+    ``position``, ``H[2]`` -> ``H`` (the names ``Plant.violations`` and the analysis report)."""
     return row_name.split("<=")[0].split(">=")[0].split("[")[0]
 
 
@@ -739,64 +743,58 @@ def _is_torch(x) -> bool:
 
 
 
-# ====================================================================== the double-integrator bridge
+# ====================================================================== the plant on the graph
 
-def plant_from_params(values: Mapping[str, Any]) -> Plant:
-    """The generic ``Plant`` of the double integrator from the old parameter tables
-    (``PLANT_PARAMS``, ``BACKUP_PARAMS``, ``REGION_PARAMS`` of ``scpo_ros.params``).
-
-    The nodes keep their double-integrator parameters until they read ``plant_file``; this is
-    their one way to the generic core. The limits are required; absent backup and region
-    parameters take their table defaults (a default region is shrunk into the limits, since
-    a node that never uses it, the simulator, need not declare it). Raises ``ValueError``
-    naming the parameter: a value out of its range, a missing limit, a region outside the
-    limits, or weights without a stabilising LQR solution.
-    """
-    v = _checked_params(values)
-    return plant_from_dict(_di_dict(v), "<parameters>")
+def plant_record(plant: Plant) -> dict:
+    """What the latched ``plant`` topic carries (so that a bag carries it): the file's name,
+    digest, source and text, and ``description`` (``Plant.describe``: the limits in force,
+    after any runtime tightening). ``plant_from_record`` reads it back."""
+    return {"name": plant.name, "digest": plant.digest, "source": plant.source, "text": plant.text,
+            "description": plant.describe()}
 
 
-def _checked_params(values: Mapping[str, Any]) -> dict:
-    """The bridge's parameter values, checked with the tables' messages (as the nodes always did)."""
-    from .params import BACKUP_PARAMS, PLANT_PARAMS, REGION_PARAMS  # lazy: params imports the core
-    v: dict[str, Any] = {}
-    for table in (PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS):
-        for spec in table:
-            if spec.name in values:
-                value = values[spec.name]
-            elif table is PLANT_PARAMS:
-                raise ValueError(f"parameter {spec.name} is missing")
-            else:
-                value = spec.default
-            reason = spec.check(value)
-            if reason:
-                raise ValueError(f"parameter {reason}")
-            v[spec.name] = value
-    if isinstance(v["dof"], bool) or int(v["dof"]) != v["dof"]:   # the table bounds it, not its type
-        raise ValueError(f"parameter dof must be a positive integer, got {v['dof']!r}")
-    for name, limit in (("p0_max", "p_max"), ("v0_max", "v_max"), ("r_max", "p_max")):
-        if name in values and v[name] > v[limit]:
-            raise ValueError(f"parameter {name} = {v[name]} is outside the limits: above {limit} = {v[limit]}")
-        # an undeclared region takes its default, shrunk into the limits: the file format
-        # refuses a region outside them, and a node without a region never asked for one
-        v[name] = min(float(v[name]), float(v[limit]))
-    _check_lqr(int(v["dof"]), float(v["dt"]), float(v["q_pos"]), float(v["q_vel"]), float(v["r_act"]))
-    return v
+def plant_from_record(record: Mapping[str, Any]) -> Plant:
+    """The plant of a ``plant_record`` (a bag's ``plant`` message): the file's text validated
+    again, with the recorded limits in force (tightened ones included). ``PlantError`` when
+    the record carries no text or the text is not a valid plant file."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("text"), str) or not record["text"].strip():
+        raise PlantError("text", "the plant record carries no plant file text", str(record.get("source", "")
+                                                                                   if isinstance(record, Mapping)
+                                                                                   else ""))
+    plant = plant_from_text(record["text"], str(record.get("source", "<record>")))
+    desc = record.get("description") or {}
+    limits = {k: desc[k] for k in ("x_min", "x_max", "u_min", "u_max") if k in desc}
+    if limits:
+        # describe() writes an infinite bound as YAML's ".inf" / "-.inf" (JSON has no infinity)
+        limits = {k: [(-math.inf if v.startswith("-") else math.inf) if isinstance(v, str) else v
+                      for v in vals] for k, vals in limits.items()}
+        plant = plant.with_limits(**limits)
+    return plant
 
 
-def _check_lqr(dof: int, dt: float, q_pos: float, q_vel: float, r_act: float) -> None:
-    """Refuse weights without a stabilising LQR (one axis decides: the axes are identical)."""
-    A = np.array([[1.0, dt], [0.0, 1.0]])
-    B = np.array([[0.5 * dt * dt], [dt]])
-    try:
-        P = scipy.linalg.solve_discrete_are(A, B, np.diag([q_pos, q_vel]), np.array([[r_act]]))
-        K = np.linalg.solve(B.T @ P @ B + r_act, B.T @ P @ A)
-        rho = max(abs(np.linalg.eigvals(A - B @ K)))
-        if not np.all(np.isfinite(P)) or rho >= 1.0:
-            raise ValueError(f"the closed loop is not stable (spectral radius {rho:.6g})")
-    except (ValueError, ArithmeticError) as exc:   # numpy's LinAlgError is a ValueError
-        raise ValueError(f"parameters q_pos, q_vel, r_act = {(q_pos, q_vel, r_act)} give no LQR backup: "
-                         f"{exc}") from exc
+# ====================================================================== the double integrator in code
+
+def double_integrator_plant(dof: int = 1, dt: float = 0.05, p_max: float = 1.0, v_max: float = 1.0,
+                            u_max: float = 1.0, q_pos: float = 1.0, q_vel: float = 1.0, r_act: float = 10.0,
+                            p0_max: float = 0.8, v0_max: float = 0.2, r_max: float = 0.5) -> Plant:
+    """The ``dof``-axis double integrator with symmetric box limits, as a ``Plant`` (what the
+    shipped ``double_integrator*.yaml`` files hold at the defaults): for the experiments and
+    tests that sweep its limits. The certified region (``p0_max``, ``v0_max``, ``r_max``) is
+    shrunk into the limits. ``PlantError`` as for a file."""
+    data = double_integrator_file(dof, dt, p_max, v_max, u_max, q_pos, q_vel, r_act, p0_max, v0_max, r_max)
+    return plant_from_dict(data, f"<double integrator dof={int(dof)}>")
+
+
+def double_integrator_file(dof: int = 1, dt: float = 0.05, p_max: float = 1.0, v_max: float = 1.0,
+                           u_max: float = 1.0, q_pos: float = 1.0, q_vel: float = 1.0, r_act: float = 10.0,
+                           p0_max: float = 0.8, v0_max: float = 0.2, r_max: float = 0.5) -> dict:
+    """The plant file (the mapping ``yaml.safe_dump`` writes) of ``double_integrator_plant``'s
+    double integrator: for a node that must read it from a file."""
+    if isinstance(dof, bool) or int(dof) != dof or dof < 1:
+        raise PlantError("states", f"dof must be a positive integer, got {dof!r}")
+    return _di_dict(dict(dof=int(dof), dt=dt, p_max=p_max, v_max=v_max, u_max=u_max, q_pos=q_pos, q_vel=q_vel,
+                         r_act=r_act, p0_max=min(p0_max, p_max), v0_max=min(v0_max, v_max),
+                         r_max=min(r_max, p_max)))
 
 
 def _di_dict(v: Mapping[str, Any]) -> dict:
@@ -811,7 +809,7 @@ def _di_dict(v: Mapping[str, Any]) -> dict:
     joints.update({s: {"joint": f"axis_{i}", "field": "velocity"} for i, s in enumerate(vel)})
     return {
         "name": "double_integrator" if d == 1 else f"double_integrator_{d}axis",
-        "description": f"{d}-axis double integrator (from the node parameters)",
+        "description": f"{d}-axis double integrator",
         "dt": float(v["dt"]), "states": pos + vel, "inputs": [f"acceleration{s}" for s in sfx],
         "continuous": {"A": np.block([[zero, eye], [zero, zero]]).tolist(), "B": np.vstack([zero, eye]).tolist()},
         "x_min": [-p_max] * d + [-v_max] * d, "x_max": [p_max] * d + [v_max] * d,

@@ -431,13 +431,8 @@ def _resolve_safe_rows(plant, backup, safe_rows):
     (the default set: ``late_commands=1``; a model plant whose set cannot absorb a late
     command, like the pendulum's, gets its nominal set)."""
     if safe_rows is None:
-        from .safeguard.invariant_set import safe_set_for  # lazy: only for the default
-        try:
-            safe_rows = safe_set_for(plant, backup, late_commands=1)
-        except ValueError:
-            if plant.linear:
-                raise
-            safe_rows = safe_set_for(plant, backup, late_commands=0)
+        from .safeguard.invariant_set import safe_set_at_most  # lazy: only for the default
+        safe_rows = safe_set_at_most(plant, backup, late_commands=1)[0]
     if isinstance(safe_rows, (tuple, list)):
         return metric_rows(plant, safe_rows), None
     try:

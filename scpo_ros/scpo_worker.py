@@ -56,7 +56,7 @@ def _worker_main(conn, niceness: int = 0) -> None:
                 _, model, model_id, theta = req
                 scpo = ResidualSCPO(model.plant, model.backup, model.layout, model.config, safety=model.safety,
                                     n_sample_states=model.n_sample_states, n_cert_states=model.n_cert_states,
-                                    seed=model.seed, safe_set=model.safe_set())
+                                    seed=model.seed, safe_set=model.certificate_set())
                 if theta is not None and np.shape(theta) == scpo.theta.shape:
                     scpo.theta = np.asarray(theta, dtype=np.float32).copy()
                 decision = scpo.recertify()

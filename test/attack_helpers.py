@@ -31,28 +31,27 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-PARAMS = REPO / "config" / "scpo_double_integrator.yaml"
+PARAMS = REPO / "config" / "scpo.yaml"
 SAFEGUARD_PARAMS = REPO / "config" / "safeguard.yaml"
 DT = 0.05
 U_MAX = 1.0
 P_MAX = 1.0
 V_MAX = 1.0
-# the certified region of config/scpo_double_integrator.yaml
+# the certified region of config/scpo.yaml
 P0_MAX, V0_MAX, R_MAX = 0.8, 0.2, 0.5
 # The SCPO settings of test_node_scpo_safety_node.py: short worker steps on the 2-core machine.
-SMALL_SCPO = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60}
+SMALL_SCPO = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon_s": 3.0}
 
 
 # --------------------------------------------------------------------------- pure helpers
 
 def nominal_and_safe_sets(dof: int = 1, dt: float = DT):
     """(nominal maximal control-invariant set, the set S the envelope keeps) for the test plant:
-    the double integrator of the nodes' default parameters (``plant.plant_from_params``, the
-    bridge every node builds its plant with), ``late_commands=1``."""
-    from scpo_ros.params import MODEL_PARAMS, defaults
-    from scpo_ros.plant import plant_from_params
+    the ``dof``-axis double integrator of the shipped plant files (``plant.double_integrator_plant``),
+    ``late_commands=1``."""
+    from scpo_ros.plant import double_integrator_plant
     from scpo_ros.safeguard.invariant_set import safe_set_for
-    s = safe_set_for(plant_from_params(defaults(MODEL_PARAMS, dof=dof, dt=dt)), late_commands=1)
+    s = safe_set_for(double_integrator_plant(dof, dt), late_commands=1)
     return s.nominal, s.invariant
 
 
@@ -245,9 +244,10 @@ class AttackProbe:
         after the reset's reply (violations and commands of the run count from there)."""
         from std_srvs.srv import Trigger
         p0, v0 = reset_state_for(p, v)
-        res = self.set_params("double_integrator_sim", {"initial_position": [p0], "initial_velocity": [v0]})
+        from scpo_ros.graph import SIMULATOR
+        res = self.set_params(SIMULATOR, {"initial_state": [p0, v0]})
         assert all(r.successful for r in res), [r.reason for r in res]
-        assert self.probe.call(Trigger, f"{self.ns}/double_integrator_sim/reset", Trigger.Request()).success
+        assert self.probe.call(Trigger, f"{self.ns}/{SIMULATOR}/reset", Trigger.Request()).success
         return time.monotonic()
 
     def settle(self, timeout: float = 20.0) -> float:

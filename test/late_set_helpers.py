@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scpo_ros.backup import LQRBackup, dlqr
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
-from scpo_ros.plant import load_plant, plant_from_dict, plant_from_params
+from scpo_ros.plant import double_integrator_plant, load_plant, plant_from_dict
 from scpo_ros.safeguard.invariant_set import Polytope, linear_safe_set, safe_set_for
 from scpo_ros.safeguard.projection import SafeguardProjector
 
@@ -34,7 +34,7 @@ def plant_of(system):
 
 @functools.cache
 def _di_plant(dof, dt, p_max, v_max, u_max):
-    return plant_from_params({"dof": dof, "dt": dt, "p_max": p_max, "v_max": v_max, "u_max": u_max})
+    return double_integrator_plant(dof, dt, p_max, v_max, u_max)
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from std_msgs.msg import String
 from scpo_ros.graph import merged_params_file
 
 REPO = Path(__file__).resolve().parent.parent
-PARAMS = REPO / "config" / "scpo_double_integrator.yaml"
+PARAMS = REPO / "config" / "scpo.yaml"
 STARTUP_TIMEOUT = 90.0   # node processes import torch: slow on a loaded 2-core machine
 TIMEOUT = 20.0
 

@@ -195,3 +195,84 @@ def test_one_bag_two_namespaces_and_two_bags_give_one_table(tmp_path, capsys):
     data = json.loads(out.read_text())
     _check_columns(data["pipelines"]["scpo"], data["pipelines"]["safeguard"])
     assert data["bags"][str(b)]["pipeline"] == "safeguard"
+
+
+# ------------------------------------------------------------------ the plant from the bag
+
+def _write_plant_bag(path: Path, plant, record: dict | None, states: list, cmds: list, refs: list) -> Path:
+    """A bag of one pipeline of ``plant``: the latched plant record (if given), the states
+    through the file's joints: map, commands, references."""
+    from scpo_ros.inputs import JointMap
+    ts = typestore()
+    T = ts.types
+    JointState, Header = T["sensor_msgs/msg/JointState"], T["std_msgs/msg/Header"]
+    Time = T["builtin_interfaces/msg/Time"]
+    F64, Layout, Dim = T["std_msgs/msg/Float64MultiArray"], T["std_msgs/msg/MultiArrayLayout"], \
+        T["std_msgs/msg/MultiArrayDimension"]
+    String = T["std_msgs/msg/String"]
+    jm = JointMap.for_plant(plant)
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        c = {name: w.add_connection(f"/{name}", typ, typestore=ts) for name, typ in (
+            ("joint_states", "sensor_msgs/msg/JointState"), ("cmd", "std_msgs/msg/Float64MultiArray"),
+            ("reference", "std_msgs/msg/Float64MultiArray"), ("plant", "std_msgs/msg/String"))}
+        t0 = 10**12
+        if record is not None:
+            w.write(c["plant"], t0, ts.serialize_cdr(String(data=json.dumps(record)), "std_msgs/msg/String"))
+        for k, (x, u, r) in enumerate(zip(states, cmds, refs, strict=True)):
+            t = t0 + (k + 1) * 10_000_000
+            names, pos, vel, eff = jm.write(x)
+            msg = JointState(header=Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id=""), name=names,
+                             position=np.array(pos, dtype=float), velocity=np.array(vel, dtype=float),
+                             effort=np.array(eff, dtype=float))
+            w.write(c["joint_states"], t, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
+            for key, data, label in (("cmd", u, LABEL_POLICY), ("reference", r, "")):
+                m = F64(layout=Layout(dim=[Dim(label=label, size=len(data), stride=len(data))], data_offset=0),
+                        data=np.array(data, dtype=float))
+                w.write(c[key], t + 1_000_000, ts.serialize_cdr(m, "std_msgs/msg/Float64MultiArray"))
+    return path
+
+
+def test_the_plant_comes_from_the_bag_with_its_names_limits_and_polytope(tmp_path):
+    """The DC motor (speed as velocity, current as effort of one joint) and the coupled plant
+    (a state polytope H): the bag's plant record decides how states are read, what is counted
+    against which limit and what the tracking cost tracks; without the record the analysis
+    says it fell back."""
+    from scpo_ros.plant import load_plant, plant_record
+    motor = load_plant("dc_motor")
+    states = [[1.0, 0.5], [2.0, 2.5], [3.0, 1.0]]          # the second breaks current <= 2 A
+    bag = _write_plant_bag(tmp_path / "motor", motor, {**plant_record(motor), "node": "plant_sim"}, states,
+                           [[1.0], [30.0], [2.0]], [[1.0], [1.0], [4.0]])   # 30 V > 24 V acts on state 1
+    m, s = analyze(bag)
+    assert m["limits"]["source"] == "plant topic" and m["limits"]["plant"] == "dc_motor"
+    assert m["limits"]["digest"] == motor.digest and m["unreadable_states"] == 0
+    assert np.allclose(s.state, states)
+    assert m["min_margin_by_kind"]["current"] == pytest.approx(-0.5)
+    assert m["min_margin_by_kind"]["voltage"] == pytest.approx(-6.0)
+    assert m["min_margin_by_kind"]["speed"] == pytest.approx(47.0)
+    assert m["constraint_violations_from_states"] == 1                # state 1, and the command on it
+    # the reference in force when the next state came: r = 1 for states 0, 1; r = 4 for state 2
+    assert m["tracking_cost"] == pytest.approx(((0.0) ** 2 + (1.0) ** 2 + (3.0 - 4.0) ** 2) / 3)
+    files = __import__("scpo_ros.analysis", fromlist=["write_plots"]).write_plots(s, m, tmp_path / "plots")
+    assert {Path(f).name for f in files} == {"states.png", "actions.png"}
+
+    coupled = load_plant("coupled_two_input")
+    x_ok = coupled.equilibrium(np.zeros(coupled.nr))[0]
+    F, f, names = coupled.state_rows()
+    h_rows = [i for i, nm in enumerate(names) if nm.startswith("H")]
+    # a state that breaks only the first H row: step from the equilibrium along that row's normal
+    i = h_rows[0]
+    x_bad = x_ok + F[i] / (F[i] @ F[i]) * (f[i] - F[i] @ x_ok + 0.01)
+    bag = _write_plant_bag(tmp_path / "coupled", coupled, {**plant_record(coupled), "node": "plant_sim"},
+                           [x_ok, x_bad], [[0.0, 0.0]] * 2, [[0.0, 0.0]] * 2)
+    m, _ = analyze(bag)
+    assert m["min_margin_by_kind"]["H"] == pytest.approx(-0.01)
+    assert m["constraint_violations_from_states"] == 1
+
+    # no record in the bag: the argument, else the default double integrator (and the motor's
+    # states do not carry its joints: every one is unreadable, not misread)
+    bag = _write_plant_bag(tmp_path / "bare", motor, None, states, [[1.0]] * 3, [[1.0]] * 3)
+    m, _ = analyze(bag, plant="dc_motor")
+    assert m["limits"]["source"] == "argument" and m["unreadable_states"] == 0
+    m, _ = analyze(bag)
+    assert m["limits"]["source"] == "default" and m["limits"]["plant"] == "double_integrator"
+    assert m["unreadable_states"] == 3 and m["states"] == 0

@@ -39,11 +39,11 @@ from attack_helpers import (  # noqa: E402
     wait_window,
 )
 from ros_graph_helpers import STARTUP_TIMEOUT, wait_for  # noqa: E402
-from scpo_ros.graph import compare_params_file  # noqa: E402
+from scpo_ros.graph import SIMULATOR, compare_params_file  # noqa: E402
 from scpo_ros.ros.diagnostics import WARN  # noqa: E402
 
 NODE = "action_safeguard"
-SIM = "double_integrator_sim"
+SIM = SIMULATOR
 # measured at the probe, generously: the probe shares 2 loaded cores with every node process
 SILENT_GAP = 6 * DT
 GAP = 8 * DT

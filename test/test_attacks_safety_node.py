@@ -43,10 +43,11 @@ from attack_helpers import (  # noqa: E402
     wait_window,
 )
 from ros_graph_helpers import STARTUP_TIMEOUT, wait_for  # noqa: E402
+from scpo_ros.graph import SIMULATOR  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, WARN  # noqa: E402
 
 NODE = "scpo_safety_node"
-SIM = "double_integrator_sim"
+SIM = SIMULATOR
 GAP = 8 * DT          # "a command in every control period", generously: no gap over 8 periods at the probe
                       # (the probe shares 2 loaded cores with every node process)
 
@@ -178,35 +179,42 @@ class TestProbeDrivenInputs:
         res = lone.set_params(NODE, {"late_commands": 0})[0]
         assert not res.successful, "late_commands must be read-only"
 
-    def test_certified_region_change_recertifies_before_trusting_the_policy(self, lone):
-        outside_old = (0.83, 0.0)                        # outside p0_max = 0.8, inside 0.85
+    def test_limit_tightening_recertifies_before_trusting_the_policy(self, lone):
+        """The certificate's plant changes at runtime only by tightening (``u_max_tight``,
+        ``x_max_tight``): the tighter limits bind every command at once, the policy waits for its
+        re-certification, and releasing them (``[]``: the file's) re-certifies again. A
+        loosening, a NaN or a wrong length is refused."""
+        # u_max 0.5: the backup cannot keep the certified region; x_max 0.5: the region left outside
+        for bad in ({"u_max_tight": [1.5]}, {"u_max_tight": [float("nan")]}, {"x_max_tight": [0.9]},
+                    {"u_max_tight": [0.5]}, {"x_max_tight": [0.5, 1.0]}):
+            res = lone.set_params(NODE, bad)[0]
+            assert not res.successful and res.reason, bad
         t_stream = time.monotonic()
-        with background(lambda: lone.send_state(*outside_old), DT):
+        with background(lambda: lone.send_state(0.3, 0.1), DT):
             wait_for(lambda: len(not_hold(lone.commands(t_stream))) >= 8, 20.0, "commands")
-            labels = [lab for _, _, lab in not_hold(lone.commands(t_stream))[-4:]]
-            assert "policy" not in labels, f"policy trusted outside the certified region: {labels}"
             since = time.monotonic()
-            res = lone.set_params(NODE, {"p0_max": 0.85})[0]
-            assert res.successful, res.reason
+            res = lone.set_params(NODE, {"u_max_tight": [0.6], "x_max_tight": [0.9, float("inf")]})
+            assert all(r.successful for r in res), [r.reason for r in res]
+            t_set = time.monotonic()
             rec = wait_for(lambda: [d for d in lone.decisions(since) if d.get("kind") == "recertify"], 90.0,
-                           "re-certification after p0_max changed")
+                           "re-certification after the tightening")
             t_rec = time.monotonic()
             assert any(m["mode"] == "backup_recertifying" for m in lone.modes(since))
-            # nothing trusted the policy on the wider region before its re-certification was published
+            # nothing trusted the policy on the new limits before its re-certification was published
             early = [(round(t - since, 3), lab) for t, _, lab in lone.commands(since)
                      if lab == "policy" and t < t_rec - 0.2]
             assert not early, f"policy commands before the re-certification: {early}"
+            # the tighter actuator limit binds every command sent after the change was accepted
+            assert_commands_bounded([c for c in lone.commands(t_set + 0.1)], u_max=0.6)
             if rec[0]["status"] == "accepted":
                 wait_for(lambda: any(lab == "policy" for _, _, lab in lone.commands(t_rec)), 30.0,
-                         "the policy on the re-certified, wider region")
-            # narrowing back: the state leaves the region, the policy must not be used there
+                         "the policy on the re-certified limits")
+            # released: the file's limits again, after one more re-certification
             since = time.monotonic()
-            assert lone.set_params(NODE, {"p0_max": 0.8})[0].successful
+            res = lone.set_params(NODE, {"u_max_tight": [], "x_max_tight": []})
+            assert all(r.successful for r in res), [r.reason for r in res]
             wait_for(lambda: [d for d in lone.decisions(since) if d.get("kind") == "recertify"], 90.0,
-                     "re-certification after narrowing")
-            t_back = time.monotonic()
-            wait_for(lambda: len(not_hold(lone.commands(t_back))) >= 5, 20.0, "commands after narrowing")
-            assert all(lab != "policy" for _, _, lab in not_hold(lone.commands(t_back)))
+                     "re-certification after the release")
         assert_commands_bounded(lone.commands())
 
     def test_zz_summary_counts_every_rejection(self, lone):

@@ -25,7 +25,7 @@ from scpo_ros.control_law import (
 )
 from scpo_ros.envelope import CommandEnvelope
 from scpo_ros.params import MODEL_PARAMS, defaults
-from scpo_ros.plant import plant_from_params
+from scpo_ros.plant import double_integrator_plant, load_plant
 from scpo_ros.policy import MLPLayout, NumpyMLP
 from scpo_ros.residual_scpo import backup_weights
 from scpo_ros.safety_model import Model, build_model
@@ -80,7 +80,7 @@ def test_folded_policy_of_random_plants(seed, affine):
 
 @pytest.mark.parametrize("dof", [1, 2])
 def test_folded_policy_equals_backup_plus_mlp(dof):
-    plant = plant_from_params(model_values(dof=dof))
+    plant = double_integrator_plant(dof)
     backup = LQRBackup(plant)
     layout = MLPLayout(3 * dof, dof, (16, 8))
     rng = np.random.default_rng(dof)
@@ -115,7 +115,7 @@ def test_command_view_refuses_a_copying_getter():
 
 @pytest.mark.parametrize("dof", [1, 2])
 def test_make_law_region_is_the_certified_box(dof):
-    model = build_model(model_values(dof=dof, p0_max=0.7, v0_max=0.15, r_max=0.4))
+    model = build_model(model_values(), double_integrator_plant(dof, p0_max=0.7, v0_max=0.15, r_max=0.4))
     law = make_law(model, None, 3)
     assert law.policy is None and law.version == 3 and not law.certifying
     assert law.upper == tuple([0.7] * dof + [0.15] * dof + [0.4] * dof)
@@ -180,7 +180,7 @@ def test_select_answers_only_modes_of_the_graph():
 
 @pytest.fixture(scope="module")
 def hold_model():
-    model = build_model(model_values(dof=2))
+    model = build_model(model_values(plant_file="double_integrator_2axis"))
     return model, CommandEnvelope(model.safe_set(), model.backup)
 
 
@@ -214,7 +214,7 @@ def test_hold_predictor_dead_reckons_under_the_fallback(hold_model):
 
 # ----------------------------------------------------------------- the control diagnostic
 
-PARAMS = {"inactive_behavior": "fallback", "policy_return_steps": 5, "hold_mode": "zero", "dt": 0.01}
+PARAMS = {"inactive_behavior": "fallback", "policy_return_steps": 5, "hold_mode": "zero"}
 
 
 def test_control_status_levels_and_texts_of_every_mode():
@@ -239,14 +239,14 @@ def test_control_status_levels_and_texts_of_every_mode():
 
 
 def test_control_status_state_period_and_policy_interventions():
-    assert control_status("policy", PARAMS, dt_measured=0.012) == (g.LEVEL_OK, "certified policy in force")
-    level, text = control_status("policy", PARAMS, dt_measured=0.0130)
+    assert control_status("policy", PARAMS, dt_measured=0.012, dt=0.01) == (g.LEVEL_OK, "certified policy in force")
+    level, text = control_status("policy", PARAMS, dt_measured=0.0130, dt=0.01)
     assert level == g.LEVEL_WARN
     assert text == "certified policy in force; state period 0.0130 s differs from the model dt 0.01 s"
-    assert control_status("policy", PARAMS, dt_measured=float("nan"))[0] == g.LEVEL_WARN
-    assert control_status("backup_region", PARAMS, dt_measured=0.05)[1].startswith("FALLBACK") and \
-        "period" not in control_status("backup_region", PARAMS, dt_measured=0.05)[1]
-    level, text = control_status("policy", PARAMS, dt_measured=0.05, policy_interventions=3)
+    assert control_status("policy", PARAMS, dt_measured=float("nan"), dt=0.01)[0] == g.LEVEL_WARN
+    assert control_status("backup_region", PARAMS, dt_measured=0.05, dt=0.01)[1].startswith("FALLBACK") and \
+        "period" not in control_status("backup_region", PARAMS, dt_measured=0.05, dt=0.01)[1]
+    level, text = control_status("policy", PARAMS, dt_measured=0.05, policy_interventions=3, dt=0.01)
     assert level == g.LEVEL_ERROR and text.endswith("; ENVELOPE CHANGED 3 CERTIFIED-POLICY COMMANDS")
     assert "state period" in text
     assert control_status("inactive", PARAMS, policy_interventions=1)[0] == g.LEVEL_ERROR
@@ -276,17 +276,49 @@ def test_compute_times_ring_buffer_median_and_p99():
     assert stats["p99"] == pytest.approx(np.percentile([2.0, 3.0, 4.0, 100.0], 99))
 
 
-def test_rest_detector_needs_every_axis_slow_for_states_in_a_row():
-    rest = RestDetector(speed=0.01, states=3)
-    for _ in range(2):
-        rest.update([0.001, -0.005])
-    assert not rest.at_rest
-    rest.update([0.0, 0.02])                        # one axis moving: start over
+def test_rest_detector_needs_every_state_still_for_states_in_a_row():
+    # threshold per entry: speed × scale × dt = 0.01 × [1, 2] × 0.1 = [0.001, 0.002] per step
+    rest = RestDetector([1.0, 2.0], dt=0.1, speed=0.01, states=3)
+    assert rest.threshold == pytest.approx([1e-3, 2e-3])
+    rest.update([0.5, -0.3])                        # the first state: nothing to compare with yet
+    assert rest.count == 0
+    for k in range(2):
+        rest.update([0.5 + 0.0009 * (k + 1), -0.3 - 0.0019 * (k + 1)])
+    assert rest.count == 2 and not rest.at_rest
+    last = [0.5018, -0.3038]
+    rest.update([last[0], last[1] + 0.0021])        # the second entry moved beyond its threshold: start over
     assert rest.count == 0
     for _ in range(3):
-        rest.update(np.array([0.001, -0.009]))
+        rest.update(np.array([last[0], last[1] + 0.0021]))   # still, far from the origin: at rest all the same
     assert rest.at_rest
-    assert RestDetector().speed == 1e-2 and RestDetector().states == 5
+    rest.update([last[0] + 0.0011, last[1] + 0.0021])         # the first entry moved
+    assert rest.count == 0 and not rest.at_rest
+
+
+def test_rest_detector_restart_and_defaults():
+    rest = RestDetector([1.0], dt=0.05, states=2)
+    assert rest.speed == 2e-2 and RestDetector([1.0], 0.05).states == 5
+    for _ in range(3):
+        rest.update([0.2])
+    assert rest.at_rest
+    rest.restart()                                  # the shutdown hold counts again from here
+    assert rest.count == 0 and not rest.at_rest
+    rest.update([0.2])                              # the last state is kept: still counts at once
+    rest.update([0.2])
+    assert rest.at_rest
+
+
+def test_rest_detector_for_plant_scales_by_the_region_at_the_plants_dt():
+    plant = load_plant("double_integrator")         # region |p| <= 0.8, |v| <= 0.2, dt 0.05
+    rest = RestDetector.for_plant(plant, states=1)
+    assert rest.threshold == pytest.approx([0.8 * 2e-2 * 0.05, 0.2 * 2e-2 * 0.05])
+    two = RestDetector.for_plant(double_integrator_plant(2, dt=0.1, p0_max=0.5, v0_max=0.1), speed=0.1)
+    assert two.threshold == pytest.approx([0.005, 0.005, 0.001, 0.001]) and two.states == 5
+    rest.update([0.3, 0.0])
+    rest.update([0.3 + 0.0007, 0.0])                # below 0.0008
+    assert rest.at_rest
+    rest.update([0.3 + 0.0016, 0.0])                # 0.0009 > 0.0008
+    assert not rest.at_rest
 
 
 def test_control_counts_of_the_envelopes_part():

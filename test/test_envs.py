@@ -85,6 +85,17 @@ def test_parameter_era_envs():
         p0_max, v0_max, r_max = 0.3, 0.1, 0.2
     env = VecDoubleIntegrator(64, DoubleIntegrator(), OldRegion())
     assert float(env.x[:, 0].abs().max()) <= 0.3 and float(env.r.abs().max()) <= 0.2
+    assert env.plant.region.x_max.tolist() == [0.3, 0.1] and env.plant.region.r_max.tolist() == [0.2]
+
+    class WideRegion:                                       # beyond the limits: shrunk into them, not refused
+        p0_max, v0_max, r_max = 5.0, 3.0, 2.0
+    wide = VecDoubleIntegrator(64, DoubleIntegrator(p_max=0.5, v_max=0.4), WideRegion())
+    assert wide.plant.region.x_max.tolist() == [0.5, 0.4] and wide.plant.region.r_max.tolist() == [0.5]
+    assert float(wide.x[:, 0].abs().max()) <= 0.5 and float(wide.x[:, 1].abs().max()) <= 0.4
+    # no region: the shipped file's certified region
+    from scpo_ros.plant import load_plant as load
+    default = VecDoubleIntegrator(4).plant
+    assert default.region.x_max.tolist() == load("double_integrator").region.x_max.tolist()
     pend = VecPendulum(8, theta0_max=0.5, omega0_max=0.2)
     assert (pend.obs_dim, pend.act_dim) == (2, 1)
     assert float(pend.x[:, 0].abs().max()) <= 0.5

@@ -16,11 +16,11 @@ from rosbags.interfaces import Nodetype
 
 from scpo_ros import graph as g
 from scpo_ros.bag import typestore
-from scpo_ros.graph import COMPARE_PIPELINES, compare_params_file, node_parameters, plant_param_names, state_answers
+from scpo_ros.graph import COMPARE_PIPELINES, compare_params_file, node_parameters, plant_file_of, state_answers
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = REPO / "config" / "foxglove_layout.json"
-PARAMS = REPO / "config" / "scpo_double_integrator.yaml"
+PARAMS = REPO / "config" / "scpo.yaml"
 SAFEGUARD_PARAMS = REPO / "config" / "safeguard.yaml"
 
 
@@ -41,7 +41,7 @@ def test_every_topic_has_a_type_and_every_subscription_a_publisher():
     assert all(p[-1] == g.SIMULATOR for p in g.COMPARE_PIPELINES.values())
     assert g.state_subscribers(g.SCPO_PIPELINE) == 3 and g.state_subscribers(g.SCPO_PIPELINE, recorder=True) == 4
     assert g.state_subscribers(g.SAFEGUARD_PIPELINE) == 2
-    assert g.plant_param_names() == ("dof", "dt", "p_max", "v_max", "u_max")   # what the safeguard shares
+    assert not hasattr(g, "plant_param_names")      # the plant is one parameter now: plant_file
 
 
 def test_recorded_topics_and_names():
@@ -85,7 +85,7 @@ def test_the_nodes_publish_and_subscribe_what_the_graph_says(node):
     assert found["publishes"] - optional == set(g.PUBLISHES[node])
     assert found["subscribes"] == set(g.SUBSCRIBES[node])
     if node == g.SIMULATOR:
-        assert found["services"] == {g.RESET_SERVICE}     # private: /double_integrator_sim/reset
+        assert found["services"] == {g.RESET_SERVICE}     # private: /plant_sim/reset
 
 
 def test_the_parameter_files_name_only_graph_nodes():
@@ -175,10 +175,40 @@ def test_setup_ships_the_layout_the_parameter_files_and_the_launch_files(monkeyp
     monkeypatch.chdir(REPO)
     exec(compile((REPO / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "__main__"})
     shipped = {dest: set(files) for dest, files in captured["data_files"]}
-    assert {"config/foxglove_layout.json", "config/scpo_double_integrator.yaml",
+    assert {"config/foxglove_layout.json", "config/scpo.yaml",
             "config/safeguard.yaml"} <= shipped["share/scpo_ros/config"]
-    assert {"launch/scpo_double_integrator.launch.py",
-            "launch/compare_scpo_vs_safeguard.launch.py"} <= shipped["share/scpo_ros/launch"]
+    assert {"launch/scpo.launch.py", "launch/compare_scpo_vs_safeguard.launch.py"} <= shipped["share/scpo_ros/launch"]
+    assert "config/scpo_double_integrator.yaml" not in shipped["share/scpo_ros/config"]      # renamed config/scpo.yaml
+    assert {f"config/plants/{n}.yaml" for n in ("double_integrator", "double_integrator_2axis", "pendulum")} <= \
+        shipped["share/scpo_ros/config/plants"]
+
+
+def test_the_shipped_parameter_file_names_the_plant_file_for_every_node():
+    data = yaml.safe_load(PARAMS.read_text())
+    shared = data["/**"]["ros__parameters"]
+    assert shared["plant_file"] == "package://scpo_ros/config/plants/double_integrator.yaml"
+    from scpo_ros.plant import load_plant
+    assert load_plant(shared["plant_file"]).digest == load_plant("double_integrator").digest
+    old = {"dof", "dt", "p_max", "v_max", "u_max", "q_pos", "q_vel", "r_act", "p0_max", "v0_max", "r_max",
+           "joint_names", "horizon"}
+    for key, section in data.items():
+        assert not old & set(section["ros__parameters"]), (key, old & set(section["ros__parameters"]))
+
+
+def test_plant_file_of_a_name_a_path_and_a_url(tmp_path, monkeypatch):
+    assert plant_file_of("double_integrator") == "package://scpo_ros/config/plants/double_integrator.yaml"
+    assert plant_file_of("  mass_spring_damper ") == "package://scpo_ros/config/plants/mass_spring_damper.yaml"
+    url = "package://scpo_ros/config/plants/pendulum.yaml"
+    assert plant_file_of(url) == url
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plants").mkdir()
+    (tmp_path / "plants" / "mine.yaml").write_text("name: mine\n")
+    assert plant_file_of("plants/mine.yaml") == str(tmp_path / "plants" / "mine.yaml")   # made absolute
+    assert plant_file_of("mine.yaml") == "mine.yaml"                # not there: as given (the loader says why)
+    assert plant_file_of("/no/such/plant.yaml") == "/no/such/plant.yaml"
+    for empty in ("", "   "):
+        with pytest.raises(ValueError, match="plant is empty"):
+            plant_file_of(empty)
 
 
 # ------------------------------------------------------------------ the compare parameter file and launch file
@@ -192,17 +222,21 @@ def test_compare_params_file_gives_the_safeguard_the_simulators_plant(tmp_path):
     pytest.importorskip("rclpy")
     base = tmp_path / "base.yaml"
     data = yaml.safe_load(PARAMS.read_text())
-    data["/**"]["ros__parameters"]["p_max"] = 1.5            # the plant changes in the shared section
-    data["/**/double_integrator_sim"]["ros__parameters"]["dt"] = 0.04
+    # the plant changes in the shared section; the simulator's own section names another: that one wins
+    data["/**"]["ros__parameters"]["plant_file"] = "package://scpo_ros/config/plants/mass_spring_damper.yaml"
     base.write_text(yaml.safe_dump(data))
-    out = compare_params_file(base, SAFEGUARD_PARAMS, {"expert": {"malicious": False}, "double_integrator_sim":
-                                                       {"dof": 2}}, tmp_path / "out.yaml")
+    two = plant_file_of("double_integrator_2axis")
+    out = compare_params_file(base, SAFEGUARD_PARAMS, {"expert": {"malicious": False}, g.SIMULATOR:
+                                                       {"plant_file": two}}, tmp_path / "out.yaml")
     merged = yaml.safe_load(Path(out).read_text())
-    sim, guard = node_parameters(merged, "double_integrator_sim"), node_parameters(merged, "action_safeguard")
-    plant = plant_param_names()
-    assert set(plant) == {"dof", "dt", "p_max", "v_max", "u_max"}
-    assert {k: guard[k] for k in plant} == {k: sim[k] for k in plant}
-    assert guard["p_max"] == 1.5 and guard["dt"] == 0.04 and guard["dof"] == 2
+    sim, guard = node_parameters(merged, g.SIMULATOR), node_parameters(merged, g.SAFEGUARD)
+    assert sim["plant_file"] == guard["plant_file"] == two
+    assert merged[f"/**/{g.SAFEGUARD}"]["ros__parameters"]["plant_file"] == two      # copied into its section
+    assert node_parameters(merged, "expert")["plant_file"].endswith("mass_spring_damper.yaml")   # the shared one
+    # the shared plant alone: the safeguard guards it too
+    out = compare_params_file(base, SAFEGUARD_PARAMS, {}, tmp_path / "out2.yaml")
+    merged2 = yaml.safe_load(Path(out).read_text())
+    assert node_parameters(merged2, g.SAFEGUARD)["plant_file"] == data["/**"]["ros__parameters"]["plant_file"]
     assert node_parameters(merged, "expert")["malicious"] is False
     assert guard["command_delay_steps"] == 0 and guard["solver"] == "auto"
     # every parameter the file gives a node's own section is one that node declares
@@ -244,8 +278,10 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
     description = launch_file.generate_launch_description()
     args = {a[1]: a[2]["default_value"] for a in description if a[0] == "arg"}
     assert Path(args["params_file"]) == PARAMS and Path(args["safeguard_params"]) == SAFEGUARD_PARAMS
+    assert args["plant"] == "double_integrator" and "dof" not in args
     context = types.SimpleNamespace(launch_configurations={**args, "record": "true", "bag": str(tmp_path / "bag"),
-                                                           "dof": "2", "malicious": "false"})
+                                                           "plant": "double_integrator_2axis",
+                                                           "malicious": "false"})
     actions = description[-1][1](context)
     # with record:=true each simulator starts once the recorder logged a matched publisher of
     # each topic its first state triggers (as the demo waits): feed the handlers those lines
@@ -261,7 +297,7 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
                                                     "\x1b[0m\r\n"))
                 if started:
                     sims += [a for a in started if isinstance(a, _FakeNode)]
-    assert [s.kwargs["name"] for s in sims] == ["double_integrator_sim"] * len(COMPARE_PIPELINES)
+    assert [s.kwargs["name"] for s in sims] == ["plant_sim"] * len(COMPARE_PIPELINES)
     exits = [a[1] for a in actions if isinstance(a, tuple) and a[0] == "exit"]
     assert all(e["on_exit"](types.SimpleNamespace(returncode=1), None) is None for e in exits)  # all started
     nodes = [n.kwargs for n in [a for a in actions if isinstance(a, _FakeNode)] + sims]
@@ -276,12 +312,12 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
                for k in sec["ros__parameters"]}
         assert own <= _declared(n["name"]), (n["name"], own - _declared(n["name"]))
         if n["name"] != "bag_recorder":
-            assert values["dof"] == 2
+            assert values["plant_file"] == "package://scpo_ros/config/plants/double_integrator_2axis.yaml", n["name"]
         if n["name"] == "action_safeguard":
             assert n["remappings"] == [("raw_action", "expert_action")]
         if n["name"] == "expert":
             assert values["malicious"] is False
-        if n["name"] == "double_integrator_sim":
+        if n["name"] == "plant_sim":
             assert values["wait_for_subscribers"] == (4 if n["namespace"] == "scpo" else 3)
         if n["name"] == "bag_recorder":
             assert "/safeguard/intervention" in values["topics"] and "/scpo/scpo_decision" in values["topics"]

@@ -195,6 +195,31 @@ def test_general_entries_effort_and_read_msg():
     assert JointMap.for_axes(2, ["q0", "q1"]).read_msg(Msg, out4) is None
 
 
+@pytest.mark.parametrize("name", ["double_integrator", "double_integrator_2axis", "mass_spring_damper", "pendulum",
+                                  "cart_pole", "coupled_two_input", "dc_motor"])
+def test_for_plant_reads_the_plant_files_joints_map(name):
+    from scpo_ros.plant import load_plant
+    plant = load_plant(name)
+    jm = JointMap.for_plant(plant)
+    assert jm.entries == tuple(plant.joints) and jm.size == plant.n
+    # a message of the plant's joints, in reverse order with an extra joint: each entry from its joint's field
+    joints = list(dict.fromkeys(j for j, _ in plant.joints))[::-1] + ["extra"]
+    value = {(j, f): 10.0 * i + k for i, j in enumerate(joints) for k, f in enumerate(("position", "velocity",
+                                                                                       "effort"))}
+    arrays = [array.array("d", [value[(j, f)] for j in joints]) for f in ("position", "velocity", "effort")]
+    out = np.full(plant.n, np.nan)
+    assert jm.read(joints, arrays[0], arrays[1], out, arrays[2]) is None
+    np.testing.assert_array_equal(out, [value[e] for e in plant.joints])
+    assert jm.read(joints[1:], arrays[0][1:], arrays[1][1:], out, arrays[2][1:]) == MISSING_JOINT
+
+
+def test_for_plant_of_the_double_integrator_is_for_axes():
+    from scpo_ros.plant import double_integrator_plant, load_plant
+    assert JointMap.for_plant(load_plant("double_integrator")).entries == JointMap.for_axes(1).entries
+    for dof in (1, 2, 3):
+        assert JointMap.for_plant(double_integrator_plant(dof)).entries == JointMap.for_axes(dof).entries
+
+
 @pytest.mark.parametrize("dof,names,match", [
     (2, ["a"], "1 entries"), (1, ["a", "b"], "2 entries"), (2, ["a", "a"], "more than once"),
     (0, [], "positive"), (2, ["a", ""], "non-empty"),
@@ -416,10 +441,17 @@ def test_reference_attack_values():
     assert gate.clamped == 1 and gate.accepted == 2
 
 
-@pytest.mark.parametrize("lo,hi", [([0.0], [-1.0]), ([0.0, 0.0], [1.0]), ([], []), ([math.nan], [1.0])])
+@pytest.mark.parametrize("lo,hi", [([0.0], [-1.0]), ([0.0, 0.0], [1.0]), ([math.nan], [1.0])])
 def test_reference_gate_validation(lo, hi):
     with pytest.raises(ValueError):
         ReferenceGate(lo, hi)
+
+
+def test_reference_gate_of_a_plant_without_tracked_states_takes_only_the_empty_reference():
+    gate, out = ReferenceGate([], []), np.zeros(0)
+    assert gate.apply([], out) is None and gate.accepted == 1
+    assert gate.apply([0.0], out) == BAD_SIZE and gate.apply([math.nan], out) == BAD_SIZE
+    assert gate.contains([]) and not gate.contains([0.0])
 
 
 # --------------------------------------------------------------------- texts, the stream
@@ -433,10 +465,10 @@ def test_reject_and_reference_texts():
                      STALE_STAMP: "stamp older than max_state_age = 0.25 s",
                      FUTURE_STAMP: "stamp more than future_tolerance = 0.05 s ahead"}
     assert reject_text("bad_stamp", ("a",), 0.25, 0.05) == "bad_stamp"
-    assert reference_text(CLAMPED, array.array("d", [2.0, 0.1]), 0.5) == \
-        "reference [2.0, 0.1]: clamped (clamped into |r| <= r_max = 0.5)"
-    assert reference_text(BAD_SIZE, list(range(10)), 0.5) == \
-        "reference [0, 1, 2, 3, 4, 5, 6, 7]: bad_size (kept the last valid, in |r| <= r_max = 0.5)"
+    assert reference_text(CLAMPED, array.array("d", [2.0, 0.1]), [-0.5, -0.25], [0.5, 0.75]) == \
+        "reference [2.0, 0.1]: clamped (clamped into the certified reference box [-0.5, 0.5], [-0.25, 0.75])"
+    assert reference_text(BAD_SIZE, list(range(10)), (-0.5,), (0.5,)) == \
+        "reference [0, 1, 2, 3, 4, 5, 6, 7]: bad_size (kept the last valid, in the certified reference box [-0.5, 0.5])"
 
 
 def monitor():
@@ -448,10 +480,10 @@ def monitor():
 def test_input_monitor_reports_a_new_reason_at_once_and_counts_at_most_at_2_hz():
     mon, _, _ = monitor()
     assert mon.reject(MISSING_JOINT, 100.0) and mon.last_reason == MISSING_JOINT
-    mon.status(100.0, False, 0.5)                       # reported
+    mon.status(100.0, False)                       # reported
     assert not mon.reject(MISSING_JOINT, 100.2)          # the same reason within 0.5 s: counted only
     assert mon.reject(NON_FINITE, 100.3) and mon.last_reason == NON_FINITE   # a new reason: at once
-    mon.status(100.3, False, 0.5)
+    mon.status(100.3, False)
     assert not mon.reject(MISSING_JOINT, 100.5) and mon.last_reason == NON_FINITE
     assert mon.reject(MISSING_JOINT, 100.8) and mon.last_reason == MISSING_JOINT
     assert mon.bad_states == 5 and mon.rejected == {MISSING_JOINT: 4, NON_FINITE: 1}
@@ -460,23 +492,25 @@ def test_input_monitor_reports_a_new_reason_at_once_and_counts_at_most_at_2_hz()
 
 def test_input_monitor_status_texts():
     mon, gate, refs = monitor()
-    assert mon.status(0.0, False, 0.5) == (0, "inputs valid")
+    assert mon.status(0.0, False) == (0, "inputs valid")
     assert mon.counts() == {"rejected_states": {}, "clamped_references": 0, "bad_references": 0, "clock_jumps": 0}
-    assert mon.status(0.0, True, 0.5) == \
+    assert mon.status(0.0, True) == \
         (1, "use_sim_time is set but no /clock has arrived: stamp ages are not checked")
     out = np.zeros(2)
     refs.apply([0.9, 0.0], out)
     refs.apply([math.nan, 0.0], out)
-    assert mon.status(0.0, False, 0.5) == (1, "1 references clamped into |r| <= 0.5, 1 malformed kept the last valid")
+    assert mon.status(0.0, False) == \
+        (1, "1 references clamped into the certified reference box, 1 malformed kept the last valid")
     mon.reject(STALE_STAMP, 1.0)
-    level, text = mon.status(1.0, False, 0.5)
+    level, text = mon.status(1.0, False)
     assert level == 1 and text == ("1 joint_states rejected (last: stale_stamp: stamp older than max_state_age = "
-                                   "0.25 s); 1 references clamped into |r| <= 0.5, 1 malformed kept the last valid")
+                                   "0.25 s); 1 references clamped into the certified reference box, 1 malformed kept "
+                                   "the last valid")
     gate.max_age = 0.5                                   # the gate's settings, as they are now
     gate.check(100.0, 100.0)
     gate.check(50.0, 50.0)                              # the receiving clock jumped back
     assert gate.jumps == 1
-    level, text = mon.status(2.0, False, 0.5)
+    level, text = mon.status(2.0, False)
     assert text.startswith("1 joint_states rejected (last: stale_stamp: stamp older than max_state_age = 0.5 s)")
     assert text.endswith("; 1 clock jumps (stamp history reset)")
     assert mon.counts() == {"rejected_states": {STALE_STAMP: 1}, "clamped_references": 1, "bad_references": 1,

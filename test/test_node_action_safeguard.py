@@ -18,18 +18,25 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
 from scpo_ros.backup import LQRBackup  # noqa: E402
 from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
-from scpo_ros.nodes.action_safeguard import PARAMS, ActionSafeguard  # noqa: E402
-from scpo_ros.params import defaults  # noqa: E402
-from scpo_ros.plant import plant_from_params  # noqa: E402
+from scpo_ros.nodes.action_safeguard import ActionSafeguard  # noqa: E402
+from scpo_ros.plant import load_plant  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, WARN  # noqa: E402
 from scpo_ros.safeguard.invariant_set import safe_set_for  # noqa: E402
 from scpo_ros.safeguard.projection import SafeguardProjector  # noqa: E402
-from scpo_ros.safety_model import pendulum_plant  # noqa: E402
 
 TIMEOUT = 10.0
-PLANT = plant_from_params(defaults(PARAMS))
-"""The safeguard's plant with its default parameters (the bridge's double integrator): the
-safe set and backup it builds; ``DoubleIntegrator()`` (the same dt and limits) steps it here."""
+PLANT = load_plant("double_integrator")
+"""The safeguard's default plant (``plant_file``: the shipped double integrator): the safe set
+and backup it builds; ``DoubleIntegrator()`` (the same dt and limits) steps it here."""
+
+
+def joint_state(plant, x) -> JointState:
+    """A JointState of ``x`` by the plant file's ``joints:`` map (names in first-use order)."""
+    names = list(dict.fromkeys(j for j, _ in plant.joints))
+    arrays = {"position": [0.0] * len(names), "velocity": [0.0] * len(names)}
+    for (joint, field), v in zip(plant.joints, x, strict=True):
+        arrays[field][names.index(joint)] = float(v)
+    return JointState(name=names, **arrays)
 
 
 def wait_for(cond, timeout=TIMEOUT):
@@ -71,9 +78,8 @@ class Harness:
                         and self.node.record_pub.get_subscription_count() >= 1
                         and self.node.diag._pub.get_subscription_count() >= 1)
 
-    def send_state(self, x, dof=1, wait=True):
-        msg = JointState(name=[f"axis_{i}" for i in range(dof)], position=list(map(float, x[:dof])),
-                         velocity=list(map(float, x[dof:])))
+    def send_state(self, x, wait=True):
+        msg = joint_state(self.node.plant, x)
         msg.header.stamp = self.peer.get_clock().now().to_msg()    # states need fresh, increasing stamps
         self.state_pub.publish(msg)
         if wait:   # the node has taken this state (ordering across topics is not guaranteed)
@@ -88,7 +94,7 @@ class Harness:
     def prime(self):
         """A raw action before any state: ignored (no state yet) but marks the policy as
         alive, so the first state is not answered with a stale-action fallback."""
-        self.raw_pub.publish(Float64MultiArray(data=[0.0]))
+        self.raw_pub.publish(Float64MultiArray(data=[0.0] * self.node.projector.m))
         assert wait_for(lambda: np.isfinite(self.node.u_time))
 
     def close(self):
@@ -224,28 +230,29 @@ def test_lifecycle_deactivate_answers_states_with_the_fallback_and_bad_parameter
         results = h.node.set_parameters([Parameter("action_timeout", value=0.5)])
         assert results[0].successful and h.node.values["action_timeout"] == 0.5
         assert not h.node.set_parameters([Parameter("action_timeout", value=-1.0)])[0].successful
-        assert not h.node.set_parameters([Parameter("u_max", value=2.0)])[0].successful
-        assert h.node.values["action_timeout"] == 0.5 and h.node.values["u_max"] == 1.0
+        assert not h.node.set_parameters([Parameter("u_max_tight", value=[0.5])])[0].successful   # read-only
+        assert h.node.values["action_timeout"] == 0.5 and h.node.values["u_max_tight"] == []
     finally:
         h.close()
     ctx = rclpy.context.Context()
     rclpy.init(context=ctx)
     try:
-        with pytest.raises((ValueError, InvalidParameterValueException)):   # below its range
-            ActionSafeguard(context=ctx, parameter_overrides=[Parameter("u_max", value=-1.0)])
-        with pytest.raises(ValueError):
-            ActionSafeguard(context=ctx, parameter_overrides=[Parameter("plant", value="rocket")])
+        with pytest.raises((ValueError, InvalidParameterValueException), match="u_max_tight"):   # loosens
+            ActionSafeguard(context=ctx, parameter_overrides=[Parameter("u_max_tight", value=[2.0])])
+        with pytest.raises(ValueError, match="rocket"):                     # no such plant file
+            ActionSafeguard(context=ctx, parameter_overrides=[Parameter("plant_file", value="rocket")])
     finally:
         rclpy.shutdown(context=ctx)
 
 
 def test_the_pendulum_variant_keeps_the_pendulum_in_its_safe_set():
-    """``plant: pendulum``: the envelope of ``safety_model.pendulum_plant`` (angle p_max, rate
-    v_max, torque u_max; no references), membership by ``safe_set.contains(x, r)``."""
-    limits = {"p_max": 1.0, "v_max": 6.0, "u_max": 0.8}
-    h = Harness(plant="pendulum", late_commands=0, **limits)
+    """``plant_file: pendulum`` (a model plant) with its limits tightened at start (angle 1 rad,
+    rate 6 rad/s, torque 0.8; no references): membership by ``safe_set.contains(x, r)``."""
+    limits = {"x_min_tight": [-1.0, -6.0], "x_max_tight": [1.0, 6.0], "u_min_tight": [-0.8], "u_max_tight": [0.8]}
+    h = Harness(plant_file="pendulum", late_commands=0, **limits)
     try:
-        plant = pendulum_plant(defaults(PARAMS, **limits))
+        plant = load_plant("pendulum").with_limits(*limits.values())
+        assert h.node.plant.x_max.tolist() == [1.0, 6.0] and h.node.plant.u_max.tolist() == [0.8]
         S = h.node.envelope.safe_set
         assert "pendulum" in S.name.lower() and h.node.projector.m == 1
         x = np.array([0.3, 1.0])
@@ -259,5 +266,36 @@ def test_the_pendulum_variant_keeps_the_pendulum_in_its_safe_set():
             assert S.contains(x, None, tol=1e-7), f"left the safe set at step {t}: x={x}"
             assert abs(x[0]) <= 1.0 and abs(x[1]) <= 6.0
         assert any(not r["fallback"] and r["distance"] > 0 for r in h.records)   # it did project
+    finally:
+        h.close()
+
+
+def test_a_two_input_plant_with_a_polytope_stays_safe_and_its_plant_is_latched():
+    """Another robot by its file alone (``coupled_two_input``: two inputs, an H polytope, the
+    implicit safe set): aggressive raw actions, the plant stepped with the commands, no limit
+    left; the plant record on the latched ``plant`` topic matches the file."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    plant = load_plant("coupled_two_input")
+    h = Harness(plant_file="coupled_two_input")
+    try:
+        records = []
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        h.peer.create_subscription(String, "plant", lambda m: records.append(json.loads(m.data)), latched)
+        assert wait_for(lambda: records)            # a late subscriber still gets it
+        assert records[0]["digest"] == plant.digest and records[0]["node"] == "action_safeguard"
+        assert h.node.projector.m == 2 and h.node.plant.name == plant.name
+        rng = np.random.default_rng(3)
+        x = plant.region.x_min + 0.5 * (plant.region.x_max - plant.region.x_min)
+        h.prime()
+        for t in range(60):
+            h.send_state(x)
+            raw = 3.0 * rng.uniform(plant.u_min, plant.u_max)
+            cmd = h.send_raw(raw)
+            assert cmd.shape == (2,) and np.all(cmd >= plant.u_min - 1e-12) and np.all(cmd <= plant.u_max + 1e-12)
+            x = np.asarray(plant.step(x, cmd), dtype=float)
+            bad = {k: v for k, v in plant.violations(x, cmd).items() if np.any(v)}
+            assert not bad, f"step {t}: {bad}, x={x}, u={cmd}"
+        assert any(r["distance"] > 0 for r in h.records)   # it did project
     finally:
         h.close()

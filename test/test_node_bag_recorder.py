@@ -8,7 +8,7 @@ from rosbags.interfaces import QosDurability, QosReliability
 
 from scpo_ros.analysis import analyze
 from scpo_ros.bag import offered_qos
-from scpo_ros.graph import SAFETY_MODE
+from scpo_ros.graph import SAFETY_MODE, SIMULATOR
 
 
 def test_recorded_mcap_violations_match_simulator(tmp_path):
@@ -26,15 +26,15 @@ def test_recorded_mcap_violations_match_simulator(tmp_path):
     latched = probe.node.create_publisher(String, SAFETY_MODE, LATCHED_QOS)
     latched.publish(String(data=json.dumps({"mode": "inactive"})))
     recorder = NodeProcess("bag_recorder", tmp_path, PARAMS, {"output": str(bag), "topics": ["joint_states",
-                           "cmd", "constraint_violation", SAFETY_MODE, "/diagnostics"]})
+                           "cmd", "constraint_violation", SAFETY_MODE, "plant", "/diagnostics"]})
     # no controller: the plant drifts out of |p| <= 1 at 0.5 m/s
-    sim = NodeProcess("double_integrator_sim", tmp_path, PARAMS, {"initial_velocity": [0.5], "rate_hz": 100.0,
-                                                                 "dt": 0.05, "wait_for_subscribers": 1})
+    sim = NodeProcess(SIMULATOR, tmp_path, PARAMS, {"initial_state": [0.0, 0.5], "rate_hz": 100.0,
+                                                    "wait_for_subscribers": 1})
     try:
         probe.record_diagnostics()
 
         def violations():
-            for s in probe.statuses("double_integrator_sim: plant"):
+            for s in probe.statuses(f"{SIMULATOR}: plant"):
                 n = int(diagnostic_values(s)["constraint_violations"])
                 if n >= 20:
                     return n
@@ -58,7 +58,8 @@ def test_recorded_mcap_violations_match_simulator(tmp_path):
     assert metrics["constraint_violations_from_states"] == reported["constraint_violations"]
     assert reported["states_published"] == reported["steps"] + 1
     assert reported["states_published"] - 3 <= metrics["states"] <= reported["states_published"]   # load: ≤ 3 lost
-    assert metrics["limits"]["source"] == "simulator diagnostics"
+    assert metrics["limits"]["source"] == "plant topic"     # the simulator's latched record, in the bag
+    assert metrics["limits"]["plant"] == "double_integrator"
     assert recorder.summary()["counts"][f"/{SAFETY_MODE}"] == 1
     qos = offered_qos(bag)
     assert [q.durability for q in qos[f"/{SAFETY_MODE}"]] == [QosDurability.TRANSIENT_LOCAL]

@@ -20,8 +20,7 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from attack_helpers import background, ros_parameter  # noqa: E402
 from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
 from scpo_ros.backup import LQRBackup  # noqa: E402
-from scpo_ros.params import MODEL_PARAMS, defaults  # noqa: E402
-from scpo_ros.plant import plant_from_params  # noqa: E402
+from scpo_ros.plant import load_plant  # noqa: E402
 from scpo_ros.policy import MLPLayout  # noqa: E402
 from scpo_ros.residual_scpo import backup_weights  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, OK  # noqa: E402
@@ -31,8 +30,9 @@ from scpo_ros.scpo import COMMITTED, STATUSES  # noqa: E402
 
 NODE = "/scpo_safety_node"
 LAYOUT = MLPLayout(3, 1, (32, 32))
-# the node's plant and backup (config/scpo_double_integrator.yaml's values are the tables' defaults)
-BACKUP = LQRBackup(plant_from_params(defaults(MODEL_PARAMS)))
+# the node's plant and backup (config/scpo.yaml's plant_file: the shipped double integrator)
+PLANT = load_plant("double_integrator")
+BACKUP = LQRBackup(PLANT)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def graph(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("safety_node")
     # small SCPO settings keep the worker's steps short; autostart off to drive the lifecycle
     node = NodeProcess("scpo_safety_node", log_dir, PARAMS, {
-        "autostart": False, "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60,
+        "autostart": False, "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon_s": 3.0,
         "state_timeout": 0.3})
     probe = Probe()
     probe.state_pub = probe.node.create_publisher(JointState, "joint_states", CONTROL_QOS)
@@ -146,7 +146,7 @@ def test_control_law_is_certified_backup_at_start(graph):
 def test_outside_certified_region_backup_alone(graph):
     ensure_active(graph)
     since = time.monotonic()
-    cmd = command_for(graph, 0.95, 0.0)   # |p| > p0_max = 0.8
+    cmd = command_for(graph, 0.95, 0.0)   # |p| > 0.8, the file's certified region
     assert cmd.layout.dim[0].label == "backup"
     assert np.allclose(cmd.data, BACKUP(np.array([0.95, 0.0]), np.zeros(1)))
     wait_for(lambda: any(json.loads(m.data)["mode"] == "backup_region" for m in graph.messages("safety_mode", since)),
@@ -228,18 +228,24 @@ def test_runtime_parameters(graph):
     ensure_active(graph)
     bad = set_param(graph, "n_samples", 1)                   # below its range
     assert not bad.successful and bad.reason
-    bad = set_param(graph, "p0_max", 5.0)                    # region outside the limits: the plant refuses it
-    assert not bad.successful and "p0_max" in bad.reason
-    bad = set_param(graph, "p0_max", 0.95)                   # backup cannot certify: rejected with the reason
-    assert not bad.successful and "certif" in bad.reason
-    bad = set_param(graph, "dof", 2)                          # read-only
+    bad = set_param(graph, "x_max_tight", [2.0, 1.0])        # loosens the file's x_max: refused, key named
+    assert not bad.successful and "x_max_tight" in bad.reason and "loosen" in bad.reason
+    bad = set_param(graph, "x_max_tight", [0.5, 1.0])        # the certified region (|p| <= 0.8) left outside
+    assert not bad.successful and "x_max" in bad.reason
+    bad = set_param(graph, "x_max_tight", [0.9])              # one value for two states
+    assert not bad.successful and "x_max_tight" in bad.reason
+    bad = set_param(graph, "u_max_tight", [float("nan")])     # NaN: never
+    assert not bad.successful
+    bad = set_param(graph, "plant_file", "package://scpo_ros/config/plants/dc_motor.yaml")   # read-only
+    assert not bad.successful
+    bad = set_param(graph, "horizon_s", 0.0)                  # below its range
     assert not bad.successful
     with streaming_states(graph, 0.1, 0.0):
         wait_for(lambda: graph.messages("cmd", time.monotonic() - 0.1)
                  and graph.messages("cmd", time.monotonic() - 0.1)[-1].layout.dim[0].label == "policy",
                  what="policy commands")
         since = time.monotonic()
-        ok = set_param(graph, "p_max", 0.98)                     # model change: re-certification
+        ok = set_param(graph, "x_max_tight", [0.98, float("inf")])   # tighter position limit: re-certification
         assert ok.successful, ok.reason
         rec = wait_for(lambda: [d for d in graph.json_messages("scpo_decision", since) if d["kind"] == "recertify"],
                        60.0, "re-certification after the change")

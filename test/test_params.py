@@ -9,31 +9,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scpo_ros import params
-from scpo_ros.dynamics import DoubleIntegrator
 from scpo_ros.params import (
-    BACKUP_PARAMS,
     ENVELOPE_PARAMS,
     LIFECYCLE_PARAMS,
+    MODEL_PARAMS,
+    PLANT_FILE_DEFAULT,
     PLANT_PARAMS,
     POLICY_PARAMS,
-    REGION_PARAMS,
     ROLLOUT_PARAMS,
     SCPO_PARAMS,
     SEED,
     STATE_INPUT_PARAMS,
+    TIGHTENING,
     ParamSpec,
     compose,
+    plant_of,
     read_only,
 )
-from scpo_ros.plant import load_plant, plant_from_params
+from scpo_ros.plant import PlantError, load_plant
 from scpo_ros.policy import MLPLayout
 from scpo_ros.residual_scpo import ResidualSCPO
 from scpo_ros.rollout import SafetySpec
 from scpo_ros.scpo import SCPOConfig
 
-TABLES = {"plant": PLANT_PARAMS, "backup": BACKUP_PARAMS, "region": REGION_PARAMS, "policy": POLICY_PARAMS,
-          "rollout": ROLLOUT_PARAMS, "scpo": SCPO_PARAMS, "envelope": ENVELOPE_PARAMS,
-          "state_input": STATE_INPUT_PARAMS, "lifecycle": LIFECYCLE_PARAMS}
+TABLES = {"plant": PLANT_PARAMS, "policy": POLICY_PARAMS, "rollout": ROLLOUT_PARAMS, "scpo": SCPO_PARAMS,
+          "envelope": ENVELOPE_PARAMS, "state_input": STATE_INPUT_PARAMS, "lifecycle": LIFECYCLE_PARAMS}
 ALL_SPECS = [spec for table in TABLES.values() for spec in table]
 NUMERIC = [s for s in ALL_SPECS if s.type in ("int", "double", "int[]", "double[]") and s.min is not None]
 
@@ -47,38 +47,151 @@ def _by_name(table):
     return {s.name: s for s in table}
 
 
-def test_plant_defaults_are_the_double_integrator_defaults():
-    for spec in PLANT_PARAMS:
-        assert spec.default == _field_default(DoubleIntegrator, spec.name), spec.name
-        assert type(spec.default) is type(_field_default(DoubleIntegrator, spec.name)), spec.name
+def test_plant_params_are_the_plant_file_and_the_tightening_arrays():
+    specs = _by_name(PLANT_PARAMS)
+    assert list(specs) == ["plant_file", "x_min_tight", "x_max_tight", "u_min_tight", "u_max_tight"]
+    assert TIGHTENING == ("x_min_tight", "x_max_tight", "u_min_tight", "u_max_tight")
+    f = specs["plant_file"]
+    assert f.default == PLANT_FILE_DEFAULT == "package://scpo_ros/config/plants/double_integrator.yaml"
+    assert f.type == "string" and f.read_only        # read once at start-up: a file may name a model class
+    assert load_plant(f.default).digest == load_plant("double_integrator").digest
+    for name in TIGHTENING:
+        spec = specs[name]
+        assert spec.default == [] and spec.type == "double[]", name
+        assert not spec.read_only and not spec.finite, name     # changed at run time; ±inf: the file's bound
+        assert spec.min is None and spec.max is None, name     # the file's limits bound them, not the table
 
 
-def test_backup_and_region_defaults_are_the_shipped_double_integrator_file():
-    # the tables carry the file's backup: and certified_region: until the nodes read plant_file;
-    # the bridge's plant of the defaults is the shipped file's plant
-    shipped = load_plant("double_integrator")
-    bridged = plant_from_params(params.defaults(PLANT_PARAMS + BACKUP_PARAMS + REGION_PARAMS))
-    b, r = _by_name(BACKUP_PARAMS), _by_name(REGION_PARAMS)
-    assert shipped.backup_Q.tolist() == [b["q_pos"].default, b["q_vel"].default]
-    assert shipped.backup_R.tolist() == [b["r_act"].default]
-    assert shipped.region.x_max.tolist() == [r["p0_max"].default, r["v0_max"].default]
-    assert shipped.region.r_max.tolist() == [r["r_max"].default]
-    for name in ("A", "B", "c", "x_min", "x_max", "u_min", "u_max", "backup_Q", "backup_R"):
-        np.testing.assert_allclose(getattr(bridged, name), getattr(shipped, name), atol=1e-12, err_msg=name)
-    for name in ("x_min", "x_max", "r_min", "r_max"):
-        np.testing.assert_array_equal(getattr(bridged.region, name), getattr(shipped.region, name))
-    assert all(isinstance(spec.default, float) for spec in BACKUP_PARAMS + REGION_PARAMS)
+def test_the_old_plant_parameters_are_gone():
+    names = {s.name for s in MODEL_PARAMS + STATE_INPUT_PARAMS + LIFECYCLE_PARAMS}
+    gone = {"dof", "dt", "p_max", "v_max", "u_max", "q_pos", "q_vel", "r_act", "p0_max", "v0_max", "r_max",
+            "joint_names", "horizon", "plant"}
+    assert not names & gone, names & gone
+    for table in ("BACKUP_PARAMS", "REGION_PARAMS"):
+        assert not hasattr(params, table), table
+
+
+def test_model_params_are_the_certificates_tables_in_order():
+    assert MODEL_PARAMS == PLANT_PARAMS + POLICY_PARAMS + ROLLOUT_PARAMS + SCPO_PARAMS + ENVELOPE_PARAMS
+    assert [s.name for s in compose(MODEL_PARAMS)] == [s.name for s in MODEL_PARAMS]
+
+
+@pytest.mark.parametrize("name", TIGHTENING)
+def test_tightening_arrays_accept_inf_and_refuse_nan_and_too_many_entries(name):
+    spec = _by_name(PLANT_PARAMS)[name]
+    assert spec.check([]) is None
+    assert spec.check([math.inf, -math.inf, 0.5, -3.0]) is None         # ±inf: "the file's bound"
+    reason = spec.check([0.5, math.nan])
+    assert reason and name in reason and "finite" in reason
+    reason = spec.check([0.0] * (spec.max_len + 1))
+    assert reason and name in reason and "entries" in reason
+    assert spec.check([0.0] * spec.max_len) is None
+
+
+def test_a_finite_array_still_refuses_inf():
+    # ``finite=False`` is the tightening arrays' alone: every other double array refuses ±inf
+    margins = _by_name(SCPO_PARAMS)["margins"]
+    assert margins.finite
+    for bad in (math.inf, -math.inf):
+        reason = margins.check([bad])
+        assert reason and "margins" in reason and "finite" in reason
+    assert ParamSpec("a", [], "", ptype="double[]", finite=False).check([math.inf]) is None
 
 
 def test_rollout_defaults_are_the_safety_spec_defaults():
-    # ``horizon`` stays in steps: SafetySpec's horizon_s at the default dt
+    # the horizon is in seconds (run in steps of the plant's dt)
     specs, spec = _by_name(ROLLOUT_PARAMS), SafetySpec()
-    dt = _by_name(PLANT_PARAMS)["dt"].default
-    assert specs["horizon"].default == spec.steps(dt) and type(specs["horizon"].default) is int
-    assert specs["horizon"].default * dt == pytest.approx(spec.horizon_s)
-    for name in ("lyap_alpha", "lyap_eps"):
+    for name in ("horizon_s", "lyap_alpha", "lyap_eps"):
         assert specs[name].default == getattr(spec, name), name
-    assert set(specs) == {"horizon", "lyap_alpha", "lyap_eps"}
+        assert type(specs[name].default) is float, name
+    assert set(specs) == {"horizon_s", "lyap_alpha", "lyap_eps"}
+
+
+def test_horizon_s_range():
+    h = _by_name(ROLLOUT_PARAMS)["horizon_s"]
+    assert (h.min, h.max) == (1e-3, 600.0)
+    for good in (1e-3, 0.05, SafetySpec().horizon_s, 600.0):
+        assert h.check(good) is None, good
+        SafetySpec(horizon_s=good)                     # every accepted horizon is a valid SafetySpec
+    for bad, word in ((0.0, "minimum"), (-1.0, "minimum"), (600.5, "maximum"), (math.inf, "finite"),
+                      (math.nan, "finite")):
+        reason = h.check(bad)
+        assert reason and "horizon_s" in reason and word in reason, (bad, reason)
+
+
+# ------------------------------------------------------------------ plant_of
+
+
+def _arrays(p):
+    return {k: getattr(p, k).tolist() for k in ("x_min", "x_max", "u_min", "u_max")}
+
+
+def test_plant_of_without_tightening_is_the_plant_file():
+    shipped = load_plant("double_integrator")
+    for values in (params.defaults(MODEL_PARAMS), {}, {"plant_file": ""},
+                   params.defaults(PLANT_PARAMS, x_min_tight=[], u_max_tight=[])):
+        p = plant_of(values)
+        assert p.digest == shipped.digest and _arrays(p) == _arrays(shipped), values
+    msd = plant_of(params.defaults(MODEL_PARAMS, plant_file="mass_spring_damper"))
+    assert msd.digest == load_plant("mass_spring_damper").digest
+    two = plant_of({"plant_file": "package://scpo_ros/config/plants/double_integrator_2axis.yaml"})
+    assert (two.n, two.m) == (4, 2)
+    with pytest.raises(PlantError, match="no_such_plant"):
+        plant_of({"plant_file": "no_such_plant"})
+
+
+def test_plant_of_uses_the_base_it_is_given():
+    # a node reads its plant file once: ``base`` is that plant, ``plant_file`` is not read again
+    base = load_plant("mass_spring_damper")
+    assert plant_of({"plant_file": "no_such_plant"}, base) is base
+    tight = plant_of({"plant_file": "no_such_plant", "u_max_tight": [0.5 * float(base.u_max[0])]}, base)
+    assert tight.u_max.tolist() == [0.5 * float(base.u_max[0])]
+    assert tight.u_min.tolist() == base.u_min.tolist() and tight.name == base.name
+
+
+def test_plant_of_tightens_the_limits():
+    shipped = load_plant("double_integrator")
+    v = params.defaults(MODEL_PARAMS, x_max_tight=[0.9, math.inf], x_min_tight=[-math.inf, -0.5],
+                        u_min_tight=[-0.6], u_max_tight=[0.7])
+    p = plant_of(v)
+    assert _arrays(p) == {"x_min": [-1.0, -0.5], "x_max": [0.9, 1.0], "u_min": [-0.6], "u_max": [0.7]}
+    # the rest is the file's: dynamics, weights, certified region
+    for name in ("A", "B", "c", "backup_Q", "backup_R"):
+        np.testing.assert_array_equal(getattr(p, name), getattr(shipped, name), err_msg=name)
+    for name in ("x_min", "x_max", "r_min", "r_max"):
+        np.testing.assert_array_equal(getattr(p.region, name), getattr(shipped.region, name), err_msg=name)
+    # the file's bound itself, and one array alone, are accepted
+    assert plant_of({"x_max_tight": [1.0, 1.0]}).x_max.tolist() == [1.0, 1.0]
+    only = plant_of({"u_max_tight": [0.25]})
+    assert _arrays(only) == {**_arrays(shipped), "u_max": [0.25]}
+
+
+@pytest.mark.parametrize(("name", "value"), [("x_max_tight", [1.1, 1.0]), ("x_min_tight", [-1.0, -1.01]),
+                                             ("u_max_tight", [2.0]), ("u_min_tight", [-1.5])])
+def test_plant_of_refuses_loosening_with_the_key_named(name, value):
+    with pytest.raises(PlantError, match="loosen") as err:
+        plant_of({name: value})
+    assert err.value.key == name and name in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [("x_max_tight", [0.9]), ("x_min_tight", [-0.9, -0.9, -0.9]),
+                                             ("u_max_tight", [0.5, 0.5]), ("x_max_tight", [0.9, math.nan]),
+                                             ("u_min_tight", ["a"])])
+def test_plant_of_refuses_a_wrong_length_or_value_with_the_key_named(name, value):
+    with pytest.raises(PlantError) as err:
+        plant_of({name: value})
+    assert err.value.key == name and name in str(err.value)
+
+
+def test_plant_of_refuses_a_region_outside_the_tightened_box():
+    # the shipped region reaches |p| <= 0.8, |v| <= 0.2
+    with pytest.raises(PlantError, match="certified region") as err:
+        plant_of({"x_max_tight": [0.7, math.inf]})
+    assert err.value.key == "certified_region.x_max"
+    with pytest.raises(PlantError, match="certified region") as err:
+        plant_of({"x_min_tight": [-math.inf, -0.1]})
+    assert err.value.key == "certified_region.x_min"
+    assert plant_of({"x_max_tight": [0.8, 0.2], "x_min_tight": [-0.8, -0.2]}).x_max.tolist() == [0.8, 0.2]
 
 
 def test_scpo_defaults_are_scpo_config_defaults():
@@ -186,28 +299,36 @@ def test_type_is_inferred_from_the_default_or_given():
 
 
 def test_compose_refuses_a_name_twice():
-    with pytest.raises(ValueError, match="dt is declared twice"):
-        compose(PLANT_PARAMS, (ParamSpec("dt", 0.02, "the simulator's own dt", 1e-4, 1.0),))
+    with pytest.raises(ValueError, match="horizon_s is declared twice"):
+        compose(ROLLOUT_PARAMS, (ParamSpec("horizon_s", 2.0, "a node's own horizon", 1e-3, 10.0),))
     with pytest.raises(ValueError, match="declared twice"):
         compose(PLANT_PARAMS, PLANT_PARAMS)
 
 
 def test_compose_keeps_order_and_replaces_description_and_read_only():
     own = (ParamSpec("rate_hz", 20.0, "rate", 1.0, 1000.0),)
-    dt = _by_name(PLANT_PARAMS)["dt"]
-    new_dt = dataclasses.replace(dt, description="node-specific words", read_only=True)
-    specs = compose(PLANT_PARAMS, own, dt=new_dt)
-    assert [s.name for s in specs] == [s.name for s in PLANT_PARAMS] + ["rate_hz"]
-    assert _by_name(specs)["dt"] is new_dt
-    assert _by_name(PLANT_PARAMS)["dt"] is dt           # the table itself is untouched
+    h = _by_name(ROLLOUT_PARAMS)["horizon_s"]
+    new_h = dataclasses.replace(h, description="node-specific words", read_only=True)
+    specs = compose(PLANT_PARAMS, ROLLOUT_PARAMS, own, horizon_s=new_h)
+    assert [s.name for s in specs] == [s.name for s in PLANT_PARAMS + ROLLOUT_PARAMS] + ["rate_hz"]
+    assert _by_name(specs)["horizon_s"] is new_h
+    assert _by_name(ROLLOUT_PARAMS)["horizon_s"] is h   # the table itself is untouched
 
 
-@pytest.mark.parametrize("change", [{"default": 0.02}, {"min": 1e-3}, {"max": 2.0}, {"name": "dt2"},
-                                    {"ptype": "double"}])
+@pytest.mark.parametrize("change", [{"default": 2.0}, {"min": 1e-2}, {"max": 60.0}, {"name": "horizon_s2"},
+                                    {"ptype": "int"}])
 def test_compose_refuses_a_replacement_that_changes_value_or_range(change):
-    dt = _by_name(PLANT_PARAMS)["dt"]
-    with pytest.raises(ValueError, match="dt"):
-        compose(PLANT_PARAMS, dt=dataclasses.replace(dt, **change))
+    h = _by_name(ROLLOUT_PARAMS)["horizon_s"]
+    with pytest.raises(ValueError, match="horizon_s"):
+        compose(ROLLOUT_PARAMS, horizon_s=dataclasses.replace(h, **change))
+
+
+def test_compose_may_not_change_the_plant_files_default():
+    f = _by_name(PLANT_PARAMS)["plant_file"]
+    with pytest.raises(ValueError, match="plant_file"):
+        compose(PLANT_PARAMS, plant_file=dataclasses.replace(f, default="pendulum"))
+    specs = compose(PLANT_PARAMS, plant_file=dataclasses.replace(f, description="the simulated plant"))
+    assert _by_name(specs)["plant_file"].read_only and _by_name(specs)["plant_file"].default == PLANT_FILE_DEFAULT
 
 
 def test_compose_refuses_replacing_an_unknown_name():
@@ -216,9 +337,9 @@ def test_compose_refuses_replacing_an_unknown_name():
 
 
 def test_read_only_marks_every_spec_and_keeps_the_rest():
-    frozen = read_only(PLANT_PARAMS)
+    frozen = read_only(PLANT_PARAMS + ROLLOUT_PARAMS)
     assert all(s.read_only for s in frozen)
-    for a, b in zip(PLANT_PARAMS, frozen, strict=True):
+    for a, b in zip(PLANT_PARAMS + ROLLOUT_PARAMS, frozen, strict=True):
         assert dataclasses.replace(a, read_only=True) == b
 
 

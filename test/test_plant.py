@@ -1,7 +1,7 @@
 """scpo_ros.plant: the plant file is read into one validated ``Plant``; a bad file is refused by a
 ``PlantError`` naming its key (one test per class of bad file); the shipped files load; the
-equilibrium, the dynamics and the constraint rows hold on random plants; the double-integrator
-bridge ``plant_from_params`` gives the plant the nodes' parameters describe."""
+equilibrium, the dynamics and the constraint rows hold on random plants; the double integrator
+built in code (``double_integrator_plant``) is the shipped double-integrator files' plant."""
 from __future__ import annotations
 
 import copy
@@ -21,9 +21,9 @@ from plant_strategies import plant_dicts, plants, random_plant, random_plant_dic
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
 from scpo_ros.plant import (
     PlantError,
+    double_integrator_plant,
     load_plant,
     plant_from_dict,
-    plant_from_params,
     plant_from_text,
     resolve_source,
     shipped_plants,
@@ -527,102 +527,93 @@ def test_random_plant_generator_is_reproducible_and_honours_options():
     assert np.any(np.abs(np.linalg.eigvals(random_plant(4, stable=False).A)) > 1)
 
 
-# ====================================================================== the double-integrator bridge
-
-LIMITS = ("dof", "dt", "p_max", "v_max", "u_max")
-"""The bridge's required parameters (``params.PLANT_PARAMS``)."""
-
-
-@pytest.fixture
-def defaults():
-    """The three tables' defaults (imported here: ``params`` imports most of the core)."""
-    from scpo_ros.params import BACKUP_PARAMS, PLANT_PARAMS, REGION_PARAMS
-    assert tuple(s.name for s in PLANT_PARAMS) == LIMITS
-    return {s.name: s.default for table in (PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS) for s in table}
-
+# ====================================================================== the double integrator in code
 
 @settings(max_examples=40, deadline=None)
 @given(dof=st.integers(1, 3), dt=st.floats(0.01, 0.2), p_max=st.floats(0.5, 5.0), v_max=st.floats(0.5, 5.0),
        u_max=st.floats(0.5, 5.0), q_pos=st.floats(0.1, 100.0), q_vel=st.floats(0.0, 100.0),
-       r_act=st.floats(0.01, 100.0), frac=st.floats(0.0, 1.0))
-def test_bridge_is_the_double_integrator_of_the_parameters(dof, dt, p_max, v_max, u_max, q_pos, q_vel, r_act,
-                                                           frac):
-    v = dict(dof=dof, dt=dt, p_max=p_max, v_max=v_max, u_max=u_max, q_pos=q_pos, q_vel=q_vel, r_act=r_act,
-             p0_max=frac * p_max, v0_max=frac * v_max, r_max=frac * p_max)
-    p = plant_from_params(v)
+       r_act=st.floats(0.01, 100.0), frac=st.floats(0.0, 1.5))
+def test_double_integrator_plant_is_the_double_integrator(dof, dt, p_max, v_max, u_max, q_pos, q_vel, r_act, frac):
+    # a region beyond the limits (frac > 1) is clipped into them, not refused
+    p = double_integrator_plant(dof, dt, p_max, v_max, u_max, q_pos, q_vel, r_act, p0_max=frac * p_max,
+                                v0_max=frac * v_max, r_max=frac * p_max)
     di = DoubleIntegrator(dof=dof, dt=dt, p_max=p_max, v_max=v_max, u_max=u_max)
     np.testing.assert_allclose(p.A, di.A, rtol=0, atol=1e-12)
     np.testing.assert_allclose(p.B, di.B, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(p.c, np.zeros(2 * dof))
+    assert p.dt == dt
     np.testing.assert_array_equal(p.x_max, [p_max] * dof + [v_max] * dof)
     np.testing.assert_array_equal(p.x_min, [-p_max] * dof + [-v_max] * dof)
     np.testing.assert_array_equal(p.u_max, [u_max] * dof)
+    np.testing.assert_array_equal(p.u_min, [-u_max] * dof)
     np.testing.assert_array_equal(p.backup_Q, [q_pos] * dof + [q_vel] * dof)
     np.testing.assert_array_equal(p.backup_R, [r_act] * dof)
-    np.testing.assert_array_equal(p.region.x_max, [frac * p_max] * dof + [frac * v_max] * dof)
-    np.testing.assert_array_equal(p.region.r_max, [frac * p_max] * dof)
-    np.testing.assert_array_equal(p.region.r_min, [-frac * p_max] * dof)
+    f = min(frac, 1.0)
+    np.testing.assert_array_equal(p.region.x_max, [min(frac * p_max, p_max)] * dof + [min(frac * v_max, v_max)] * dof)
+    np.testing.assert_array_equal(p.region.x_min, -p.region.x_max)
+    np.testing.assert_allclose(p.region.r_max, [f * p_max] * dof, rtol=1e-15)
+    np.testing.assert_array_equal(p.region.r_min, -p.region.r_max)
     assert p.nr == dof and p.tracked_index.tolist() == list(range(dof))
     x = np.random.default_rng(dof).normal(size=(5, 2 * dof))
     u = np.random.default_rng(dof + 1).normal(size=(5, dof))
     np.testing.assert_allclose(p.step(x, u), di.step(x, u), atol=1e-12)
 
 
-def test_bridge_names_and_joints(defaults):
-    one = plant_from_params(defaults)
+def test_double_integrator_plant_names_and_joints():
+    one = double_integrator_plant()
     assert one.states == ("position", "velocity") and one.inputs == ("acceleration",)
     assert one.name == "double_integrator" and one.joints == (("axis_0", "position"), ("axis_0", "velocity"))
-    two = plant_from_params({**defaults, "dof": 2})
+    two = double_integrator_plant(2)
+    assert two.name == "double_integrator_2axis"
     assert two.states == ("position_0", "position_1", "velocity_0", "velocity_1")
     assert two.inputs == ("acceleration_0", "acceleration_1") and two.tracked == two.states[:2]
     assert two.joints == (("axis_0", "position"), ("axis_1", "position"), ("axis_0", "velocity"),
                           ("axis_1", "velocity"))
 
 
-def test_bridge_equals_the_shipped_double_integrator_files(defaults):
-    for dof, name in ((1, "double_integrator"), (2, "double_integrator_2axis")):
-        ours, shipped = plant_from_params({**defaults, "dof": dof}), load_plant(name)
-        for key in ("A", "B", "c", "x_min", "x_max", "u_min", "u_max", "backup_Q", "backup_R"):
-            np.testing.assert_allclose(getattr(ours, key), getattr(shipped, key), atol=1e-15, err_msg=key)
-        for key in ("x_min", "x_max", "r_min", "r_max"):
-            np.testing.assert_array_equal(getattr(ours.region, key), getattr(shipped.region, key))
+@pytest.mark.parametrize(("dof", "name"), [(1, "double_integrator"), (2, "double_integrator_2axis")])
+def test_double_integrator_plant_equals_the_shipped_files(dof, name):
+    ours, shipped = double_integrator_plant(dof), load_plant(name)
+    assert ours.name == shipped.name and ours.dt == shipped.dt
+    assert (ours.n, ours.m, ours.nr) == (shipped.n, shipped.m, shipped.nr)
+    for key in ("A", "B", "c", "x_min", "x_max", "u_min", "u_max", "backup_Q", "backup_R"):
+        np.testing.assert_allclose(getattr(ours, key), getattr(shipped, key), rtol=0, atol=1e-15, err_msg=key)
+        assert getattr(ours, key).shape == getattr(shipped, key).shape, key
+    for key in ("x_min", "x_max", "r_min", "r_max"):
+        np.testing.assert_array_equal(getattr(ours.region, key), getattr(shipped.region, key), err_msg=key)
+    # the same joints in the same state order: a node reads the same joint_states either way
+    assert [j for j in ours.joints] == [j for j in shipped.joints]
+    assert ours.tracked_index.tolist() == shipped.tracked_index.tolist()
+    from scpo_ros.backup import LQRBackup
+    np.testing.assert_allclose(LQRBackup(ours).K, LQRBackup(shipped).K, atol=1e-12)
 
 
-def test_bridge_default_region_shrinks_into_the_limits(defaults):
-    limits = {k: defaults[k] for k in LIMITS}
-    p = plant_from_params({**limits, "p_max": 0.5})   # the default region is not checked: not given
+def test_double_integrator_plant_clips_the_region_into_the_limits():
+    p = double_integrator_plant(p_max=0.5)
     np.testing.assert_array_equal(p.backup_Q, [1.0, 1.0])
     np.testing.assert_array_equal(p.backup_R, [10.0])
-    assert (p.region.x_max.tolist(), p.region.r_max.tolist()) == ([0.5, 0.2], [0.5])
-    assert (defaults["p0_max"], defaults["r_max"]) == (0.8, 0.5)   # what was shrunk (p0) and kept (r)
+    assert (p.region.x_max.tolist(), p.region.r_max.tolist()) == ([0.5, 0.2], [0.5])   # p0 shrunk, r kept
+    far = double_integrator_plant(2, p0_max=5.0, v0_max=3.0, r_max=2.0)            # no error any more: clipped
+    assert far.region.x_max.tolist() == [1.0, 1.0, 1.0, 1.0] and far.region.r_max.tolist() == [1.0, 1.0]
+    inner = double_integrator_plant(p0_max=0.3, v0_max=0.1, r_max=0.2)
+    assert inner.region.x_max.tolist() == [0.3, 0.1] and inner.region.r_max.tolist() == [0.2]
 
 
-@pytest.mark.parametrize("name", LIMITS)
-def test_bridge_missing_limit_is_refused_by_name(name, defaults):
-    v = dict(defaults)
-    del v[name]
-    with pytest.raises(ValueError, match=f"parameter {name} is missing"):
-        plant_from_params(v)
+@pytest.mark.parametrize("dof", [0, -1, 1.5, True, "2"])
+def test_double_integrator_plant_refuses_a_dof_that_is_not_a_positive_integer(dof):
+    with pytest.raises((PlantError, ValueError, TypeError), match="dof|invalid literal"):
+        double_integrator_plant(dof)
 
 
-@pytest.mark.parametrize(("name", "value"), [("dt", 0.0), ("dt", math.nan), ("p_max", -1.0), ("u_max", math.inf),
-                                             ("dof", 0), ("dof", 99), ("dof", 1.5), ("q_pos", -1.0),
-                                             ("r_act", 0.0), ("p0_max", -0.1), ("r_max", math.nan)])
-def test_bridge_out_of_range_values_are_refused_by_name(name, value, defaults):
-    with pytest.raises(ValueError, match=name):
-        plant_from_params({**defaults, name: value})
-
-
-@pytest.mark.parametrize(("name", "value", "limit"), [("p0_max", 1.2, "p_max"), ("v0_max", 1.5, "v_max"),
-                                                      ("r_max", 1.1, "p_max")])
-def test_bridge_region_outside_the_limits_is_refused_by_name(name, value, limit, defaults):
-    with pytest.raises(ValueError, match=f"{name} .* above {limit}"):
-        plant_from_params({**defaults, name: value})
-
-
-def test_bridge_weights_without_a_stabilising_lqr_are_refused(defaults):
-    with pytest.raises(ValueError, match="q_pos, q_vel, r_act .* give no LQR backup"):
-        plant_from_params({**defaults, "q_pos": 0.0, "q_vel": 0.0})
+@pytest.mark.parametrize(("changes", "key"), [({"dt": 0.0}, "dt"), ({"dt": math.nan}, "dt"), ({"p_max": -1.0}, "x_max"),
+                                              ({"u_max": math.inf}, "u_min"), ({"q_pos": -1.0}, "backup.Q"),
+                                              ({"r_act": 0.0}, "backup.R"),
+                                              ({"p0_max": -0.1}, "certified_region.x_max"),
+                                              ({"r_max": math.nan}, "certified_region.r_max")])
+def test_double_integrator_plant_refuses_bad_values_naming_the_key(changes, key):
+    with pytest.raises(PlantError) as err:
+        double_integrator_plant(**changes)
+    assert err.value.key == key
 
 
 # ====================================================================== the pendulum model's safe set

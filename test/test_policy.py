@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scpo_ros.backup import LQRBackup
-from scpo_ros.plant import plant_from_params
+from scpo_ros.plant import double_integrator_plant
 from scpo_ros.policy import (
     MLPLayout,
     NumpyMLP,
@@ -38,7 +38,7 @@ def test_numpy_form_takes_batches_and_matches_the_module():
 
 @pytest.mark.parametrize("dof,hidden", [(1, (16, 8)), (2, (8,)), (1, ()), (2, (4, 4, 4))])
 def test_folded_law_is_backup_plus_mlp(dof, hidden):
-    backup = LQRBackup(plant_from_params({"dof": dof, "dt": 0.05, "p_max": 1.0, "v_max": 1.0, "u_max": 1.0}))
+    backup = LQRBackup(double_integrator_plant(dof))
     layout = MLPLayout(3 * dof, dof, hidden)
     rng = np.random.default_rng(dof)
     theta = rng.standard_normal(layout.size) * 0.3

@@ -18,11 +18,13 @@ from scpo_ros.scpo import STATUSES, Decision
 from scpo_ros.scpo_worker import ProposalGate, SCPOWorker, WorkerResults, decision_record
 
 # small SCPO settings: short worker steps on a loaded machine
-SMALL = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60, "hidden": [8]}
+SMALL = {"n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon_s": 3.0, "hidden": [8]}
 
 
 def small_model(**changes):
-    return build_model(defaults(MODEL_PARAMS, **{**SMALL, **changes}))
+    model = build_model(defaults(MODEL_PARAMS, **{**SMALL, **changes}))
+    assert model.safety.horizon_s == SMALL["horizon_s"] and model.safety.steps(model.plant.dt) == 60   # 3 s at 0.05
+    return model
 
 
 def wait_for(cond, timeout, what):
@@ -77,8 +79,10 @@ def test_rebuild_proposal_stop_round_trip():
         assert (theta is not None) == decision.committed
         if theta is not None:
             assert np.linalg.norm(theta - base) <= model.config.sample_radius + 1e-5
-        # a re-build with the current weights for a new model re-certifies them under it
-        worker.rebuild(small_model(p_max=0.98), 2, base)
+        # a re-build with the current weights for a new model (a runtime tightening) re-certifies them under it
+        tight = small_model(x_min_tight=[-0.98, -math.inf], x_max_tight=[0.98, math.inf])
+        assert tight.plant.x_max.tolist() == [0.98, 1.0] and tight.plant.x_min.tolist() == [-0.98, -1.0]
+        worker.rebuild(tight, 2, base)
         [(kind, decision, theta, model_id)] = results(worker, 1)
         assert kind == "recertify" and model_id == 2 and decision.status in ("accepted", "rejected")
         # a malformed proposal is reported as a decision, the process keeps serving

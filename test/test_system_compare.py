@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from scpo_ros.cli import main as cli_main
+from scpo_ros.graph import SIMULATOR
 
 REPO = Path(__file__).resolve().parent.parent
-PARAMS = REPO / "config" / "scpo_double_integrator.yaml"
+PARAMS = REPO / "config" / "scpo.yaml"
 
 
 @pytest.mark.slow
@@ -29,9 +30,9 @@ def test_compare_demo_both_pipelines_safe_and_one_table(tmp_path):
     # every 2 s, so its worker does not hold a core throughout.
     params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
                                          "learner": {"publish_rate_hz": 0.5},
-                                         "double_integrator_sim": {"rate_hz": 10.0}}, tmp_path / "params.yaml")
+                                         SIMULATOR: {"rate_hz": 10.0}}, tmp_path / "params.yaml")
     args = types.SimpleNamespace(compare=True, params=params, safeguard_params=None, bag=str(tmp_path / "bag"),
-                                 no_record=False, overwrite=False, no_malicious=False, dof=None, namespace="",
+                                 no_record=False, overwrite=False, no_malicious=False, plant=None, namespace="",
                                  duration=10.0, startup_timeout=120.0, plots=None)
     result = run_graph(args, out=lambda *a: None)
     assert set(result["exit_codes"].values()) == {0}, result["exit_codes"]
@@ -40,10 +41,10 @@ def test_compare_demo_both_pipelines_safe_and_one_table(tmp_path):
     scpo, guard = columns["scpo"], columns["safeguard"]
     for ns in ("scpo", "safeguard"):
         assert nodes[ns]["expert"]["malicious_demonstrations"] > 0
-        assert nodes[ns]["double_integrator_sim"]["constraint_violations"] == 0
+        assert nodes[ns][SIMULATOR]["constraint_violations"] == 0
         assert columns[ns]["constraint_violations"] == 0 and columns[ns]["constraint_violations_from_states"] == 0
         assert columns[ns]["control_steps"] > 50
-        assert columns[ns]["limits"]["source"] == "simulator diagnostics"
+        assert columns[ns]["limits"]["source"] == "plant topic"
     assert scpo["pipeline"] == "scpo" and guard["pipeline"] == "safeguard"
     # SCPO ran on the malicious demonstrations; the bag holds what the safety node counted
     safety = nodes["scpo"]["scpo_safety_node"]

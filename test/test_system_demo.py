@@ -9,7 +9,7 @@ pytest.importorskip("rclpy")
 
 from ros_graph_helpers import PARAMS  # noqa: E402
 from scpo_ros.demo import run_graph  # noqa: E402
-from scpo_ros.graph import merged_params_file  # noqa: E402
+from scpo_ros.graph import SIMULATOR, merged_params_file  # noqa: E402
 from scpo_ros.scpo import COMMITTED  # noqa: E402
 
 
@@ -19,12 +19,12 @@ def test_malicious_graph_zero_violations_bag_matches_nodes(tmp_path):
     params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
                                          "learner": {"publish_rate_hz": 4.0}}, tmp_path / "params.yaml")
     args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
-                                 no_malicious=False, dof=None, namespace="scpo_test", duration=12.0,
+                                 no_malicious=False, plant=None, namespace="scpo_test", duration=12.0,
                                  startup_timeout=120.0, plots=None)
     result = run_graph(args, out=lambda *a: None)
     nodes, m = result["nodes"], result["bag_metrics"]
     assert set(result["exit_codes"].values()) == {0}, result["exit_codes"]
-    sim, safety, expert = nodes["double_integrator_sim"], nodes["scpo_safety_node"], nodes["expert"]
+    sim, safety, expert = nodes[SIMULATOR], nodes["scpo_safety_node"], nodes["expert"]
 
     # the malicious expert did lie, SCPO ran, and the plant never left its limits
     assert expert["malicious_demonstrations"] > 0
@@ -48,3 +48,30 @@ def test_malicious_graph_zero_violations_bag_matches_nodes(tmp_path):
     committed = [r for r in records if r["kind"] == "proposal" and r["status"] in COMMITTED]
     assert all(r["committed_step_norm"] <= 0.05 + 1e-6 for r in committed)
     assert all(v <= 0 for r in committed for v in r["margins_after"].values())
+
+
+@pytest.mark.slow
+def test_another_plant_by_its_file_alone(tmp_path):
+    """``--plant coupled_two_input`` (two coupled inputs, an H polytope, the implicit safe set):
+    the same graph, nothing else changed; zero violations, two values per command, and the bag
+    carries the plant (its limits read from the ``plant`` record)."""
+    from scpo_ros.plant import load_plant
+    plant = load_plant("coupled_two_input")
+    params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
+                                         "learner": {"publish_rate_hz": 2.0}}, tmp_path / "params.yaml")
+    args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
+                                 no_malicious=False, plant="coupled_two_input", namespace="", duration=10.0,
+                                 startup_timeout=120.0, plots=None)
+    result = run_graph(args, out=lambda *a: None)
+    nodes, m = result["nodes"], result["bag_metrics"]
+    assert set(result["exit_codes"].values()) == {0}, result["exit_codes"]
+    assert nodes["expert"]["malicious_demonstrations"] > 0
+    assert nodes[SIMULATOR]["constraint_violations"] == 0
+    assert m["constraint_violations"] == 0 and m["constraint_violations_from_states"] == 0
+    assert m["limits"]["source"] == "plant topic"
+    assert m["control_steps"] == nodes["scpo_safety_node"]["control_steps"] > 50
+    from scpo_ros.bag import read_messages
+    cmds = [b.msg.data for b in read_messages(args.bag, ["/cmd"])]
+    assert cmds and all(len(u) == plant.m for u in cmds)
+    records = [json.loads(b.msg.data) for b in read_messages(args.bag, ["/plant"])]
+    assert {r["digest"] for r in records} == {plant.digest}

@@ -35,28 +35,28 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource  # n
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from std_msgs.msg import Bool, Float64MultiArray, String  # noqa: E402
 
-from scpo_ros.graph import merged_params_file  # noqa: E402
+from scpo_ros.graph import SIMULATOR, merged_params_file  # noqa: E402
 
 pytestmark = pytest.mark.slow   # the whole graph, started by launch
 
 REPO = Path(__file__).resolve().parent.parent
-LAUNCH_FILE = REPO / "launch" / "scpo_double_integrator.launch.py"
+LAUNCH_FILE = REPO / "launch" / "scpo.launch.py"
 NAMESPACE = "launch_test"
-NODES = {"double_integrator_sim", "expert", "learner", "scpo_safety_node", "bag_recorder"}
+NODES = {SIMULATOR, "expert", "learner", "scpo_safety_node", "bag_recorder"}
 TIMEOUT = float(os.environ.get("SCPO_LAUNCH_TEST_TIMEOUT", "120"))
 
 
 @pytest.mark.launch_test
 def generate_test_description():
     tmp = Path(tempfile.mkdtemp(prefix="scpo_launch_test_"))
-    params = merged_params_file(REPO / "config" / "scpo_double_integrator.yaml",
+    params = merged_params_file(REPO / "config" / "scpo.yaml",
                                 {"expert": {"malicious_period_s": 4.0, "malicious_duty": 0.5}},
                                 tmp / "params.yaml")
     bag = tmp / "bag"
     graph = launch.actions.IncludeLaunchDescription(
         PythonLaunchDescriptionSource(str(LAUNCH_FILE)),
         launch_arguments={"malicious": "true", "namespace": NAMESPACE, "record": "true", "bag": str(bag),
-                          "dof": "1", "params_file": params}.items())
+                          "plant": "double_integrator", "params_file": params}.items())
     return launch.LaunchDescription([graph, launch_testing.actions.ReadyToTest()]), {"bag": bag, "tmp": tmp}
 
 
@@ -86,7 +86,7 @@ class TestGraphRuns(unittest.TestCase):
             while time.monotonic() < deadline and not (len(cmds) > 100 and accepted() and malicious_phase_passed()):
                 executor.spin_once(timeout_sec=0.1)
             self.assertGreater(len(cmds), 100, "commands on the namespaced cmd topic")
-            self.assertTrue(all(len(m.data) == 1 for m in cmds), "one command per axis (dof 1)")
+            self.assertTrue(all(len(m.data) == 1 for m in cmds), "one command per input (the double integrator's one)")
             self.assertEqual(root_cmds, [], "nothing on /cmd: every node is in the namespace")
             self.assertTrue(accepted(), f"no accepted SCPO update among {len(decisions)} decisions")
             self.assertTrue(malicious_phase_passed(), "no whole malicious phase seen")
@@ -96,7 +96,7 @@ class TestGraphRuns(unittest.TestCase):
             node.destroy_node()
             rclpy.shutdown(context=context)
         # the simulator waited for its state subscribers (safety node, expert, learner, recorder)
-        proc_output.assertWaitFor("subscribers matched: starting", process="double_integrator_sim", timeout=5)
+        proc_output.assertWaitFor("subscribers matched: starting", process=SIMULATOR, timeout=5)
 
 
 def _summaries(proc_output) -> dict[str, dict]:
@@ -119,7 +119,7 @@ class TestAfterShutdown(unittest.TestCase):
 
     def test_simulator_waited_for_its_subscribers(self, proc_output):
         text = "".join(e.text.decode(errors="replace") for e in proc_output
-                       if e.process_name.startswith("double_integrator_sim"))
+                       if e.process_name.startswith(SIMULATOR))
         match = re.search(r"(\d+) subscribers matched: starting", text)
         self.assertIsNotNone(match, "the simulator did not wait for its subscribers (wait_for_subscribers 0?)")
         self.assertGreaterEqual(int(match.group(1)), 4)
@@ -127,7 +127,7 @@ class TestAfterShutdown(unittest.TestCase):
     def test_summaries(self, proc_output):
         summaries = _summaries(proc_output)
         self.assertEqual(set(summaries), NODES)
-        sim = summaries["double_integrator_sim"]
+        sim = summaries[SIMULATOR]
         self.assertEqual(sim["constraint_violations"], 0)
         self.assertGreater(sim["steps"], 50)
         self.assertGreater(summaries["expert"]["malicious_demonstrations"], 0)
@@ -150,7 +150,7 @@ class TestAfterShutdown(unittest.TestCase):
             metrics, _ = analyze(bag)
             self.assertEqual(metrics["constraint_violations"], 0)
             self.assertEqual(metrics["constraint_violations_from_states"], 0)
-            self.assertEqual(metrics["limits"]["source"], "simulator diagnostics")
+            self.assertEqual(metrics["limits"]["source"], "plant topic")
             self.assertGreater(metrics["control_steps"], 50)
             self.assertGreater(metrics["updates"].get("accepted", 0), 0)
             self.assertGreater(metrics["malicious_fraction"], 0.0)

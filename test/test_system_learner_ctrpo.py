@@ -5,6 +5,7 @@ limits, and every node shuts down cleanly."""
 import numpy as np
 import pytest
 
+from scpo_ros.graph import SIMULATOR
 from scpo_ros.policy import MLPLayout
 
 
@@ -30,12 +31,12 @@ def test_ctrpo_learner_proposals_are_certified_by_the_safety_node(tmp_path):
         procs = [
             # small SCPO settings keep each certification step short on a loaded machine
             NodeProcess("scpo_safety_node", tmp_path, PARAMS, {
-                "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon": 60}),
+                "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon_s": 3.0}),
             NodeProcess("learner", tmp_path, PARAMS, {
                 "algorithm": "c_trpo", "publish_rate_hz": 4.0, "sim_envs": 8, "sim_horizon": 25,
                 "critic_epochs": 2, "epochs_per_proposal": 1}),
             NodeProcess("expert", tmp_path, PARAMS, {"malicious": False, "switch_period_s": 2.0}),
-            NodeProcess("double_integrator_sim", tmp_path, PARAMS, {}),
+            NodeProcess(SIMULATOR, tmp_path, PARAMS, {}),
         ]
 
         def proposal_decisions():
@@ -58,7 +59,7 @@ def test_ctrpo_learner_proposals_are_certified_by_the_safety_node(tmp_path):
         codes = {p.name: p.stop() for p in reversed(procs)}
     assert set(codes.values()) == {0}, {p.name: p.text()[-2000:] for p in procs}
     sim, safety, learner = (next(p for p in procs if p.name == n).summary()
-                            for n in ("double_integrator_sim", "scpo_safety_node", "learner"))
+                            for n in (SIMULATOR, "scpo_safety_node", "learner"))
     assert learner["algorithm"] == "c_trpo" and learner["last_update"]["epochs"] >= 1
     assert learner["update_errors"] == 0
     # the learner continued from what the safety node certified (at least its start-up certificate)

@@ -11,6 +11,7 @@ from std_msgs.msg import Bool, Float64MultiArray  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from ros_graph_helpers import PARAMS, STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
+from scpo_ros.graph import SIMULATOR  # noqa: E402
 from scpo_ros.policy import MLPLayout  # noqa: E402
 from scpo_ros.ros.diagnostics import OK, diagnostic_values  # noqa: E402
 from scpo_ros.ros.qos import CONTROL_QOS  # noqa: E402
@@ -20,7 +21,7 @@ from scpo_ros.ros.qos import CONTROL_QOS  # noqa: E402
 def nodes(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("nodes")
     procs = [
-        NodeProcess("double_integrator_sim", log_dir, PARAMS, {"initial_position": [0.3], "rate_hz": 50.0}),
+        NodeProcess(SIMULATOR, log_dir, PARAMS, {"initial_state": [0.3, 0.0], "rate_hz": 50.0}),
         # malicious from the start: duty 1 makes every demonstration a malicious one
         NodeProcess("expert", log_dir, PARAMS, {"malicious": True, "malicious_duty": 1.0}),
         NodeProcess("learner", log_dir, PARAMS, {"min_samples": 10, "publish_rate_hz": 5.0,
@@ -52,8 +53,8 @@ def test_sim_publishes_state_and_resets(nodes):
     nodes.cmd_pub.publish(Float64MultiArray(data=[0.5]))
     wait_for(lambda: nodes.messages("joint_states")[-1].velocity[0] > 0.05, what="the command to act")
     services = dict(nodes.node.get_service_names_and_types())
-    assert services.get("/double_integrator_sim/reset") == ["std_srvs/srv/Trigger"] and "/reset" not in services
-    res = nodes.call(Trigger, "/double_integrator_sim/reset", Trigger.Request())
+    assert services.get(f"/{SIMULATOR}/reset") == ["std_srvs/srv/Trigger"] and "/reset" not in services
+    res = nodes.call(Trigger, f"/{SIMULATOR}/reset", Trigger.Request())
     assert res.success
     wait_for(lambda: abs(nodes.messages("joint_states")[-1].position[0] - 0.3) < 1e-9, what="state back to 0.3")
 
@@ -61,7 +62,7 @@ def test_sim_publishes_state_and_resets(nodes):
 def test_diagnostics_name_each_node_by_its_fully_qualified_name(nodes):
     """``hardware_id`` tells two namespaced copies of a node apart (the compare graph runs two
     simulators and two experts)."""
-    for name in ("double_integrator_sim", "expert", "learner"):
+    for name in (SIMULATOR, "expert", "learner"):
         st = wait_for(lambda name=name: nodes.statuses(f"{name}: "), what=f"{name}'s diagnostics")[-1]
         assert st.hardware_id == f"/{name}"
 
@@ -71,19 +72,19 @@ def test_sim_refuses_bad_commands_and_params(nodes):
     nodes.cmd_pub.publish(Float64MultiArray(data=[0.1, 0.2]))
 
     def refused():
-        for s in nodes.statuses("double_integrator_sim: plant"):
+        for s in nodes.statuses(f"{SIMULATOR}: plant"):
             if int(diagnostic_values(s)["refused_commands"]) >= 2:
                 return s
     status = wait_for(refused, what="refused commands in the diagnostics")
     assert status.level != OK
-    bad = nodes.call(SetParameters, "/double_integrator_sim/set_parameters", SetParameters.Request(parameters=[
+    bad = nodes.call(SetParameters, f"/{SIMULATOR}/set_parameters", SetParameters.Request(parameters=[
         Parameter(name="rate_hz", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=-5.0))]))
     assert not bad.results[0].successful
-    bad = nodes.call(SetParameters, "/double_integrator_sim/set_parameters", SetParameters.Request(parameters=[
-        Parameter(name="initial_position", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY,
-                                                                double_array_value=[0.1, 0.2, 0.3]))]))
-    assert not bad.results[0].successful and "dof" in bad.results[0].reason
-    ok = nodes.call(SetParameters, "/double_integrator_sim/set_parameters", SetParameters.Request(parameters=[
+    bad = nodes.call(SetParameters, f"/{SIMULATOR}/set_parameters", SetParameters.Request(parameters=[
+        Parameter(name="initial_state", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY,
+                                                             double_array_value=[0.1, 0.2, 0.3]))]))
+    assert not bad.results[0].successful and "initial_state" in bad.results[0].reason
+    ok = nodes.call(SetParameters, f"/{SIMULATOR}/set_parameters", SetParameters.Request(parameters=[
         Parameter(name="noise_std", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.01))]))
     assert ok.results[0].successful
 
@@ -94,7 +95,7 @@ def test_expert_demonstrates_malicious_actions(nodes):
     mal = wait_for(lambda: nodes.messages("malicious"), what="malicious flags")
     assert all(m.data for m in mal)
     assert refs[0].data[0] == pytest.approx(0.4)            # the schedule's first reference
-    # a malicious demonstration drives towards the target beyond p_max: no clipping to u_limit
+    # a malicious demonstration drives towards the target beyond the position limit: no clipping to u_limit
     assert any(abs(a.data[0]) > 0.9 for a in acts)
 
 
@@ -109,25 +110,23 @@ def test_learner_proposes_fingerprinted_weights(nodes):
     assert np.linalg.norm(np.asarray(msg.data) - first) > 0     # it learns
 
 
-def test_the_plant_parameters_are_one_table_in_every_node(nodes):
-    """dof, dt and the limits: the same range (and default) in the simulator, the expert and the
-    learner, from ``PLANT_PARAMS``; no description asks to keep two nodes in step by hand."""
+def test_the_plant_is_one_read_only_file_parameter_in_every_node(nodes):
+    """``plant_file``: the same read-only parameter (and default) in the simulator, the expert and
+    the learner, from ``PLANT_PARAMS``; no node declares a plant parameter of its own, and no
+    description asks to keep two nodes in step by hand."""
     from rcl_interfaces.srv import DescribeParameters, ListParameters
 
     from scpo_ros.params import PLANT_PARAMS
     from scpo_ros.ros.parameters import descriptor
 
-    def ranges(d):
-        return ([(r.from_value, r.to_value) for r in d.floating_point_range],
-                [(r.from_value, r.to_value) for r in d.integer_range])
-
-    names = [s.name for s in PLANT_PARAMS]
-    for node in ("double_integrator_sim", "expert", "learner"):
-        got = nodes.call(DescribeParameters, f"/{node}/describe_parameters",
-                         DescribeParameters.Request(names=names)).descriptors
-        for spec, d in zip(PLANT_PARAMS, got, strict=True):
-            assert ranges(d) == ranges(descriptor(spec)), (node, spec.name)
+    spec = PLANT_PARAMS[0]
+    for node in (SIMULATOR, "expert", "learner"):
+        d, = nodes.call(DescribeParameters, f"/{node}/describe_parameters",
+                        DescribeParameters.Request(names=[spec.name])).descriptors
+        assert d.read_only and d.description == descriptor(spec).description, node
         listed = nodes.call(ListParameters, f"/{node}/list_parameters", ListParameters.Request()).result.names
+        old = {"dof", "dt", "p_max", "v_max", "u_max", "q_pos", "q_vel", "r_act", "p0_max", "v0_max", "r_max"}
+        assert not old & set(listed), (node, sorted(old & set(listed)))
         every = nodes.call(DescribeParameters, f"/{node}/describe_parameters",
                            DescribeParameters.Request(names=list(listed))).descriptors
         assert not [d.name for d in every if "must match" in d.description], node

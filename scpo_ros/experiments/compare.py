@@ -42,7 +42,7 @@ from ..ctrpo import CTRPOConfig, CTRPOLearner, evaluate_policy, train
 from ..dynamics import DoubleIntegrator, Pendulum
 from ..envs import VecDoubleIntegrator, VecPendulum, VecPlantEnv
 from ..expert import Expert, ExpertConfig
-from ..plant import Plant, load_plant, plant_from_params
+from ..plant import Plant, double_integrator_plant, load_plant
 from ..policy import MLPLayout, ResidualMLP
 from ..residual_scpo import ResidualSCPO
 from ..safeguard.invariant_set import safe_set_for
@@ -95,7 +95,7 @@ def task_plant(s: CompareSettings) -> Plant:
     parameter tables' backup and certified region), or the plant file ``s.env``."""
     if s.env == "double_integrator":
         d = di_system(s)
-        return plant_from_params({"dof": d.dof, "dt": d.dt, "p_max": d.p_max, "v_max": d.v_max, "u_max": d.u_max})
+        return double_integrator_plant(d.dof, d.dt, d.p_max, d.v_max, d.u_max)
     if s.env == "pendulum":
         raise ValueError("the pendulum task has no plant of its own here (its env: envs.VecPendulum)")
     return load_plant(s.env)

@@ -93,13 +93,8 @@ def envelope_safe_set(plant: Plant, backup: LQRBackup):
     """The safe set the certificate's ``safe_set`` metric uses (``rollout.PlantRollout``'s
     default): robust to one late command, or the nominal set of a model plant whose set
     cannot absorb one. Built once per run and shared by SCPO and the held-out check."""
-    from ..safeguard.invariant_set import safe_set_for
-    try:
-        return safe_set_for(plant, backup, late_commands=1)
-    except ValueError:
-        if plant.linear:
-            raise
-        return safe_set_for(plant, backup, late_commands=0)
+    from ..safeguard.invariant_set import safe_set_at_most
+    return safe_set_at_most(plant, backup, late_commands=1)[0]
 
 
 class Run:

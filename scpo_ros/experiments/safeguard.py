@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..dynamics import DoubleIntegrator, Pendulum
 from ..envs import pendulum_plant
-from ..plant import Plant, plant_from_params
+from ..plant import Plant, double_integrator_plant
 from ..safeguard.invariant_set import SafeActionSet, safe_set_for
 from ..safeguard.layer import ProjectionLayer
 from .report import aggregate, print_table, write_json
@@ -119,11 +119,10 @@ class Task:
 
 
 def task_plant(name: str, system) -> Plant:
-    """The generic ``Plant`` of a task's system: the bridge's double integrator, or the shipped
+    """The generic ``Plant`` of a task's system: the double integrator of its limits, or the shipped
     pendulum file with the system's limits (``envs.pendulum_plant``)."""
     if name == "double_integrator":
-        return plant_from_params({"dof": system.dof, "dt": system.dt, "p_max": system.p_max,
-                                  "v_max": system.v_max, "u_max": system.u_max})
+        return double_integrator_plant(system.dof, system.dt, system.p_max, system.v_max, system.u_max)
     return pendulum_plant(system)
 
 

@@ -12,7 +12,7 @@ fallback and its reason). ``/diagnostics`` carries counts and the current condit
 Input rules (the same as the SCPO safety node's: ``scpo_ros.inputs``). "The fallback"
 below is the envelope's: the LQR backup projected onto ``U_safe(x)``, the recovery action
 where that set is empty.
-- a JointState is read by joint name (``joint_names``) and accepted only with a fresh,
+- a JointState is read by joint name (the plant file's ``joints:``) and accepted only with a fresh,
   increasing stamp (``max_state_age``, ``future_tolerance``); a rejected one is counted
   (``rejected_states``) with a WARN diagnostic and changes nothing;
 - a raw action of the wrong size or with NaN/Inf is answered with the fallback for the
@@ -31,23 +31,23 @@ where that set is empty.
 - a state outside the safe set: still the projection where ``U_safe(x)`` is not empty (the
   record says ``in_set: false``, WARN diagnostic); where it is empty the nominal set's
   projection, then the recovery action, reason ``outside_invariant_set``, ERROR diagnostic;
-- references are clamped into ``|r| <= r_max`` (a malformed one keeps the last valid).
+- references are clamped into the certified reference box (a malformed one keeps the last valid).
 
 Command labels (``layout.dim[0].label``): ``safeguard`` for a projection of a raw action
 (changed or not), ``backup`` for a fallback. ``summary()`` holds its counts; the runner
 prints it once at shutdown as the ``SUMMARY {json}`` line (read by ``scpo-ros demo --compare``).
 
-Parameters: the plant, backup (``q_pos``, ``q_vel``, ``r_act``: the same names as the
-safety node's), region (``r_max``), envelope, state-input and lifecycle tables of
-``scpo_ros.params``, the plant ones read-only, and this node's own (``NODE_PARAMS``). The
-envelope is ``scpo_ros.safety_model.safeguard_envelope`` of them.
+Parameters: the plant (``plant_file`` and the ``*_tight`` limits, read-only here: the safe
+set is built once), envelope, state-input and lifecycle tables of ``scpo_ros.params``, and
+this node's own (``NODE_PARAMS``). The envelope is ``scpo_ros.safety_model.safeguard_envelope``
+of them.
 
 Late commands: the safe set absorbs ``late_commands`` (default 1) late or missed commands
 in a row: every command stays safe if the plant applies it one period longer, so one
 late command costs no violation (``docs/ros_graph.md``). Command delay
 (``command_delay_steps``): ``1`` projects for the state predicted under the last command
 sent, for a plant that applies every command a period late; ``0`` (default) for a plant
-that integrates a command before publishing the next state, like ``double_integrator_sim``.
+that integrates a command before publishing the next state, like ``plant_sim``.
 
 Lifecycle (the ros2/demos lifecycle talker's, as ``scpo_safety_node``): ``configure``
 creates the lifecycle publisher ``intervention``; ``activate``/``deactivate`` switch it and
@@ -59,7 +59,7 @@ fallback``, default) or nothing (``silent``). ``autostart`` (default) goes to ac
 through ``scpo_ros.ros.runner.autostart``; at shutdown the fallback goes on until the
 plant is at rest (``shutdown_hold``, ``shutdown_timeout``).
 
-    action_safeguard --ros-args --params-file config/scpo_double_integrator.yaml --params-file config/safeguard.yaml
+    action_safeguard --ros-args --params-file config/scpo.yaml --params-file config/safeguard.yaml
 """
 from __future__ import annotations
 
@@ -78,27 +78,24 @@ from .. import graph as g
 from ..control_law import ComputeTimes, RestDetector
 from ..inputs import JointMap, ReferenceGate, StateGate, reference_text
 from ..params import (
-    BACKUP_PARAMS,
     ENVELOPE_PARAMS,
     LIFECYCLE_PARAMS,
     PLANT_PARAMS,
-    REGION_PARAMS,
     STATE_INPUT_PARAMS,
     ParamSpec,
     compose,
+    plant_of,
     read_only,
 )
+from ..plant import plant_record
 from ..ros.diagnostics import ERROR, OK, WARN, Diagnostics
 from ..ros.messages import array_from_float64, float64_msg, stamp_to_sec
 from ..ros.parameters import add_parameter_validator, declare_parameters
-from ..ros.qos import CONTROL_QOS, EVENT_QOS, state_qos
+from ..ros.qos import CONTROL_QOS, EVENT_QOS, LATCHED_QOS, state_qos
 from ..ros.runner import autostart, flush_publishers, ros_now, run_node, spin_until, steady_timer
-from ..safety_model import safeguard_envelope
+from ..safety_model import safe_set_with_late, safeguard_envelope
 
 NODE_PARAMS = (
-    ParamSpec("plant", "double_integrator", "Plant model of the safe set (pendulum: p_max, v_max, u_max are its "
-              "angle, rate and normalised torque limits, dof 1, late_commands 0).",
-              choices=("double_integrator", "pendulum"), read_only=True),
     ParamSpec("solver", "auto", "Projection solver.", choices=("auto", "closed_form", "daqp"), read_only=True),
     ParamSpec("boundary_margin", 1e-6, "The projection keeps the next state this far inside the safe set (its "
               "rows' units), so the plant's rounding does not land a hair outside.", 0.0, 0.1, read_only=True),
@@ -110,8 +107,7 @@ NODE_PARAMS = (
               0.01, 10.0),
 )
 _STATE_TIMEOUT = next(s for s in STATE_INPUT_PARAMS if s.name == "state_timeout")
-PARAMS = compose(read_only(PLANT_PARAMS), read_only(BACKUP_PARAMS), read_only(REGION_PARAMS), ENVELOPE_PARAMS,
-                 STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, NODE_PARAMS,
+PARAMS = compose(read_only(PLANT_PARAMS), ENVELOPE_PARAMS, STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, NODE_PARAMS,
                  state_timeout=dataclasses.replace(
                      _STATE_TIMEOUT, description=_STATE_TIMEOUT.description + " Here: a raw action then gets the "
                                                                               "fallback on the last state."))
@@ -125,15 +121,13 @@ class ActionSafeguard(LifecycleNode):
         super().__init__(name, **kwargs)
         self.values = declare_parameters(self, PARAMS)
         # built once, alive as long as the node: inactive and unconfigured states are answered through it
-        self.envelope = safeguard_envelope(self.values)
+        self.plant = plant = plant_of(self.values)
+        self.envelope = safeguard_envelope(self.values, plant)
         safe_set = self.envelope.safe_set
         self.projector = self.envelope.projector
-        self.dof = self.projector.m
-        self.state_dim = 2 * self.dof
-        self.joints = JointMap.for_axes(self.dof, [n for n in self.values["joint_names"] if n])
+        self.joints = JointMap.for_plant(plant)
         self.gate = StateGate(self.values["max_state_age"], self.values["future_tolerance"])
-        r = self.values["r_max"]
-        self.references = ReferenceGate(np.full(self.dof, -r), np.full(self.dof, r))
+        self.references = ReferenceGate(plant.region.r_min, plant.region.r_max)
         add_parameter_validator(self, PARAMS, apply=self._apply)
         self.diag = Diagnostics(self)
         self.active = False
@@ -141,9 +135,12 @@ class ActionSafeguard(LifecycleNode):
         self.shutting_down = False
         self.record_pub = None
         self._clock_warned = False
-        self._x_buf = np.empty(self.state_dim)
+        self._x_buf = np.empty(plant.n)
         self._reset_state()
         self.cmd_pub = self.create_publisher(Float64MultiArray, g.CMD, CONTROL_QOS)
+        # the plant of the safe set, latched: late subscribers and bags get it
+        self.plant_pub = self.create_publisher(String, g.PLANT, LATCHED_QOS)
+        self.plant_pub.publish(String(data=json.dumps({**plant_record(plant), "node": g.SAFEGUARD})))
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         self._subs = [
             self.create_subscription(JointState, g.JOINT_STATES, self._on_state, state_qos(self.values["state_qos"]),
@@ -151,12 +148,15 @@ class ActionSafeguard(LifecycleNode):
             self.create_subscription(Float64MultiArray, g.RAW_ACTION, self._on_raw_action, CONTROL_QOS),
             self.create_subscription(Float64MultiArray, g.REFERENCE, self._on_reference, CONTROL_QOS),
         ]
-        self._deadline_timer = steady_timer(self, max(1e-3, 0.25 * self.values["dt"]), self._on_deadline)
+        self._deadline_timer = steady_timer(self, max(1e-3, 0.25 * plant.dt), self._on_deadline)
         self.diag.update("safeguard", OK, "unconfigured: " + self.values["inactive_behavior"], **self.counts)
+        late = safe_set_with_late(plant, self.projector.backup, self.values["late_commands"])[1]
         self.get_logger().info(
-            f"safeguard: {safe_set.name}, safe set with {safe_set.invariant.H.shape[0]} facets "
-            f"(late_commands {self.values['late_commands']}), {self.projector.solver} projection, joints "
-            f"{self.joints.joints}")
+            f"safeguard for {plant.name}: {safe_set.name}, safe set with {safe_set.invariant.H.shape[0]} facets "
+            f"(late_commands {late}), {self.projector.solver} projection, joints {self.joints.joints}")
+        if late < self.values["late_commands"]:
+            self.get_logger().warning(f"late_commands {self.values['late_commands']} asked, but the safe set of "
+                                      f"{plant.name} is nominal only: a late command is not covered")
         if self.values["autostart"]:
             autostart(self)
 
@@ -169,10 +169,10 @@ class ActionSafeguard(LifecycleNode):
         self.x_time = -np.inf
         self.u_time = -np.inf
         self.reference = None
-        self._r = np.zeros(self.dof)
+        self._r = self.plant.region.r_min + 0.5 * (self.plant.region.r_max - self.plant.region.r_min)
         self.u_sent = None   # the last command published (the one a delayed plant applies next)
         self._pending = False   # the latest accepted state has not been answered yet
-        self.rest = RestDetector()
+        self.rest = RestDetector.for_plant(self.plant)
         self.counts = {"commands": 0, "interventions": 0, "fallbacks": 0, "outside_set_projections": 0,
                        "bad_state": 0, "bad_action": 0, "no_action_fallbacks": 0, "inactive_commands": 0,
                        "shutdown_commands": 0, "rejected_states": {}}
@@ -221,7 +221,7 @@ class ActionSafeguard(LifecycleNode):
         self.active = False
         if self.values["inactive_behavior"] != "fallback" or self.x is None:
             return
-        self.rest.count = 0
+        self.rest.restart()
         spin_until(self, spin_once, lambda: self.rest.at_rest or
                    time.monotonic() - self.x_time > self.values["state_timeout"], self.values["shutdown_timeout"])
 
@@ -248,7 +248,7 @@ class ActionSafeguard(LifecycleNode):
         self.x = self._acting_state(x)
         now = time.monotonic()
         self.x_time = now
-        self.rest.update(x[self.dof:])
+        self.rest.update(x)
         if not self.active:
             if self.values["inactive_behavior"] == "fallback":
                 key = "shutdown_commands" if self.shutting_down else "inactive_commands"
@@ -265,7 +265,7 @@ class ActionSafeguard(LifecycleNode):
         """Every accepted state gets a command: no raw action within the deadline -> the fallback."""
         if not self._pending or not self.active:
             return
-        if time.monotonic() - self.x_time < self.values["action_deadline_periods"] * self.values["dt"]:
+        if time.monotonic() - self.x_time < self.values["action_deadline_periods"] * self.plant.dt:
             return
         self.counts["no_action_fallbacks"] += 1
         self._publish_fallback("no_action")
@@ -313,7 +313,8 @@ class ActionSafeguard(LifecycleNode):
             return
         if reason == "clamped":
             self.reference = self._r
-        self.get_logger().warning(reference_text(reason, msg.data, self.values["r_max"]), throttle_duration_sec=2.0)
+        self.get_logger().warning(reference_text(reason, msg.data, self.plant.region.r_min, self.plant.region.r_max),
+                                  throttle_duration_sec=2.0)
         self.diag.update("inputs", WARN, f"reference {reason}", clamped_references=self.references.clamped,
                          bad_references=sum(self.references.rejected.values()))
 

@@ -11,11 +11,13 @@ so it lines up with the simulator however late either process starts. With
 ``malicious: true`` the last ``malicious_duty`` of every ``malicious_period_s`` demonstrates
 actions that drive the plant beyond its limits.
 
-Parameters: the plant (``PLANT_PARAMS``, ``BACKUP_PARAMS``, ``REGION_PARAMS`` of
-``scpo_ros.params``, through the one bridge ``plant.plant_from_params``: the expert is the
-LQR of that plant with its backup weights scaled by ``gain_q``/``gain_r``, its references
-fractions of the certified reference box ``r_max``) and the schedule of the demonstrations
-(``ExpertConfig``: every field a fraction or a multiplier).
+States are read by joint name from the plant file's ``joints:`` map (``inputs.JointMap``); a
+state without the needed joints or with a non-finite value is counted and ignored.
+
+Parameters: ``plant_file`` (read once: the expert is the LQR of that plant with its backup
+weights scaled by ``gain_q``/``gain_r``, its references fractions of the certified reference
+box) and the schedule of the demonstrations (``ExpertConfig``: every field a fraction or a
+multiplier).
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ from std_msgs.msg import Bool, Float64MultiArray
 
 from .. import graph as g
 from ..expert import Expert, ExpertConfig, is_malicious
-from ..params import BACKUP_PARAMS, PLANT_PARAMS, REGION_PARAMS, ParamSpec, compose
-from ..plant import plant_from_params
+from ..inputs import JointMap
+from ..params import PLANT_PARAMS, ParamSpec, compose
+from ..plant import Plant, load_plant
 from ..ros.diagnostics import OK, WARN, Diagnostics
-from ..ros.messages import state_from_joint_state
 from ..ros.parameters import add_parameter_validator, declare_parameters
 from ..ros.qos import CONTROL_QOS
 from ..ros.runner import flush_publishers, run_node
@@ -57,7 +59,7 @@ EXPERT_PARAMS = (
                                                        "reference); above 1 to be unsafe.", 1e-3, 1e3),
     ParamSpec("malicious_gain", _D.malicious_gain, "Gain multiplier in malicious phases (no clipping).", 1e-3, 1e3),
 )
-PARAMS = compose(PLANT_PARAMS, BACKUP_PARAMS, REGION_PARAMS, EXPERT_PARAMS)
+PARAMS = compose(PLANT_PARAMS[:1], EXPERT_PARAMS)
 
 CONFIG_FIELDS = ("switch_period_s", "gain_q", "gain_r", "u_limit", "malicious", "malicious_period_s",
                  "malicious_duty", "malicious_target", "malicious_gain")
@@ -68,20 +70,21 @@ def expert_config(values: dict) -> ExpertConfig:
                         **{k: values[k] for k in CONFIG_FIELDS})
 
 
-def make_expert(values: dict) -> Expert:
-    """The demonstrator of ``values``: ``Expert`` of the bridge's plant (``ValueError`` with the
-    reason for unusable values)."""
-    return Expert(plant_from_params(values), expert_config(values))
+def make_expert(values: dict, plant: Plant) -> Expert:
+    """The demonstrator of ``values`` for ``plant`` (``ValueError`` with the reason for unusable
+    values)."""
+    return Expert(plant, expert_config(values))
 
 
 class ExpertNode(Node):
     def __init__(self, **kwargs):
         super().__init__(g.EXPERT, **kwargs)
         self.p = declare_parameters(self, PARAMS)
-        self.dof = int(self.p["dof"])
-        self.expert = make_expert(self.p)
+        self.plant = load_plant(self.p["plant_file"])
+        self.joints = JointMap(self.plant.joints)
+        self.expert = make_expert(self.p, self.plant)
         self.cfg = self.expert.cfg
-        self.x = np.zeros(2 * self.dof)
+        self.x = np.zeros(self.plant.n)
         self.t_start = None
         self.demos = 0
         self.malicious_demos = 0
@@ -93,26 +96,28 @@ class ExpertNode(Node):
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self._update_diagnostics(False)
-        self.get_logger().info(f"expert: malicious={self.cfg.malicious}, references={list(self.cfg.references)}")
+        self.get_logger().info(f"expert for {self.plant.name}: malicious={self.cfg.malicious}, "
+                               f"references={list(self.cfg.references)}")
 
     def _check(self, values) -> str | None:
         try:
-            make_expert(values)
+            make_expert(values, self.plant)
         except ValueError as exc:
             return str(exc)
         return None
 
     def _apply(self, values, changed) -> None:
         self.p = values
-        self.expert = make_expert(values)
+        self.expert = make_expert(values, self.plant)
         self.cfg = self.expert.cfg
         self.get_logger().info(f"parameters changed: {sorted(changed)}")
 
     def _on_state(self, msg: JointState) -> None:
-        if state_from_joint_state(msg, self.dof, out=self.x) is None:
+        reason = self.joints.read_msg(msg, self.x)
+        if reason is not None:
             self.bad_states += 1
-            self.get_logger().error(f"ignored a state without {self.dof} finite positions and velocities",
-                                    throttle_duration_sec=1.0)
+            self.get_logger().error(f"ignored a state ({reason}): need the joints {list(self.joints.joints)} "
+                                    f"of {self.plant.name}, finite", throttle_duration_sec=1.0)
             return
         now = self.get_clock().now().nanoseconds * 1e-9
         if self.t_start is None:

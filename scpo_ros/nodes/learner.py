@@ -21,9 +21,11 @@ node certified (``certified_weights``), loaded before the next update: each prop
 projected and certified by SCPO, and learning goes on from what was committed. That is
 bookkeeping, not safety: the learner never sees a constraint.
 
-Parameters: the plant, its backup and certified region, and the policy structure come from
-the tables of ``scpo_ros.params`` that the safety node composes too (the shared parameter
-file sets them once for both), read-only here; then the learner's own.
+States are read by joint name (the plant file's ``joints:``); a malformed one is ignored.
+
+Parameters: ``plant_file`` and the policy structure, from the tables of ``scpo_ros.params``
+that the safety node composes too (the shared parameter file sets them once for both),
+read-only here; then the learner's own.
 """
 from __future__ import annotations
 
@@ -41,12 +43,13 @@ from std_msgs.msg import Float64MultiArray
 from .. import graph as g
 from ..backup import LQRBackup
 from ..ctrpo import DIVERGENCES, CTRPOConfig
+from ..inputs import JointMap
 from ..learners import CTRPOProposer, ImitationLearner
-from ..params import BACKUP_PARAMS, PLANT_PARAMS, POLICY_PARAMS, REGION_PARAMS, SEED, ParamSpec, compose, read_only
-from ..plant import Plant, plant_from_params
+from ..params import PLANT_PARAMS, POLICY_PARAMS, SEED, ParamSpec, compose
+from ..plant import Plant, load_plant
 from ..policy import MLPLayout, check_weights
 from ..ros.diagnostics import OK, WARN, Diagnostics
-from ..ros.messages import array_from_float64, state_from_joint_state, weights_from_msg, weights_to_msg
+from ..ros.messages import array_from_float64, weights_from_msg, weights_to_msg
 from ..ros.parameters import add_parameter_validator, declare_parameters
 from ..ros.qos import CONTROL_QOS, LATCHED_QOS
 from ..ros.runner import flush_publishers, run_node
@@ -104,8 +107,7 @@ LEARNER_PARAMS = (
     ParamSpec("critic_epochs", _T.critic_epochs, "c_trpo: passes over each epoch's data by the critics.", 0, 1000,
               read_only=True),
 )
-PARAMS = compose(read_only(PLANT_PARAMS), read_only(BACKUP_PARAMS), read_only(REGION_PARAMS), POLICY_PARAMS,
-                 LEARNER_PARAMS,
+PARAMS = compose(PLANT_PARAMS[:1], POLICY_PARAMS, LEARNER_PARAMS,
                  seed=dataclasses.replace(SEED, read_only=True, description="Seed of the initial weights, the "
                                                                             "minibatches and the c_trpo simulation."))
 
@@ -115,14 +117,14 @@ class LearnerNode(Node):
         super().__init__(g.LEARNER, **kwargs)
         self.p = declare_parameters(self, PARAMS)
         torch.set_num_threads(1)
-        self.dof = int(self.p["dof"])
-        plant = plant_from_params(self.p)
+        self.plant = plant = load_plant(self.p["plant_file"])
+        self.joints = JointMap(plant.joints)
         # the safety node's layout (safety_model.build_model): input [x, r], output the inputs
         self.layout = MLPLayout(plant.n + plant.nr, plant.m, tuple(self.p["hidden"]))
         self.algo = ALGORITHMS[self.p["algorithm"]](self.p, plant, self.layout)
-        self.x = np.zeros(2 * self.dof)
+        self.x = np.zeros(plant.n)
         self.have_state = False
-        self.r = np.zeros(self.dof)
+        self.r = np.zeros(plant.nr)
         self.proposals = 0
         self.loaded_certified = 0
         self.busy_ticks = 0
@@ -170,16 +172,16 @@ class LearnerNode(Node):
 
     # ------------------------------------------------------------------ messages in
     def _on_state(self, msg: JointState) -> None:
-        self.have_state = state_from_joint_state(msg, self.dof, out=self.x) is not None
+        self.have_state = self.joints.read_msg(msg, self.x) is None
 
     def _on_reference(self, msg: Float64MultiArray) -> None:
         r = array_from_float64(msg)
-        if r.size == self.dof and np.isfinite(r).all():
+        if r.size == self.plant.nr and np.isfinite(r).all():
             self.r[:] = r
 
     def _on_expert(self, msg: Float64MultiArray) -> None:
         u = array_from_float64(msg)
-        if not self.have_state or u.size != self.dof or not np.isfinite(u).all():
+        if not self.have_state or u.size != self.plant.m or not np.isfinite(u).all():
             return
         with self._algo_lock:
             self.algo.observe(self.x, self.r, u)

@@ -1,4 +1,4 @@
-"""``scpo_safety_node``: the certified controller of the double integrator (a lifecycle node).
+"""``scpo_safety_node``: the certified controller of the plant in ``plant_file`` (a lifecycle node).
 
 An adapter (parameters and messages in, one call into an algorithm, messages out); each part
 is documented where it lives, the node's behaviour in ``docs/ros_graph.md``:
@@ -16,7 +16,9 @@ is documented where it lives, the node's behaviour in ``docs/ros_graph.md``:
   ``certified_weights`` and as the new law (one attribute assignment); a model change
   (``MODEL`` parameters, validated by ``safety_model.build_model``) re-certifies, the
   fallback alone acting meanwhile;
-- modes on ``safety_mode`` and the ``control`` diagnostic (``graph.SAFETY_MODE_TABLE``).
+- modes on ``safety_mode`` and the ``control`` diagnostic (``graph.SAFETY_MODE_TABLE``);
+- the plant it certifies for (``plant.plant_record``: file text, digest, the limits in force)
+  on the latched ``plant`` topic, again after a runtime tightening.
 
 Stamps are checked against the ROS clock (``use_sim_time`` works); the timers run on the
 steady clock. Lifecycle as ``action_safeguard``'s: ``configure`` starts SCPO and its
@@ -45,6 +47,7 @@ from ..backup import BackupCertificationError
 from ..envelope import CommandEnvelope
 from ..inputs import InputMonitor, JointMap, ReferenceGate, StampPeriod, StateGate, reference_text
 from ..params import LIFECYCLE_PARAMS, MODEL_PARAMS, STATE_INPUT_PARAMS, ParamSpec, compose
+from ..plant import load_plant, plant_record
 from ..ros.diagnostics import Diagnostics
 from ..ros.messages import float64_msg, stamp_to_sec, weights_to_msg
 from ..ros.parameters import add_parameter_validator, declare_parameters
@@ -89,9 +92,11 @@ class SCPOSafetyNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__(g.SAFETY_NODE, **kwargs)
         self.p = declare_parameters(self, PARAMS)
-        self.dof = d = int(self.p["dof"])
-        self.model = build_model(self.p)   # fail at start-up, with the reason, if unusable
-        self.joints = JointMap.for_axes(d, [n for n in self.p["joint_names"] if n])   # ValueError on bad names
+        self.plant_file = load_plant(self.p["plant_file"])   # read once: plant_file is read-only
+        self.model = build_model(self.p, self.plant_file)   # fail at start-up, with the reason, if unusable
+        plant = self.model.plant
+        n, m, nr = plant.n, plant.m, plant.nr
+        self.joints = JointMap.for_plant(plant)
         self.diag = Diagnostics(self)
         self.counts = cl.ControlCounts()
         self.weights_version = 0
@@ -110,27 +115,29 @@ class SCPOSafetyNode(LifecycleNode):
         self._build_runtime(self.model)
         self.law = cl.make_law(self.model, None, 0)
         # buffers of the control path
-        self._x = np.zeros(2 * d)            # the last accepted state
-        self._x_new = np.zeros(2 * d)        # the state being read
-        self._r = np.zeros(d)
-        self._r_list = [0.0] * d
+        self._x = np.zeros(n)            # the last accepted state
+        self._x_new = np.zeros(n)        # the state being read
+        self._r = region.r_min + 0.5 * (region.r_max - region.r_min)   # the reference box's centre
+        self._r_list = self._r.tolist()
         # [x, r, 1]: FoldedPolicy's augmented input, a numpy view on an array.array
-        self._inp_buf = array.array("d", [0.0] * (3 * d) + [1.0])
+        self._inp_buf = array.array("d", [0.0] * (n + nr) + [1.0])
         self._inp = np.frombuffer(self._inp_buf, dtype=np.float64)
-        self._policy_out = np.zeros(d)
+        self._policy_out = np.zeros(m)
         # One message per label, written through a numpy view into its own array.array (no list, no
         # data setter): publish() serialises before it returns, so reuse is safe.
-        self._cmd_msgs = {k: float64_msg(np.zeros(d), k) for k in LABELS}
+        self._cmd_msgs = {k: float64_msg(np.zeros(m), k) for k in LABELS}
         self._cmd_out = {k: cl.command_view(msg) for k, msg in self._cmd_msgs.items()}
         self._last_state_time = None        # steady clock of the last *accepted* state
         self.period = StampPeriod()
         self.hold = cl.HoldPredictor()
-        self.rest = cl.RestDetector()
+        self.rest = cl.RestDetector.for_plant(plant)
         self._qualifying = self._jumps_seen = 0
         self._clock_warned = False
         # alive for the node's lifetime (the lifecycle exception above)
         self.cmd_pub = self.create_publisher(Float64MultiArray, g.CMD, CONTROL_QOS)
         self.mode_pub = self.create_publisher(String, g.SAFETY_MODE, LATCHED_QOS)
+        self.plant_pub = self.create_publisher(String, g.PLANT, LATCHED_QOS)
+        self._publish_plant()
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         self.state_sub = self.create_subscription(JointState, g.JOINT_STATES, self._on_state,
                                                   state_qos(self.p["state_qos"]), event_callbacks=events)
@@ -140,10 +147,15 @@ class SCPOSafetyNode(LifecycleNode):
         self._update_control_diag(cl.UNCONFIGURED)
         self._update_inputs_diag()
         box = f"{np.round(region.lower, 4).tolist()}..{np.round(region.upper, 4).tolist()}"
-        self.get_logger().info(f"SCPO safety node: dof={d}, layout {self.model.layout.sizes} "
+        self.get_logger().info(f"SCPO safety node for {plant.name} ({n} states, {m} inputs), layout "
+                               f"{self.model.layout.sizes} "
                                f"({self.model.layout.fingerprint}), region [x, r] in {box}, joints "
                                f"{self.joints.joints}, safe set {self.envelope.safe_set.name} "
-                               f"({self.envelope.projector.num_rows} rows)")
+                               f"({self.envelope.projector.num_rows} rows, late_commands "
+                               f"{self.model.late_commands})")
+        if self.model.late_commands < self.p["late_commands"]:
+            self.get_logger().warning(f"late_commands {self.p['late_commands']} asked, but the safe set of "
+                                      f"{plant.name} is nominal only: a late command is not covered")
         if self.p["autostart"]:
             autostart(self)
 
@@ -155,7 +167,7 @@ class SCPOSafetyNode(LifecycleNode):
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self.model = build_model(self.p)
+            self.model = build_model(self.p, self.plant_file)
         except ValueError as exc:
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -231,7 +243,7 @@ class SCPOSafetyNode(LifecycleNode):
         if self.p["inactive_behavior"] != "fallback" or self._last_state_time is None:
             return
         self._set_mode(g.MODE_SHUTTING_DOWN, "shutdown: fallback until the plant is at rest")
-        self.rest.count = 0
+        self.rest.restart()
         # at rest, or the plant is gone (the demo stops the simulator first)
         spin_until(self, spin_once, lambda: self.rest.at_rest or
                    time.monotonic() - self._last_state_time > self.p["state_timeout"], self.p["shutdown_timeout"])
@@ -239,7 +251,7 @@ class SCPOSafetyNode(LifecycleNode):
     # ---------------------------------------------------------------- parameters
     def _check(self, values: dict) -> str | None:
         try:
-            build_model(values)
+            build_model(values, self.plant_file)
         except BackupCertificationError as exc:
             return f"the backup cannot certify the new settings: {exc}"
         except ValueError as exc:
@@ -260,11 +272,12 @@ class SCPOSafetyNode(LifecycleNode):
             return
         # The weights in force were certified for the old model: the new envelope's fallback
         # (its backup certified for the new model in _check) acts until the worker re-certifies.
-        self.model = build_model(values)
+        self.model = build_model(values, self.plant_file)
         self._build_runtime(self.model)
         self._r[:] = np.clip(self._r, self.references.lower, self.references.upper)
         self._r_list = self._r.tolist()
         self.law = cl.make_law(self.model, None, self.weights_version, certifying=self.configured)
+        self._publish_plant()
         if not self.configured:
             return
         if "min_update_period_s" in changed:
@@ -275,8 +288,13 @@ class SCPOSafetyNode(LifecycleNode):
         if self.active and self.mode in RECERTIFY_FROM:
             self._set_mode(g.MODE_BACKUP_RECERTIFYING, f"parameters {sorted(changed & MODEL)} changed")
 
+    def _publish_plant(self) -> None:
+        """The plant this node certifies for (its file, the limits in force) on the latched
+        ``plant`` topic: late subscribers and bags get it."""
+        self.plant_pub.publish(String(data=json.dumps({**plant_record(self.model.plant), "node": g.SAFETY_NODE})))
+
     def _watchdog_period(self) -> float:
-        return max(0.005, min(self.p["dt"], self.p["state_timeout"] / 2.0))
+        return max(0.005, min(self.model.plant.dt, self.p["state_timeout"] / 2.0))
 
     # -------------------------------------------------------------- control path
     def _on_state(self, msg: JointState) -> None:
@@ -298,10 +316,9 @@ class SCPOSafetyNode(LifecycleNode):
             self._jumps_seen = self.gate.jumps
             self.get_logger().warning(f"clock jump of {self.gate.last_jump:.3g} s: stamp history reset")
             self._update_inputs_diag()
-        d = self.dof
         vals = x.tolist()
         self._x[:] = x
-        self.rest.update(vals[d:])
+        self.rest.update(vals)
         law = self.law
         if not self.active:
             if self.p["inactive_behavior"] == "fallback":
@@ -364,7 +381,7 @@ class SCPOSafetyNode(LifecycleNode):
     def _on_reference(self, msg: Float64MultiArray) -> None:
         reason = self.references.apply(msg.data, self._r)
         if reason is not None:
-            self.get_logger().warning(reference_text(reason, msg.data, self._r_max()),
+            self.get_logger().warning(reference_text(reason, msg.data, self.references.lower, self.references.upper),
                                       throttle_duration_sec=2.0)
             self._update_inputs_diag()
         self._r_list = self._r.tolist()
@@ -475,7 +492,7 @@ class SCPOSafetyNode(LifecycleNode):
 
     def _update_control_diag(self, reason: str = "") -> None:
         level, text = cl.control_status(self.mode, self.p, reason, self.period.value,
-                                        self.counts.policy_interventions)
+                                        self.counts.policy_interventions, dt=self.model.plant.dt)
         comp = self.compute_us.stats(empty=0.0)
         self.diag.update("control", level, text, mode=self.mode, **self.counts.diag_values(),
                          weights_version=self.weights_version, compute_us_median=comp["median"],
@@ -483,14 +500,8 @@ class SCPOSafetyNode(LifecycleNode):
 
     def _update_inputs_diag(self) -> None:
         clock_missing = self.get_clock().ros_time_is_active and ros_now(self) is None
-        level, text = self.inputs.status(time.monotonic(), clock_missing, self._r_max())
+        level, text = self.inputs.status(time.monotonic(), clock_missing)
         self.diag.update("inputs", level, text, joints=self.joints.joints, **self.inputs.counts())
-
-    def _r_max(self) -> float:
-        """The reference bound of the log and diagnostic texts (``|r| <= r_max``: the bridge's
-        reference box is symmetric and the same on every axis)."""
-        region = self.model.plant.region
-        return float(np.max(np.abs(np.concatenate([region.r_min, region.r_max])), initial=0.0))
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9

@@ -9,6 +9,21 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 MATCHED = re.compile(r"publisher matched: (\S+)")
 
 
+def graph_arguments(record: str, bag: str) -> list:
+    """The launch arguments every graph launch file declares: ``malicious``, ``record`` (what
+    ``record`` describes), ``bag`` (default ``bag``) and ``plant`` (a shipped NAME, a file or a
+    ``package://`` URL; ``graph.plant_file_of`` turns it into ``plant_file``)."""
+    from launch.actions import DeclareLaunchArgument
+
+    return [
+        DeclareLaunchArgument("malicious", default_value="true", description="malicious expert phases on/off"),
+        DeclareLaunchArgument("record", default_value="false", description=record),
+        DeclareLaunchArgument("bag", default_value=bag, description="bag directory (must not exist)"),
+        DeclareLaunchArgument("plant", default_value="double_integrator",
+                              description="shipped plant NAME, plant file path or package:// URL"),
+    ]
+
+
 def start_after_recorder(recorder, topics, actions, what: str) -> list:
     """Event handlers that start ``actions`` once ``recorder`` (a ``bag_recorder`` launch
     action) has logged ``publisher matched: TOPIC`` for every one of ``topics`` (what

@@ -1,24 +1,8 @@
-"""Message conversions: ``JointState`` -> ``x = [p_1..p_dof, v_1..v_dof]``,
-``Float64MultiArray`` <-> numpy, and the weight-vector convention."""
+"""Message conversions: ``Float64MultiArray`` <-> numpy, and the weight-vector convention."""
 from __future__ import annotations
 
 import numpy as np
-from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
-
-
-def state_from_joint_state(msg: JointState, dof: int, out: np.ndarray | None = None) -> np.ndarray | None:
-    """``x = [p_1..p_dof, v_1..v_dof]`` from a ``JointState``, or None when the message does
-    not carry ``dof`` positions and velocities or holds a non-finite value. Joints are taken
-    in message order (our sim publishes ``axis_0..axis_{dof-1}``). ``out`` avoids allocation."""
-    if len(msg.position) < dof or len(msg.velocity) < dof:
-        return None
-    x = out if out is not None else np.empty(2 * dof)
-    x[:dof] = msg.position[:dof]
-    x[dof:] = msg.velocity[:dof]
-    if not np.isfinite(x).all():
-        return None
-    return x
 
 
 def float64_msg(values, label: str | None = None) -> Float64MultiArray:

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 from ..params import ParamSpec
 
@@ -52,6 +54,15 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Any]
     is out of range (rclpy enforces descriptor ranges; arrays and choices are ours)."""
     for spec in specs:
         default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+        if isinstance(default, list) and not default:
+            # an empty list has no element type (rclpy would declare a byte array, and a YAML
+            # "[]" arrives as no value at all): declare the type, then set the typed empty
+            # array; a read-only one cannot be set and stays "not set" (its value is the default)
+            ptype = Parameter.Type(ROS_TYPES[spec.type])
+            node.declare_parameter(spec.name, ptype, descriptor(spec))
+            if not spec.read_only and not _initialised(node, spec.name):
+                node.set_parameters([Parameter(spec.name, ptype, [])])
+            continue
         node.declare_parameter(spec.name, default, descriptor(spec))
     values = parameter_values(node, specs)
     for spec in specs:
@@ -61,10 +72,22 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Any]
     return values
 
 
+def _initialised(node: Node, name: str) -> bool:
+    try:
+        _ = node.get_parameter(name).value
+    except ParameterUninitializedException:
+        return False
+    return True
+
+
 def parameter_values(node: Node, specs: Iterable[ParamSpec]) -> dict[str, Any]:
-    """Current values as plain Python (arrays as lists)."""
+    """Current values as plain Python (arrays as lists); a parameter declared without a value
+    (a read-only empty array) has its spec's default."""
     out = {}
     for spec in specs:
+        if not _initialised(node, spec.name):
+            out[spec.name] = list(spec.default) if isinstance(spec.default, (list, tuple)) else spec.default
+            continue
         v = node.get_parameter(spec.name).value
         out[spec.name] = list(v) if isinstance(v, (list, tuple, np.ndarray)) or type(v).__name__ == "array" else v
     return out

@@ -943,6 +943,19 @@ def safe_set_for(plant, backup=None, late_commands: int = 1, horizon_s: float = 
     return implicit_safe_set(plant, backup, late_commands, horizon_s)
 
 
+def safe_set_at_most(plant, backup=None, late_commands: int = 1,
+                     horizon_s: float = IMPLICIT_HORIZON_S) -> tuple[SafeActionSet, int]:
+    """``(safe_set_for(plant, backup, late_commands), late_commands)``, or, for a model plant whose
+    own set cannot absorb late commands (the pendulum's: its drift is nonlinear), its nominal set
+    and 0. A linear plant's refusal is raised: every linear construction absorbs one."""
+    try:
+        return safe_set_for(plant, backup, late_commands, horizon_s), int(late_commands)
+    except ValueError:
+        if plant.linear or not late_commands:
+            raise
+        return safe_set_for(plant, backup, 0, horizon_s), 0
+
+
 def linear_safe_set(A: np.ndarray, B: np.ndarray, state_limits, u_max, late_commands: int = 0,
                     name: str = "linear", c=None) -> SafeActionSet:
     """The explicit safe set of ``x+ = A x + B u (+ c)`` on the state set ``state_limits`` (a

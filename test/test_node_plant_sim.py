@@ -1,13 +1,16 @@
-"""double_integrator_sim over real DDS: the command watchdog (brake | zero), /clock with
-simulated time, use_sim_time refused, and the late-command fault injection.
+"""plant_sim over real DDS: the command watchdog (brake | zero), /clock with simulated time,
+use_sim_time refused, the late-command fault injection, and a plant with another joint map
+(the DC motor: velocity and effort of one joint) with its latched plant record.
 
-Three simulators run for the module in their own namespaces (only ``/clocked`` publishes
-``/clock``); a fourth is started with ``use_sim_time:=true`` and must refuse to run."""
+Four simulators run for the module in their own namespaces (only ``/clocked`` publishes
+``/clock``); a fifth is started with ``use_sim_time:=true`` and must refuse to run."""
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,12 +22,14 @@ from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter as NodeParameter  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
-from std_msgs.msg import Float64MultiArray  # noqa: E402
+from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
 from ros_graph_helpers import STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
-from scpo_ros.nodes.double_integrator_sim import brake_command  # noqa: E402
+from scpo_ros.backup import LQRBackup  # noqa: E402
+from scpo_ros.nodes.plant_sim import brake_command  # noqa: E402
+from scpo_ros.plant import double_integrator_file, load_plant, plant_from_record  # noqa: E402
 from scpo_ros.ros.diagnostics import diagnostic_values  # noqa: E402
-from scpo_ros.ros.qos import CONTROL_QOS  # noqa: E402
+from scpo_ros.ros.qos import CONTROL_QOS, LATCHED_QOS  # noqa: E402
 
 DT = 0.02
 DT_NS = 20_000_000
@@ -33,16 +38,16 @@ V0 = 0.8
 CMD_TIMEOUT = 0.2
 LATE_RATE_HZ = 10.0          # 100 ms between ticks: a probe answer is rarely late by itself
 ANSWER_MARGIN_S = 0.03       # an answer counts as in time when the next state came this much after it
+# the double integrator at dt = 0.02 with a brisk backup (R = 0.1): the brake stops it in ~2 s
+DI = double_integrator_file(dt=DT, u_max=U_MAX, r_act=0.1)
 SIMS = {
-    "brake": {"initial_velocity": [V0], "cmd_timeout": CMD_TIMEOUT, "rate_hz": 50.0, "dt": DT,
-              "wait_for_subscribers": 1},
-    "zero": {"initial_position": [-0.9], "initial_velocity": [V0], "cmd_timeout": CMD_TIMEOUT,
-             "cmd_timeout_action": "zero", "rate_hz": 50.0, "dt": DT, "wait_for_subscribers": 1},
+    "brake": {"initial_state": [0.0, V0], "cmd_timeout": CMD_TIMEOUT, "rate_hz": 50.0, "wait_for_subscribers": 1},
+    "zero": {"initial_state": [-0.9, V0], "cmd_timeout": CMD_TIMEOUT, "cmd_timeout_action": "zero",
+             "rate_hz": 50.0, "wait_for_subscribers": 1},
     "clocked": {"publish_clock": True, "late_command_probability": 0.5, "seed": 3, "rate_hz": LATE_RATE_HZ,
-                "dt": DT, "wait_for_subscribers": 1},
+                "wait_for_subscribers": 1},
+    "motor": {"plant_file": "dc_motor", "cmd_timeout": 0.0, "rate_hz": 50.0, "wait_for_subscribers": 1},
 }
-
-
 def answer(j: int) -> float:
     """A distinct command per state index: alternating sign (the plant stays near rest), and
     no two of the last four share a value, so the applied one is told from the velocity step."""
@@ -52,11 +57,15 @@ def answer(j: int) -> float:
 @pytest.fixture(scope="module")
 def sims(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("sim_node")
+    plant_file = log_dir / "di_dt002.yaml"
+    plant_file.write_text(yaml.safe_dump(DI))
     probe = Probe("sim_probe")
+    probe.plant_file = plant_file
     for ns in SIMS:
         probe.record(JointState, f"/{ns}/joint_states", CONTROL_QOS)
     probe.record(Clock, "/clock", 100)   # reliable, deep: every tick's clock, to compare with the states
     probe.record_diagnostics()
+    probe.record(String, "/motor/constraint_violation", 100)
     probe.cmd_pub = {ns: probe.node.create_publisher(Float64MultiArray, f"/{ns}/cmd", CONTROL_QOS) for ns in SIMS}
 
     # the late-command test answers every state of /clocked with answer(j), j = stamp / dt
@@ -83,14 +92,15 @@ def sims(tmp_path_factory):
     procs = {}
     for ns, params in SIMS.items():
         (log_dir / ns).mkdir()
-        procs[ns] = NodeProcess("double_integrator_sim", log_dir / ns, None, params, namespace=f"/{ns}")
+        procs[ns] = NodeProcess("plant_sim", log_dir / ns, None, {"plant_file": str(plant_file), **params},
+                                namespace=f"/{ns}")
     (log_dir / "sim_time").mkdir()
     # started with the others (a start imports torch: slow on 2 cores); must refuse to run
-    probe.sim_time_proc = NodeProcess("double_integrator_sim", log_dir / "sim_time", None, {"use_sim_time": True},
+    probe.sim_time_proc = NodeProcess("plant_sim", log_dir / "sim_time", None, {"use_sim_time": True},
                                       namespace="/sim_time")
     probe.procs = procs
     try:
-        wait_for(lambda: all(plant_status(probe, ns) for ns in SIMS), STARTUP_TIMEOUT, "the three simulators")
+        wait_for(lambda: all(plant_status(probe, ns) for ns in SIMS), STARTUP_TIMEOUT, "the four simulators")
         yield probe
     finally:
         probe.answering.clear()
@@ -101,8 +111,8 @@ def sims(tmp_path_factory):
 
 
 def plant_status(probe, ns, since=0.0):
-    return [diagnostic_values(s) for s in probe.statuses("double_integrator_sim: plant", since)
-            if s.hardware_id == f"/{ns}/double_integrator_sim"]
+    return [diagnostic_values(s) for s in probe.statuses("plant_sim: plant", since)
+            if s.hardware_id == f"/{ns}/plant_sim"]
 
 
 def states(probe, ns, since=0.0):
@@ -110,7 +120,7 @@ def states(probe, ns, since=0.0):
 
 
 def set_param(probe, ns, name, pv):
-    res = probe.call(SetParameters, f"/{ns}/double_integrator_sim/set_parameters",
+    res = probe.call(SetParameters, f"/{ns}/plant_sim/set_parameters",
                      SetParameters.Request(parameters=[Parameter(name=name, value=pv)]))
     return res.results[0]
 
@@ -120,25 +130,40 @@ def stamp_ns(msg) -> int:
 
 
 @settings(max_examples=200, deadline=None)
-@given(v=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=8), dt=st.floats(1e-4, 1.0),
-       u_max=st.floats(1e-3, 1e3))
-def test_brake_command_is_the_hardest_admissible_braking(v, dt, u_max):
-    v = np.asarray(v)
-    u = brake_command(v, dt, u_max)
-    assert np.all(np.abs(u) <= u_max)                                  # within the actuator limits
-    v_next = v + dt * u
-    assert np.all(v_next * v >= -1e-12 * np.abs(v))                    # never reverses: no overshoot
-    # as hard as admissible: the speed drops by dt * u_max, or to zero
-    assert np.allclose(np.abs(v_next), np.maximum(np.abs(v) - dt * u_max, 0.0), atol=1e-9 * (1 + np.abs(v)))
+@given(name=st.sampled_from(["double_integrator", "double_integrator_2axis", "mass_spring_damper", "dc_motor",
+                             "cart_pole", "coupled_two_input"]),
+       z=st.lists(st.floats(-3.0, 3.0), min_size=4, max_size=4))
+def test_brake_command_is_admissible_and_heads_for_rest(name, z):
+    plant = load_plant(name)
+    backup = LQRBackup(plant)
+    # any state, up to 3 times the limits' range away from the certified region's centre
+    lo, hi = plant.region.x_min, plant.region.x_max
+    x = 0.5 * (lo + hi) + np.asarray(z[:plant.n]) * (hi - lo)
+    u = brake_command(plant, backup, x)
+    assert u.shape == (plant.m,) and np.all(np.isfinite(u))
+    assert np.all(u >= plant.u_min) and np.all(u <= plant.u_max)          # within the input box
+    if plant.G.size:
+        assert np.all(plant.G @ u <= plant.g + 1e-9)                       # and the input polytope
+    # where the backup's own command is admissible, the brake is exactly the backup toward the
+    # equilibrium of the tracked states' present values (clipped into their limits)
+    idx = plant.tracked_index
+    r = np.clip(x[idx], plant.x_min[idx], plant.x_max[idx])
+    raw = backup(x, r)
+    if np.all(raw >= plant.u_min) and np.all(raw <= plant.u_max):
+        assert np.allclose(u, raw)
+
+
+REST = 1e-4   # |v| below this: at rest (the backup's brake approaches rest geometrically)
 
 
 def test_watchdog_brake_stops_the_plant_within_its_limits(sims):
-    # no controller: after cmd_timeout the watchdog brakes to rest
+    # no controller: after cmd_timeout the watchdog brakes to rest with the file's backup LQR
     wait_for(lambda: any(s["cmd_timeout_active"] == "True" for s in plant_status(sims, "brake")),
              what="the brake sim's watchdog to engage")
-    wait_for(lambda: states(sims, "brake") and abs(states(sims, "brake")[-1].velocity[0]) < 1e-12,
+    wait_for(lambda: states(sims, "brake") and abs(states(sims, "brake")[-1].velocity[0]) < REST,
              what="the plant at rest")
     xs = states(sims, "brake")
+    assert xs[0].name == ["axis_0"]                                     # the file's joints: map
     p = np.array([m.position[0] for m in xs])
     v = np.array([m.velocity[0] for m in xs])
     assert v[0] == V0                    # coasting from x_0 (a loaded probe may miss the very first states)
@@ -148,15 +173,16 @@ def test_watchdog_brake_stops_the_plant_within_its_limits(sims):
     assert v.min() >= -1e-12, "no overshoot past zero velocity"
     k = int(np.argmax(dv < 0))                                          # the first braking step
     assert k > 0 and np.all(v[:k + 1] == V0)                           # coasted until the timeout
-    # from there no further than the braking distance (+ the last, partial step)
-    assert p.max() <= p[k] + v[k] ** 2 / (2 * U_MAX) + DT ** 2 * U_MAX / 2 + 1e-9
+    assert np.isclose(dv[k], -DT * U_MAX), "the backup asks for more than u_max at first: it brakes at u_max"
+    # from there no further than the hardest braking's distance would have taken it, times 2
+    assert p.max() <= p[k] + 2 * v[k] ** 2 / (2 * U_MAX)
     assert np.all(np.abs(p) < 1.0)
     assert int(plant_status(sims, "brake")[-1]["constraint_violations"]) == 0
     assert "watchdog engaged, braking to rest" in sims.procs["brake"].text()
 
 
 def test_watchdog_releases_on_a_command_and_engages_again(sims):
-    wait_for(lambda: states(sims, "brake") and abs(states(sims, "brake")[-1].velocity[0]) < 1e-12,
+    wait_for(lambda: states(sims, "brake") and abs(states(sims, "brake")[-1].velocity[0]) < REST,
              what="the plant at rest")
     since = time.monotonic()
     sims.cmd_pub["brake"].publish(Float64MultiArray(data=[0.5]))
@@ -165,7 +191,7 @@ def test_watchdog_releases_on_a_command_and_engages_again(sims):
              what="the release log line")
     # the command stops again: the watchdog brakes to rest a second time
     wait_for(lambda: sims.procs["brake"].text().count("watchdog engaged") >= 2, what="the watchdog again")
-    wait_for(lambda: abs(states(sims, "brake")[-1].velocity[0]) < 1e-12, what="the plant at rest again")
+    wait_for(lambda: abs(states(sims, "brake")[-1].velocity[0]) < REST, what="the plant at rest again")
     v = np.array([m.velocity[0] for m in states(sims, "brake", since)])
     assert v.max() <= 0.5 * DT * (CMD_TIMEOUT / DT + 5) and v.min() >= -1e-12
 
@@ -180,7 +206,7 @@ def test_watchdog_zero_coasts_and_the_action_is_runtime_settable(sims):
     res = set_param(sims, "zero", "cmd_timeout_action",
                     ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="brake"))
     assert res.successful, res.reason
-    wait_for(lambda: abs(states(sims, "zero")[-1].velocity[0]) < 1e-12, what="the zero sim braked to rest")
+    wait_for(lambda: abs(states(sims, "zero")[-1].velocity[0]) < REST, what="the zero sim braked to rest")
     bad = set_param(sims, "zero", "cmd_timeout_action",
                     ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="coast"))
     assert not bad.successful and "zero, brake" in bad.reason
@@ -251,3 +277,33 @@ def test_late_commands_hold_the_previous_command_never_twice_in_a_row(sims):
     summary = proc.summary()
     assert summary["late_commands"] >= len(held) > 0
     assert summary["constraint_violations"] == 0
+
+
+def test_another_joint_map_and_the_latched_plant_record(sims):
+    """The DC motor: one joint ``motor`` carrying speed as velocity and current as effort (no
+    position); a late subscriber still gets the plant record; commands of the wrong size are
+    refused; a violation names the file's constraint."""
+    plant = load_plant("dc_motor")
+    wait_for(lambda: states(sims, "motor"), what="the motor sim")
+    m = states(sims, "motor")[-1]
+    assert m.name == ["motor"] and list(m.position) == [] and len(m.velocity) == len(m.effort) == 1
+    x0 = plant.equilibrium(0.5 * (plant.region.r_min + plant.region.r_max))[0]
+    assert np.allclose([m.velocity[0], m.effort[0]], x0)
+    # subscribed now, long after the simulator published it: transient-local delivers it
+    key = sims.record(String, "/motor/plant", LATCHED_QOS)
+    wait_for(lambda: sims.messages(key), what="the latched plant record")
+    record = json.loads(sims.messages(key)[-1].data)
+    assert record["node"] == "plant_sim" and record["name"] == "dc_motor"
+    assert record["digest"] == plant.digest and plant_from_record(record).digest == plant.digest
+    # a command of two values for a one-input plant, and a NaN: both refused, the plant unchanged
+    sims.cmd_pub["motor"].publish(Float64MultiArray(data=[1.0, 2.0]))
+    sims.cmd_pub["motor"].publish(Float64MultiArray(data=[float("nan")]))
+    wait_for(lambda: any(int(s["refused_commands"]) >= 2 for s in plant_status(sims, "motor")),
+             what="two refused commands")
+    assert all(abs(x.velocity[0] - x0[0]) < 1e-9 for x in states(sims, "motor"))
+    # full voltage: the current passes its 2 A limit; the record names the constraint "current"
+    sims.cmd_pub["motor"].publish(Float64MultiArray(data=[24.0]))
+    wait_for(lambda: sims.messages("/motor/constraint_violation"), what="a violation record")
+    rec = json.loads(sims.messages("/motor/constraint_violation")[0].data)
+    assert rec["kinds"] == ["current"] and rec["state"][1] > 2.0 and rec["command"] == [24.0]
+    sims.cmd_pub["motor"].publish(Float64MultiArray(data=[0.0]))

@@ -1,55 +1,60 @@
-"""``double_integrator_sim``: a simulated ``dof``-axis double integrator.
+"""``plant_sim``: the plant of a plant file, simulated (any plant: linear or a model class).
 
-Every ``1/rate_hz`` s (wall clock) it integrates the last command over ``dt`` (zero-order
-hold, the ``DoubleIntegrator`` model of ``scpo_ros.dynamics``, optional process noise) and
-publishes the state.
+Every ``1/rate_hz`` s (wall clock; ``rate_hz: 0`` = ``1/dt``, real time) it integrates the
+held command over the file's ``dt`` (``Plant.step``: the discrete model the certificates are
+computed for, or the model class's own step; optional process noise on the inputs) and
+publishes the state through the file's ``joints:`` map.
 
 Topics (relative names, so a namespace applies):
-- ``joint_states`` (out, ``sensor_msgs/JointState``): joints ``axis_0..``, position and velocity, stamped.
-- ``cmd`` (in, ``std_msgs/Float64MultiArray``): one acceleration per axis, the convention of
-  ros2_control's forward command controllers. The last command is held. Commands of the
-  wrong length or with NaN/Inf are refused (counted, logged) and the previous one is kept.
+- ``joint_states`` (out, ``sensor_msgs/JointState``): the joints of ``joints:``, each state in
+  its field, stamped. A field that one joint maps and another does not is NaN for the other.
+- ``cmd`` (in, ``std_msgs/Float64MultiArray``): one value per input, in the file's ``inputs:``
+  order (ros2_control's forward command convention). The last command is held. Commands of
+  the wrong length or with NaN/Inf are refused (counted, logged); the previous one is kept.
 - ``constraint_violation`` (out, ``std_msgs/String``, JSON): one message per simulated step
-  that breaks ``|p| <= p_max``, ``|v| <= v_max`` or ``|u| <= u_max``:
-  ``{"step", "stamp", "kinds", "position", "velocity", "command", "total"}``.
+  whose state or command breaks a constraint of the file (``Plant.violations``, tolerance 0):
+  ``{"step", "stamp", "kinds", "state", "command", "total"}``; ``kinds`` are the constraint
+  names (state and input names, ``H``, ``G``).
+- ``plant`` (out, ``std_msgs/String`` JSON, latched): ``plant.plant_record`` of the simulated
+  plant and ``"node": "plant_sim"``, so that a bag carries the plant (the analysis reads it).
 - ``/clock`` (out, ``rosgraph_msgs/Clock``, only with ``publish_clock``): see below.
-- ``/diagnostics``: ``double_integrator_sim: plant``, ERROR once any violation happened,
-  with the counters, the limits (the analysis reads the limits from here),
-  ``cmd_timeout_active`` and ``late_commands``.
+- ``/diagnostics``: ``plant_sim: plant``, ERROR once any violation happened, with the
+  counters (per constraint), the plant's name and digest, ``cmd_timeout_active`` and
+  ``late_commands``.
 
 Command watchdog (``cmd_timeout``, ``cmd_timeout_action``). This is the plant's own
 watchdog, the drive's "no command" reaction: while the controller is dead (a crashed or
 deactivated safety node, a cut cable) nothing else protects the plant. After
 ``cmd_timeout`` s without a command (counted from the start of stepping when no command
 ever came) the command becomes
-- ``brake`` (default): the hardest admissible braking toward zero velocity, per axis
-  ``u = clip(-v / dt, -u_max, u_max)``: the plant stops without overshoot and within its
-  actuator limits (a plant that cannot stop inside its position limits still leaves them);
-- ``zero``: zero acceleration, the plant coasts at its last velocity.
-The first command that arrives again takes over at once. Engaging and releasing are logged
-once each.
+- ``brake`` (default): the file's backup LQR toward rest where the plant is (the reference
+  is the tracked states' present values, clipped into their limits), clipped into the input
+  limits (``brake_command``). Best effort: a plant whose rest there needs more than its
+  inputs give (a DC motor at a speed its current limit cannot hold) gets the nearest
+  admissible command, and a plant that cannot stop inside its limits still leaves them;
+- ``zero``: a zero command.
+The first command that arrives again takes over at once. Engaging and releasing are logged.
 
 Simulated time (``publish_clock``). The simulator steps on its wall-clock timer and never
-runs on simulated time itself (``use_sim_time: true`` is refused at start and at runtime:
-its own ``/clock`` would drive its own timer). With ``publish_clock`` it publishes ``/clock``
-with the simulated time ``t = sum of dt over the steps`` (``steps * dt`` at constant ``dt``,
-starting at 0) before the state of the same step, and stamps the states (and the violation
-records) with that time, so a node with ``use_sim_time: true`` has the new time when the
-state arrives. ``/clock`` QoS: reliable, keep last 1, volatile; it matches rclpy's and
-rclcpp's ``TimeSource`` subscription (best effort, depth 1) and reliable subscribers alike.
+runs on simulated time itself (``use_sim_time: true`` is refused at start and at runtime).
+With ``publish_clock`` it publishes ``/clock`` with the simulated time (the sum of ``dt``
+over the steps, from 0) before the state of the same step, and stamps the states (and the
+violation records) with it. ``/clock`` QoS: reliable, keep last 1, volatile; it matches
+rclpy's and rclcpp's ``TimeSource`` subscription (best effort, depth 1) and reliable
+subscribers alike.
 
 Fault injection (``late_command_probability``): at a tick where a new command arrived since
-the previous tick, with this probability the new command is not applied yet and the command
+the previous tick, with this probability the new command is not applied yet and the one
 applied at the previous tick is held once more (a late or missed command, the fault the
-nodes' safe set is built to absorb once). Never two ticks in a row: the tick after a late
-one applies the newest command. Drawn from its own generator seeded by ``seed`` (the noise
-sequence does not change), counted as ``late_commands``.
+nodes' safe set is built to absorb once). Never two ticks in a row. Its own generator,
+seeded by ``seed`` (the noise sequence does not change), counted as ``late_commands``.
 
-Service ``~/reset`` (``std_srvs/Trigger``, private: ``/double_integrator_sim/reset``): state
-back to the initial state, command to zero (counters and the simulated time keep counting).
+Service ``~/reset`` (``std_srvs/Trigger``, private: ``/plant_sim/reset``): state back to the
+initial state, command to zero (counters and the simulated time keep counting).
 
-Parameters: the plant (``PLANT_PARAMS`` of ``scpo_ros.params``, the same table and defaults
-as every node's: the default ``rate_hz`` = 1/``dt`` runs in real time) and the simulator's own.
+Parameters: ``plant_file`` (read-only, the same as every node's) and the simulator's own
+(``SIM_PARAMS``). The simulator integrates the file's plant, never a tightened one: the
+runtime ``*_tight`` limits belong to the controllers.
 """
 from __future__ import annotations
 
@@ -69,32 +74,32 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from .. import graph as g
-from ..dynamics import DoubleIntegrator
-from ..inputs import axis_names
-from ..params import PLANT_PARAMS, SEED, ParamSpec, compose
-from ..plant import plant_from_params
+from ..backup import LQRBackup
+from ..inputs import JointMap
+from ..params import PLANT_FILE, SEED, ParamSpec, compose
+from ..plant import Plant, load_plant, plant_record
 from ..ros.diagnostics import ERROR, OK, WARN, Diagnostics
 from ..ros.messages import stamp_to_sec
 from ..ros.parameters import add_parameter_validator, declare_parameters
-from ..ros.qos import CONTROL_QOS, EVENT_QOS
+from ..ros.qos import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
 from ..ros.runner import flush_publishers, run_node
 
 SIM_PARAMS = (
-    ParamSpec("rate_hz", 1.0 / DoubleIntegrator.dt, "Simulation and state publication rate (wall clock); "
-                                                       "1/dt runs in real time.", 1.0, 1000.0),
-    ParamSpec("noise_std", 0.0, "Std of the process noise on the acceleration.", 0.0, 10.0),
+    ParamSpec("rate_hz", 0.0, "Simulation and state publication rate (wall clock); 0 = 1/dt of the plant "
+                              "(real time).", 0.0, 1000.0),
+    ParamSpec("noise_std", 0.0, "Std of the process noise added to the applied inputs, as a fraction of each "
+                                "input's half range (u_max - u_min) / 2.", 0.0, 10.0),
     dataclasses.replace(SEED, description="Seed of the process noise and of the late-command fault injection."),
-    ParamSpec("initial_position", [0.0], "Initial positions, one per axis (or one for all).", -1e3, 1e3,
-              min_len=1, max_len=8),
-    ParamSpec("initial_velocity", [0.0], "Initial velocities, one per axis (or one for all).", -1e3, 1e3,
-              min_len=1, max_len=8),
+    ParamSpec("initial_state", [], "Initial state: one value per state (or one for all); []: the equilibrium of "
+                                   "the certified reference box's centre.", -1e6, 1e6, ptype="double[]",
+              max_len=64),
     ParamSpec("cmd_timeout", 0.5, "Seconds without a command after which cmd_timeout_action applies "
                                   "(0 = hold the last command forever).", 0.0, 60.0),
-    ParamSpec("cmd_timeout_action", "brake", "After cmd_timeout: brake = hardest admissible braking to rest "
-                                             "(u = clip(-v/dt, -u_max, u_max)), zero = zero command (coast).",
+    ParamSpec("cmd_timeout_action", "brake", "After cmd_timeout: brake = the backup LQR toward rest where the "
+                                             "plant is, within the input limits; zero = zero command.",
               choices=("zero", "brake")),
-    ParamSpec("publish_clock", False, "Publish /clock with the simulated time (steps * dt from 0) and stamp the "
-                                      "states with it.", read_only=True),
+    ParamSpec("publish_clock", False, "Publish /clock with the simulated time (the sum of dt from 0) and stamp "
+                                      "the states with it.", read_only=True),
     ParamSpec("late_command_probability", 0.0, "Fault injection: probability that a tick holds the previous "
                                                "command once more instead of the new one (never twice in a row).",
               0.0, 1.0),
@@ -103,7 +108,7 @@ SIM_PARAMS = (
               0, 64),
     ParamSpec("frame_id", "", "header.frame_id of the published states."),
 )
-PARAMS = compose(PLANT_PARAMS, SIM_PARAMS)
+PARAMS = compose((PLANT_FILE,), SIM_PARAMS)
 
 
 CLOCK_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
@@ -113,88 +118,102 @@ depth-1 reader of rclpy's/rclcpp's TimeSource and reliable readers (recorders, t
 keep-last 1 never blocks the step on a slow reader."""
 
 
-def brake_command(v: np.ndarray, dt: float, u_max: float) -> np.ndarray:
-    """Hardest admissible braking toward zero velocity: ``clip(-v / dt, -u_max, u_max)``.
+def brake_command(plant: Plant, backup: LQRBackup, x: np.ndarray) -> np.ndarray:
+    """The watchdog's brake: the backup LQR toward the equilibrium of the tracked states'
+    present values (clipped into their limits: rest where the plant is, not back at the
+    certified region), clipped into the input box and, for an input polytope ``G u <= g``,
+    pulled toward ``u_ss`` of that reference (clipped into the box) until it holds, or onto
+    ``u_ss`` itself when that point breaks it too (the file then has no admissible rest there)."""
+    idx = plant.tracked_index
+    r = np.clip(x[idx], plant.x_min[idx], plant.x_max[idx])
+    u = np.clip(backup(x, r), plant.u_min, plant.u_max)
+    if plant.G.size and np.any(plant.G @ u > plant.g):
+        u_ss = np.clip(backup.equilibrium(r)[1], plant.u_min, plant.u_max)
+        lo, hi = 0.0, 1.0                        # u_ss + s (u - u_ss) is admissible at s = lo
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if np.all(plant.G @ (u_ss + mid * (u - u_ss)) <= plant.g):
+                lo = mid
+            else:
+                hi = mid
+        u = u_ss + lo * (u - u_ss)
+    return u
 
-    With the zero-order hold ``v+ = v + dt u`` this reaches ``v = 0`` in one step when
-    ``|v| <= dt u_max`` and never reverses the velocity (no overshoot)."""
-    return np.clip(-np.asarray(v, dtype=float) / dt, -u_max, u_max)
+
+def initial_state(plant: Plant, values: list[float]) -> np.ndarray:
+    """The ``initial_state`` parameter as a state: [] = the equilibrium of the reference box's
+    centre, one value = every state, else one value per state."""
+    if len(values) == 0:
+        return plant.equilibrium(0.5 * (plant.region.r_min + plant.region.r_max))[0]
+    if len(values) == 1:
+        return np.full(plant.n, float(values[0]))
+    if len(values) != plant.n:
+        raise ValueError(f"initial_state has {len(values)} entries, the plant {plant.name} has {plant.n} states "
+                         f"{list(plant.states)}")
+    return np.asarray(values, dtype=float)
 
 
 def _ns_to_time(ns: int) -> Time:
     return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
-def _per_axis(values: list[float], dof: int, name: str) -> np.ndarray:
-    if len(values) == 1:
-        return np.full(dof, float(values[0]))
-    if len(values) != dof:
-        raise ValueError(f"{name} has {len(values)} entries for dof={dof}")
-    return np.asarray(values, dtype=float)
-
-
-class DoubleIntegratorSim(Node):
+class PlantSim(Node):
     def __init__(self, **kwargs):
         super().__init__(g.SIMULATOR, **kwargs)
         if self.get_parameter("use_sim_time").value:
-            raise ValueError("use_sim_time is true, but double_integrator_sim steps on its wall-clock timer and is "
-                             "itself the source of simulated time (publish_clock): run it with use_sim_time:=false")
+            raise ValueError("use_sim_time is true, but plant_sim steps on its wall-clock timer and is itself the "
+                             "source of simulated time (publish_clock): run it with use_sim_time:=false")
         self.p = declare_parameters(self, PARAMS)
-        self.dof = int(self.p["dof"])
-        self.system = self._make_system(self.p)
-        self.x0 = self._initial_state(self.p)
+        self.plant = load_plant(self.p["plant_file"])
+        self.backup = LQRBackup(self.plant)
+        self.joint_map = JointMap.for_plant(self.plant)
+        self.noise_scale = 0.5 * (self.plant.u_max - self.plant.u_min)
+        self.x0 = initial_state(self.plant, self.p["initial_state"])
         self.x = self.x0.copy()
-        self.u = np.zeros(self.dof)
+        m = self.plant.m
+        self.u = np.zeros(m)
+        self.u_pending = np.zeros(m)            # newest command received since the last tick
         self.rng = np.random.default_rng(self.p["seed"])
         self.late_rng = self._late_rng(self.p["seed"])
-        self.u_pending = np.zeros(self.dof)   # newest command received since the last tick
         self.new_cmd = False
         self.last_tick_late = False
         self.late_commands = 0
         self.timeout_active = False
-        self.sim_time_ns = 0                 # simulated time of the current state (steps * dt)
+        self.sim_time_ns = 0                    # simulated time of the current state
+        self.dt_ns = int(round(self.plant.dt * 1e9))
         self.steps = 0
         self.states_published = 0
         self.violations = 0
-        self.violations_by_kind = {"position": 0, "velocity": 0, "actuation": 0}
+        self.violations_by_kind = {k: 0 for k in self.plant.violations(self.x, self.u)}
         self.refused_commands = 0
         self.commands = 0
         self.last_cmd_time = None
         self.started = self.p["wait_for_subscribers"] == 0
-        self.start_time = time.monotonic()        # the watchdog counts from here until a first command comes
-        self.names = axis_names(self.dof)
+        self.start_time = time.monotonic()      # the watchdog counts from here until a first command comes
 
         self.state_pub = self.create_publisher(JointState, g.JOINT_STATES, CONTROL_QOS)
         self.violation_pub = self.create_publisher(String, g.CONSTRAINT_VIOLATION, EVENT_QOS)
+        self.plant_pub = self.create_publisher(String, g.PLANT, LATCHED_QOS)
+        self.plant_pub.publish(String(data=json.dumps({**plant_record(self.plant), "node": g.SIMULATOR})))
         self.clock_pub = self.create_publisher(Clock, g.CLOCK, CLOCK_QOS) if self.p["publish_clock"] else None
         self.create_subscription(Float64MultiArray, g.CMD, self._on_cmd, CONTROL_QOS)
         self.create_service(Trigger, g.RESET_SERVICE, self._on_reset)
         self.diag = Diagnostics(self)
         add_parameter_validator(self, PARAMS, check=self._check, apply=self._apply)
         self.add_on_set_parameters_callback(self._refuse_sim_time)
-        self.timer = self.create_timer(1.0 / self.p["rate_hz"], self._step)
+        self.timer = self.create_timer(self._period(self.p), self._step)
         self._update_diagnostics()
         self.get_logger().info(
-            f"double integrator: dof={self.dof}, {self.p['rate_hz']:g} Hz, dt={self.p['dt']:g} s, "
-            f"limits p={self.system.p_max:g} v={self.system.v_max:g} u={self.system.u_max:g}, "
+            f"plant {self.plant.name} ({self.plant.source}): {self.plant.n} states {list(self.plant.states)}, "
+            f"{m} inputs {list(self.plant.inputs)}, dt={self.plant.dt:g} s at {1.0 / self._period(self.p):g} Hz, "
             f"cmd_timeout={self.p['cmd_timeout']:g} s ({self.p['cmd_timeout_action']})"
             + (", publishing /clock" if self.clock_pub is not None else "")
             + (f", late_command_probability={self.p['late_command_probability']:g}"
                if self.p["late_command_probability"] > 0.0 else ""))
 
     # -- parameters
-    @staticmethod
-    def _make_system(p) -> DoubleIntegrator:
-        """The plant's model with the simulator's process noise.
-
-        The parameters are checked by the one bridge to the generic core
-        (``plant.plant_from_params``, the same checks and messages as every node's); the
-        simulator itself integrates ``DoubleIntegrator`` (its zero-order hold equals the
-        bridge plant's ``A``, ``B``), which adds the process noise and counts violations per
-        kind (position, velocity, actuation)."""
-        plant_from_params(p)
-        return DoubleIntegrator(int(p["dof"]), float(p["dt"]), float(p["p_max"]), float(p["v_max"]),
-                                float(p["u_max"]), noise_std=float(p["noise_std"]))
+    def _period(self, p) -> float:
+        return 1.0 / p["rate_hz"] if p["rate_hz"] > 0.0 else self.plant.dt
 
     @staticmethod
     def _late_rng(seed: int) -> np.random.Generator:
@@ -204,30 +223,24 @@ class DoubleIntegratorSim(Node):
     def _refuse_sim_time(self, params) -> SetParametersResult:
         for p in params:
             if p.name == "use_sim_time" and p.value is True:
-                reason = "use_sim_time is refused: double_integrator_sim steps on the wall clock and publishes /clock"
+                reason = "use_sim_time is refused: plant_sim steps on the wall clock and publishes /clock"
                 self.get_logger().warning(f"parameter change rejected: {reason}")
                 return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
-    def _initial_state(self, p) -> np.ndarray:
-        return np.concatenate([_per_axis(p["initial_position"], int(p["dof"]), "initial_position"),
-                               _per_axis(p["initial_velocity"], int(p["dof"]), "initial_velocity")])
-
     def _check(self, values) -> str | None:
         try:
-            self._make_system(values)
-            self._initial_state(values)
+            initial_state(self.plant, values["initial_state"])
         except ValueError as exc:
             return str(exc)
         return None
 
     def _apply(self, values, changed) -> None:
         self.p = values
-        self.system = self._make_system(values)
-        self.x0 = self._initial_state(values)
+        self.x0 = initial_state(self.plant, values["initial_state"])
         if "rate_hz" in changed:
             self.destroy_timer(self.timer)
-            self.timer = self.create_timer(1.0 / values["rate_hz"], self._step)
+            self.timer = self.create_timer(self._period(values), self._step)
         if "seed" in changed:
             self.rng = np.random.default_rng(values["seed"])
             self.late_rng = self._late_rng(values["seed"])
@@ -237,10 +250,10 @@ class DoubleIntegratorSim(Node):
     # -- callbacks
     def _on_cmd(self, msg: Float64MultiArray) -> None:
         u = np.asarray(msg.data, dtype=float)
-        if u.size != self.dof or not np.isfinite(u).all():
+        if u.size != self.plant.m or not np.isfinite(u).all():
             self.refused_commands += 1
-            self.get_logger().error(f"refused command {list(msg.data)}: need {self.dof} finite values",
-                                    throttle_duration_sec=1.0)
+            self.get_logger().error(f"refused command {list(msg.data)[:8]}: need {self.plant.m} finite values "
+                                    f"{list(self.plant.inputs)}", throttle_duration_sec=1.0)
             return
         # applied at the next tick (or, with the fault injection, the one after)
         self.u_pending[:] = u
@@ -249,7 +262,7 @@ class DoubleIntegratorSim(Node):
         self.last_cmd_time = time.monotonic()
 
     def _on_reset(self, request, response):
-        self.x[:] = self.x0
+        self.x = self.x0.copy()
         self.u[:] = 0.0
         self.new_cmd = False
         response.success = True
@@ -265,19 +278,22 @@ class DoubleIntegratorSim(Node):
             self.start_time = time.monotonic()
             self.get_logger().info(f"{self.state_pub.get_subscription_count()} subscribers matched: starting")
             self._publish_state()  # x_0: nothing has answered a state yet, so nothing to integrate
-            self._check_violation(self.x, np.zeros(self.dof))
+            self._check_violation(self.x, None)
             return
         self._update_command()
         # The held command answers the state published last tick: integrate with it
-        # (x_{k+1} = A x_k + B u_k, zero-order hold), then publish x_{k+1} for the next
-        # command. Publishing first would apply every command one step late, which is not
-        # the model the SCPO certificate and the safeguard's invariant set are computed for.
-        self.x = self.system.step(self.x, self.u, self.rng)
+        # (x_{k+1} = f(x_k, u_k), zero-order hold), then publish x_{k+1} for the next command.
+        # Publishing first would apply every command one step late, which is not the model
+        # the SCPO certificate and the safeguard's safe set are computed for.
+        applied = self.u
+        if self.p["noise_std"] > 0.0:
+            applied = self.u + self.p["noise_std"] * self.noise_scale * self.rng.standard_normal(self.plant.m)
+        self.x = np.asarray(self.plant.step(self.x, applied), dtype=float)
         self.steps += 1
-        self.sim_time_ns += int(round(self.system.dt * 1e9))
+        self.sim_time_ns += self.dt_ns
         self._publish_state()
         self._check_violation(self.x, self.u)  # every published state, and the command that led to it
-        if self.steps % max(1, int(self.p["rate_hz"])) == 0:
+        if self.steps % max(1, int(round(1.0 / self._period(self.p)))) == 0:
             self._update_diagnostics()
 
     def _update_command(self) -> None:
@@ -309,7 +325,7 @@ class DoubleIntegratorSim(Node):
                                       + ("braking to rest" if action == "brake" else "command set to zero"))
             self._update_diagnostics()
         if action == "brake":
-            self.u[:] = brake_command(self.x[self.dof:], self.system.dt, self.system.u_max)
+            self.u[:] = brake_command(self.plant, self.backup, self.x)
         else:
             self.u[:] = 0.0
 
@@ -325,16 +341,13 @@ class DoubleIntegratorSim(Node):
         msg = JointState()
         msg.header.stamp = self._stamp()
         msg.header.frame_id = self.p["frame_id"]
-        msg.name = self.names
-        msg.position = self.x[:self.dof].tolist()
-        msg.velocity = self.x[self.dof:].tolist()
+        msg.name, msg.position, msg.velocity, msg.effort = self.joint_map.write(self.x)
         self.state_pub.publish(msg)
         self.states_published += 1
 
-    def _check_violation(self, x: np.ndarray, u: np.ndarray) -> None:
-        s, n = self.system, self.dof
+    def _check_violation(self, x: np.ndarray, u: np.ndarray | None) -> None:
         # strict (tol 0): the plant counts any overshoot of its limits, rounding included
-        kinds = [kind for kind, bad in s.violations(x, u, tol=0.0).items() if bad]
+        kinds = [kind for kind, bad in self.plant.violations(x, u, tol=0.0).items() if bad]
         if not kinds:
             return
         self.violations += 1
@@ -342,40 +355,41 @@ class DoubleIntegratorSim(Node):
             self.violations_by_kind[k] += 1
         now = self._stamp()
         self.violation_pub.publish(String(data=json.dumps({
-            "step": self.steps, "stamp": stamp_to_sec(now), "kinds": kinds,
-            "position": x[:n].tolist(), "velocity": x[n:].tolist(), "command": u.tolist(),
-            "total": self.violations})))
+            "step": self.steps, "stamp": stamp_to_sec(now), "kinds": kinds, "state": x.tolist(),
+            "command": [] if u is None else u.tolist(), "total": self.violations})))
         self.get_logger().error(f"constraint violation #{self.violations} at step {self.steps}: {kinds}, "
-                                f"x={np.round(x, 4).tolist()}, u={np.round(u, 4).tolist()}",
+                                f"x={np.round(x, 4).tolist()}"
+                                + ("" if u is None else f", u={np.round(u, 4).tolist()}"),
                                 throttle_duration_sec=1.0)
         self._update_diagnostics()
 
     def _update_diagnostics(self) -> None:
-        s = self.system
         level = ERROR if self.violations else (WARN if self.refused_commands else OK)
         msg = (f"{self.violations} constraint violations" if self.violations else
                f"{self.refused_commands} commands refused" if self.refused_commands else "within limits")
-        self.diag.update("plant", level, msg, steps=self.steps, constraint_violations=self.violations,
+        self.diag.update("plant", level, msg, plant=self.plant.name, digest=self.plant.digest[:16],
+                         steps=self.steps, constraint_violations=self.violations,
                          violations_by_kind=self.violations_by_kind, commands=self.commands,
-                         refused_commands=self.refused_commands, p_max=s.p_max, v_max=s.v_max, u_max=s.u_max,
-                         dof=self.dof, dt=s.dt, rate_hz=self.p["rate_hz"], cmd_timeout_active=self.timeout_active,
+                         refused_commands=self.refused_commands, dt=self.plant.dt,
+                         rate_hz=1.0 / self._period(self.p), cmd_timeout_active=self.timeout_active,
                          cmd_timeout_action=self.p["cmd_timeout_action"], late_commands=self.late_commands)
 
     def summary(self) -> dict:
-        return {"node": g.SIMULATOR, "steps": self.steps, "states_published": self.states_published,
-                "constraint_violations": self.violations, "violations_by_kind": self.violations_by_kind,
-                "commands": self.commands, "refused_commands": self.refused_commands,
-                "late_commands": self.late_commands}
+        return {"node": g.SIMULATOR, "plant": self.plant.name, "steps": self.steps,
+                "states_published": self.states_published, "constraint_violations": self.violations,
+                "violations_by_kind": self.violations_by_kind, "commands": self.commands,
+                "refused_commands": self.refused_commands, "late_commands": self.late_commands}
 
     def destroy_node(self):
-        flush_publishers([pub for pub in (self.state_pub, self.violation_pub, self.clock_pub) if pub is not None])
+        flush_publishers([pub for pub in (self.state_pub, self.violation_pub, self.plant_pub, self.clock_pub)
+                          if pub is not None])
         self._update_diagnostics()
         self.diag.publish()
         return super().destroy_node()
 
 
 def main(args=None) -> int:
-    return run_node(DoubleIntegratorSim, args)
+    return run_node(PlantSim, args)
 
 
 if __name__ == "__main__":
