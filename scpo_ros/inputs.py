@@ -63,7 +63,8 @@ def reject_text(reason: str, joints: Sequence[str], max_age: float, future_toler
     line or a diagnostic: ``joints`` the needed joints, ``max_age`` and ``future_tolerance``
     the gate's settings (an unknown reason is its own text)."""
     return {MISSING_JOINT: f"needs joints {tuple(joints)}",
-            BAD_LENGTHS: "position/velocity arrays do not match the names",
+            BAD_LENGTHS: "a needed field (position, velocity, effort) does not match the names, "
+                         "or a joint is named twice",
             NON_FINITE: "NaN or Inf", NON_INCREASING_STAMP: "stamp not newer than the last accepted one",
             STALE_STAMP: f"stamp older than max_state_age = {max_age:g} s",
             FUTURE_STAMP: f"stamp more than future_tolerance = {future_tolerance:g} s ahead"}.get(reason, reason)

@@ -13,14 +13,17 @@ Safety metrics ``g`` (≤ 0 is safe), each a maximum over initial states and tim
   the certified region leaves below that limit.
 - ``input``:    the same for the input rows ``plant.input_rows()`` on u_0 .. u_{H-1}, with
   ``range_i = f_i - min_{u in U} F_i u`` (the extent of the input set along the row).
-- ``lyapunov``: max_t (V(e⁺) - max((1-α) V(e), ε)) / ε on the error ``e = x - x_ss(r)``, with the
+- ``lyapunov``: max_t (V(e⁺) - max((1-α) V(e), ε)) / (δ ε) on the error ``e = x - x_ss(r)``, with the
   backup's ``V(e) = eᵀ P e``: V must shrink by α per step unless the next state lies in the
   ε-sublevel set. This keeps every trajectory in {V ≤ max(V(e_0), ε)} and drives it into
   {V ≤ ε} (practical stability). We chose it over the additive form V(e⁺) ≤ (1-α)V(e) + αε,
   whose slack of only αε at equilibrium made the metric quadratic-degenerate there.
-  Scale-free: ε = ``lyap_eps`` × max of V(e_0) over the region box, and α = ``lyap_alpha`` ×
-  the backup's own worst-case decrease ``1 - max_e V(Φe)/V(e)``, so a slow plant is not asked
-  for a decrease its backup cannot give, nor a fast one let off.
+  Scale-free: ε = ``lyap_eps`` × max of V(e_0) over the region box, and α = ``lyap_alpha`` × δ,
+  δ the backup's own worst-case decrease ``1 - max_e V(Φe)/V(e)`` per step, so a slow plant is
+  not asked for a decrease its backup cannot give, nor a fast one let off. The unit δ ε puts
+  the backup's own value near -(1 - ``lyap_alpha``) on every plant, whatever its dt and speed
+  (in units of ε alone it is about -0.7 δ: -0.024 for the double integrator, -0.0017 for the
+  DC motor at dt = 0.01, where a margin fixed in ε would leave no room to learn).
 - ``safe_set``: max_i (E_i x + G_i u + F_i ρ - f_i) / range_i over the rows of the envelope's
   safe set (``safeguard.invariant_set.safe_set_for(plant, backup, late_commands=1)``;
   ``ρ = (r, r, ...)``: the rollout's own reference in every block, which implies membership),
@@ -252,10 +255,14 @@ class PlantRollout:
         self.steps = spec.steps(plant.dt)
         self.rows, self._nonlinear_set = _resolve_safe_rows(plant, backup, safe_rows)
         P = np.asarray(backup.P, dtype=np.float64)
-        self.alpha = spec.lyap_alpha * max(0.0, backup_decrease(backup))
+        decrease = backup_decrease(backup)
+        self.alpha = spec.lyap_alpha * max(0.0, decrease)
         self.eps = spec.lyap_eps * max_region_lyapunov(plant, P)
         if not self.eps > 0.0:
             raise ValueError("the certified region is a single equilibrium point: no Lyapunov scale")
+        # the metric's unit (module docstring); a backup without a guaranteed decrease (never
+        # one that certified) keeps the unit ε
+        self.lyap_unit = self.eps * (decrease if decrease > 1e-9 else 1.0)
         self._build_tensors(P)
 
     def _t(self, a) -> torch.Tensor:
@@ -308,7 +315,7 @@ class PlantRollout:
         row_max, lyap, cost = run(params, x0, r, with_cost)
         const = (r @ self._C.T + self._c0).repeat(N, 1)   # per state: added once, after the max
         state, inputs, safe = self._group_max(row_max + const).unbind(-1)
-        per = torch.stack([state, inputs, lyap / self.eps, safe], -1).view(N, M, len(METRICS))
+        per = torch.stack([state, inputs, lyap / self.lyap_unit, safe], -1).view(N, M, len(METRICS))
         per = torch.nan_to_num(per, nan=_NONFINITE, posinf=_NONFINITE, neginf=-_NONFINITE)
         g = per.amax(1)
         if with_cost:

@@ -460,7 +460,8 @@ def test_reject_and_reference_texts():
     texts = {reason: reject_text(reason, ("a", "b"), 0.25, 0.05) for reason in
              (MISSING_JOINT, BAD_LENGTHS, NON_FINITE, NON_INCREASING_STAMP, STALE_STAMP, FUTURE_STAMP)}
     assert texts == {MISSING_JOINT: "needs joints ('a', 'b')",
-                     BAD_LENGTHS: "position/velocity arrays do not match the names",
+                     BAD_LENGTHS: "a needed field (position, velocity, effort) does not match the names, "
+                                  "or a joint is named twice",
                      NON_FINITE: "NaN or Inf", NON_INCREASING_STAMP: "stamp not newer than the last accepted one",
                      STALE_STAMP: "stamp older than max_state_age = 0.25 s",
                      FUTURE_STAMP: "stamp more than future_tolerance = 0.05 s ahead"}

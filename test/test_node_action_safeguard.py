@@ -18,6 +18,7 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
 from scpo_ros.backup import LQRBackup  # noqa: E402
 from scpo_ros.dynamics import DoubleIntegrator  # noqa: E402
+from scpo_ros.inputs import JointMap  # noqa: E402
 from scpo_ros.nodes.action_safeguard import ActionSafeguard  # noqa: E402
 from scpo_ros.plant import load_plant  # noqa: E402
 from scpo_ros.ros.diagnostics import ERROR, WARN  # noqa: E402
@@ -31,12 +32,9 @@ and backup it builds; ``DoubleIntegrator()`` (the same dt and limits) steps it h
 
 
 def joint_state(plant, x) -> JointState:
-    """A JointState of ``x`` by the plant file's ``joints:`` map (names in first-use order)."""
-    names = list(dict.fromkeys(j for j, _ in plant.joints))
-    arrays = {"position": [0.0] * len(names), "velocity": [0.0] * len(names)}
-    for (joint, field), v in zip(plant.joints, x, strict=True):
-        arrays[field][names.index(joint)] = float(v)
-    return JointState(name=names, **arrays)
+    """A JointState of ``x`` by the plant file's ``joints:`` map (what ``plant_sim`` publishes)."""
+    names, position, velocity, effort = JointMap.for_plant(plant).write(x)
+    return JointState(name=names, position=position, velocity=velocity, effort=effort)
 
 
 def wait_for(cond, timeout=TIMEOUT):
@@ -270,13 +268,15 @@ def test_the_pendulum_variant_keeps_the_pendulum_in_its_safe_set():
         h.close()
 
 
-def test_a_two_input_plant_with_a_polytope_stays_safe_and_its_plant_is_latched():
-    """Another robot by its file alone (``coupled_two_input``: two inputs, an H polytope, the
-    implicit safe set): aggressive raw actions, the plant stepped with the commands, no limit
-    left; the plant record on the latched ``plant`` topic matches the file."""
+@pytest.mark.parametrize("name", ["coupled_two_input", "dc_motor"])
+def test_another_plant_stays_safe_and_its_plant_is_latched(name):
+    """Other robots by their file alone: ``coupled_two_input`` (two inputs, an H polytope, the
+    implicit safe set) and ``dc_motor`` (one joint: speed as velocity, current as effort):
+    aggressive raw actions, the plant stepped with the commands, no limit left; the plant
+    record on the latched ``plant`` topic matches the file."""
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    plant = load_plant("coupled_two_input")
-    h = Harness(plant_file="coupled_two_input")
+    plant = load_plant(name)
+    h = Harness(plant_file=name)
     try:
         records = []
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -284,7 +284,7 @@ def test_a_two_input_plant_with_a_polytope_stays_safe_and_its_plant_is_latched()
         h.peer.create_subscription(String, "plant", lambda m: records.append(json.loads(m.data)), latched)
         assert wait_for(lambda: records)            # a late subscriber still gets it
         assert records[0]["digest"] == plant.digest and records[0]["node"] == "action_safeguard"
-        assert h.node.projector.m == 2 and h.node.plant.name == plant.name
+        assert h.node.projector.m == plant.m and h.node.plant.name == plant.name
         rng = np.random.default_rng(3)
         x = plant.region.x_min + 0.5 * (plant.region.x_max - plant.region.x_min)
         h.prime()
@@ -292,7 +292,8 @@ def test_a_two_input_plant_with_a_polytope_stays_safe_and_its_plant_is_latched()
             h.send_state(x)
             raw = 3.0 * rng.uniform(plant.u_min, plant.u_max)
             cmd = h.send_raw(raw)
-            assert cmd.shape == (2,) and np.all(cmd >= plant.u_min - 1e-12) and np.all(cmd <= plant.u_max + 1e-12)
+            assert cmd.shape == (plant.m,) and np.all(cmd >= plant.u_min - 1e-12) \
+                and np.all(cmd <= plant.u_max + 1e-12)
             x = np.asarray(plant.step(x, cmd), dtype=float)
             bad = {k: v for k, v in plant.violations(x, cmd).items() if np.any(v)}
             assert not bad, f"step {t}: {bad}, x={x}, u={cmd}"

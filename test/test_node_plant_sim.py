@@ -2,8 +2,9 @@
 use_sim_time refused, the late-command fault injection, and a plant with another joint map
 (the DC motor: velocity and effort of one joint) with its latched plant record.
 
-Four simulators run for the module in their own namespaces (only ``/clocked`` publishes
-``/clock``); a fifth is started with ``use_sim_time:=true`` and must refuse to run."""
+Five simulators run for the module in their own namespaces (only ``/clocked`` publishes
+``/clock``); a sixth is started with ``use_sim_time:=true`` and must refuse to run. The
+pendulum's (no tracked states) runs in episodes."""
 import json
 import threading
 import time
@@ -26,7 +27,7 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 
 from ros_graph_helpers import STARTUP_TIMEOUT, NodeProcess, Probe, wait_for  # noqa: E402
 from scpo_ros.backup import LQRBackup  # noqa: E402
-from scpo_ros.nodes.plant_sim import brake_command  # noqa: E402
+from scpo_ros.nodes.plant_sim import brake_command, initial_state  # noqa: E402
 from scpo_ros.plant import double_integrator_file, load_plant, plant_from_record  # noqa: E402
 from scpo_ros.ros.diagnostics import diagnostic_values  # noqa: E402
 from scpo_ros.ros.qos import CONTROL_QOS, LATCHED_QOS  # noqa: E402
@@ -47,6 +48,9 @@ SIMS = {
     "clocked": {"publish_clock": True, "late_command_probability": 0.5, "seed": 3, "rate_hz": LATE_RATE_HZ,
                 "wait_for_subscribers": 1},
     "motor": {"plant_file": "dc_motor", "cmd_timeout": 0.0, "rate_hz": 50.0, "wait_for_subscribers": 1},
+    # no tracked states: it starts away from its equilibrium, and again every episode_s
+    "pendulum": {"plant_file": "pendulum", "cmd_timeout": 0.0, "rate_hz": 50.0, "episode_s": 0.5,
+                 "wait_for_subscribers": 1},
 }
 def answer(j: int) -> float:
     """A distinct command per state index: alternating sign (the plant stays near rest), and
@@ -100,7 +104,7 @@ def sims(tmp_path_factory):
                                       namespace="/sim_time")
     probe.procs = procs
     try:
-        wait_for(lambda: all(plant_status(probe, ns) for ns in SIMS), STARTUP_TIMEOUT, "the four simulators")
+        wait_for(lambda: all(plant_status(probe, ns) for ns in SIMS), STARTUP_TIMEOUT, "the simulators")
         yield probe
     finally:
         probe.answering.clear()
@@ -307,3 +311,19 @@ def test_another_joint_map_and_the_latched_plant_record(sims):
     rec = json.loads(sims.messages("/motor/constraint_violation")[0].data)
     assert rec["kinds"] == ["current"] and rec["state"][1] > 2.0 and rec["command"] == [24.0]
     sims.cmd_pub["motor"].publish(Float64MultiArray(data=[0.0]))
+
+
+def test_a_plant_without_tracked_states_runs_in_episodes_from_off_equilibrium(sims):
+    plant = load_plant("pendulum")
+    reg = plant.region
+    x0 = 0.5 * (reg.x_min + reg.x_max) + 0.25 * (reg.x_max - reg.x_min)
+    assert np.allclose(initial_state(plant, []), x0) and np.all(x0 > reg.x_min) and np.all(x0 < reg.x_max)
+    per_episode = round(0.5 / plant.dt)
+    wait_for(lambda: len(states(sims, "pendulum")) >= 3 * per_episode + 2, what="three pendulum episodes")
+    xs = [np.array([m.position[0], m.velocity[0]]) for m in states(sims, "pendulum")]
+    starts = [k for k, x in enumerate(xs) if np.allclose(x, x0)]
+    assert len(starts) >= 3, starts
+    # every episode_s, exactly (a state lost under load may hide a start, never move one)
+    assert all(d % per_episode == 0 for d in np.diff(starts)) and per_episode in np.diff(starts), starts
+    assert not np.allclose(xs[starts[0] + 1], x0)                   # and it moves in between (gravity)
+    assert int(plant_status(sims, "pendulum")[-1]["episodes"]) >= 2

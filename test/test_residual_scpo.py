@@ -190,7 +190,7 @@ def test_default_config_sets_one_margin_per_metric_unless_given():
     assert cfg.n_samples == 8
     assert len(DEFAULT_MARGINS) == len(DEFAULT_CERT_MARGINS) == len(METRICS)
     assert cfg.margins == DEFAULT_MARGINS and cfg.cert_margins == DEFAULT_CERT_MARGINS
-    assert all(0 < c < m < 0.05 for m, c in zip(DEFAULT_MARGINS, DEFAULT_CERT_MARGINS))   # fractions
+    assert all(0 < c < m < 0.5 for m, c in zip(DEFAULT_MARGINS, DEFAULT_CERT_MARGINS))   # fractions
     assert ResidualSCPO.default_config(margins=(0.1,)).margins == (0.1,)
     # the generic defaults of the projector are one value for every metric
     assert len(SCPOConfig().margins) == len(SCPOConfig().cert_margins) == 1

@@ -13,6 +13,7 @@ from plant_strategies import random_plant_dict
 from scpo_ros.backup import LQRBackup
 from scpo_ros.plant import load_plant, plant_from_dict
 from scpo_ros.policy import MLPLayout, NumpyMLP
+from scpo_ros.residual_scpo import backup_weights
 from scpo_ros.rollout import (
     METRICS,
     PlantRollout,
@@ -50,7 +51,8 @@ def reference_metrics(plant, backup, layout, spec, safe, flat, x0, r):
     f_rng = (f - _row_min(E, reg.x_min, reg.x_max) - _row_min(G, plant.u_min, plant.u_max)
              - _row_min(F, np.tile(reg.r_min, k), np.tile(reg.r_max, k)))
     P, Phi = backup.P, backup.A_cl
-    alpha = spec.lyap_alpha * (1.0 - np.linalg.eigvals(np.linalg.solve(P, Phi.T @ P @ Phi)).real.max())
+    decrease = 1.0 - np.linalg.eigvals(np.linalg.solve(P, Phi.T @ P @ Phi)).real.max()
+    alpha = spec.lyap_alpha * decrease
     z = _corners(reg.lower, reg.upper)
     e0 = z[:, :plant.n] - backup.equilibrium(z[:, plant.n:])[0]
     eps = spec.lyap_eps * np.einsum("bi,ij,bj->b", e0, P, e0).max()
@@ -67,7 +69,7 @@ def reference_metrics(plant, backup, layout, spec, safe, flat, x0, r):
         u = backup(x, r) + mlp(np.concatenate([x, r], 1))
         xn = plant.step(x, u)
         vals = [((xn @ Fs.T - fs) / s_rng).max(-1), ((u @ Fu.T - fu) / u_rng).max(-1),
-                (V(xn - xs) - np.maximum((1 - alpha) * V(x - xs), eps)) / eps,
+                (V(xn - xs) - np.maximum((1 - alpha) * V(x - xs), eps)) / (decrease * eps),
                 ((x @ E.T + u @ G.T + rho @ F.T - f) / f_rng).max(-1) if len(f) else np.full(len(x), -1.0)]
         worst = np.maximum(worst, np.stack(vals, -1))
         cost += ((x - xs)[:, track] ** 2).sum(-1) + spec.cost_action_weight * ((u - us) ** 2).sum(-1)
@@ -301,6 +303,22 @@ def test_lyapunov_scale_is_a_fraction_of_the_region():
     _, backup, _, engine = _di_engine()
     assert engine.eps == pytest.approx(0.5, rel=0.1)
     assert engine.alpha == pytest.approx(0.01, rel=0.05)
+    # the metric's unit: ε times the backup's decrease, so the backup itself sits near -(1 - α)
+    assert engine.lyap_unit == pytest.approx(engine.eps * engine.alpha / SafetySpec().lyap_alpha)
+
+
+@pytest.mark.parametrize("name", ["double_integrator", "dc_motor", "cart_pole", "pendulum"])
+def test_the_backups_own_lyapunov_value_is_plant_independent(name):
+    """In units of δ ε the backup's own Lyapunov value is about -(1 - lyap_alpha) on every
+    plant (a fast pendulum at dt 0.05, a slow motor at dt 0.01), so one margin fits all."""
+    plant = load_plant(name)
+    backup = LQRBackup(plant)
+    layout = MLPLayout(plant.n + plant.nr, plant.m, (8,))
+    engine = PlantRollout(plant, backup, layout, SafetySpec())
+    x, r = random_states(plant, 256, np.random.default_rng(0))
+    g = engine.evaluate(backup_weights(layout, 0), x, r).g[0]
+    lyap = float(g[METRICS.index("lyapunov")])
+    assert -1.5 <= lyap <= -0.5, (name, lyap)   # δ is the worst case: a state may shrink faster
 
 
 # ------------------------------------------------------------------ initial conditions

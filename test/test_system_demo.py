@@ -51,16 +51,19 @@ def test_malicious_graph_zero_violations_bag_matches_nodes(tmp_path):
 
 
 @pytest.mark.slow
-def test_another_plant_by_its_file_alone(tmp_path):
-    """``--plant coupled_two_input`` (two coupled inputs, an H polytope, the implicit safe set):
-    the same graph, nothing else changed; zero violations, two values per command, and the bag
-    carries the plant (its limits read from the ``plant`` record)."""
+@pytest.mark.parametrize("name", ["coupled_two_input", "dc_motor", "pendulum"])
+def test_another_plant_by_its_file_alone(tmp_path, name):
+    """``--plant NAME``, nothing else changed: ``coupled_two_input`` (two coupled inputs, an H
+    polytope, the implicit safe set), ``dc_motor`` (speed and current as velocity and effort of
+    one joint), ``pendulum`` (a model class, no tracked states: episodes). Zero violations,
+    every state read, one value per input in every command, and the bag carries the plant
+    (its limits read from the ``plant`` record)."""
     from scpo_ros.plant import load_plant
-    plant = load_plant("coupled_two_input")
+    plant = load_plant(name)
     params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
                                          "learner": {"publish_rate_hz": 2.0}}, tmp_path / "params.yaml")
     args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
-                                 no_malicious=False, plant="coupled_two_input", namespace="", duration=10.0,
+                                 no_malicious=False, plant=name, namespace="", duration=10.0,
                                  startup_timeout=120.0, plots=None)
     result = run_graph(args, out=lambda *a: None)
     nodes, m = result["nodes"], result["bag_metrics"]
@@ -70,6 +73,7 @@ def test_another_plant_by_its_file_alone(tmp_path):
     assert m["constraint_violations"] == 0 and m["constraint_violations_from_states"] == 0
     assert m["limits"]["source"] == "plant topic"
     assert m["control_steps"] == nodes["scpo_safety_node"]["control_steps"] > 50
+    assert nodes["scpo_safety_node"]["rejected_states"] == {} and m["unreadable_states"] == 0
     from scpo_ros.bag import read_messages
     cmds = [b.msg.data for b in read_messages(args.bag, ["/cmd"])]
     assert cmds and all(len(u) == plant.m for u in cmds)

@@ -228,7 +228,7 @@ class ActionSafeguard(LifecycleNode):
     # ------------------------------------------------------------------ callbacks
     def _on_state(self, msg: JointState) -> None:
         x = self._x_buf
-        reason = self.joints.read(msg.name, msg.position, msg.velocity, x)
+        reason = self.joints.read_msg(msg, x)
         if reason is None:
             now_ros = ros_now(self)
             if now_ros is None and not self._clock_warned:     # use_sim_time without /clock

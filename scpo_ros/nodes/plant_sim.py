@@ -49,6 +49,12 @@ applied at the previous tick is held once more (a late or missed command, the fa
 nodes' safe set is built to absorb once). Never two ticks in a row. Its own generator,
 seeded by ``seed`` (the noise sequence does not change), counted as ``late_commands``.
 
+Episodes (``episode_s``, plants without tracked states only): the expert's references move
+a tracking plant around its certified region; a plant without tracked states (the pendulum,
+the cart-pole) would rest at its equilibrium and give nothing to learn. So it starts away
+from it (``initial_state``) and again every ``episode_s`` of simulated time (counted as
+``episodes``); the published states show the jump like any state.
+
 Service ``~/reset`` (``std_srvs/Trigger``, private: ``/plant_sim/reset``): state back to the
 initial state, command to zero (counters and the simulated time keep counting).
 
@@ -86,13 +92,18 @@ from ..ros.runner import flush_publishers, run_node
 
 SIM_PARAMS = (
     ParamSpec("rate_hz", 0.0, "Simulation and state publication rate (wall clock); 0 = 1/dt of the plant "
-                              "(real time).", 0.0, 1000.0),
+                              "(real time), at most max_rate_hz.", 0.0, 1000.0),
+    ParamSpec("max_rate_hz", 0.0, "Cap of rate_hz = 0 (0: none): a plant with a shorter dt then runs slower than "
+                                  "real time, for a machine that cannot keep its loop.", 0.0, 1000.0),
     ParamSpec("noise_std", 0.0, "Std of the process noise added to the applied inputs, as a fraction of each "
                                 "input's half range (u_max - u_min) / 2.", 0.0, 10.0),
     dataclasses.replace(SEED, description="Seed of the process noise and of the late-command fault injection."),
     ParamSpec("initial_state", [], "Initial state: one value per state (or one for all); []: the equilibrium of "
-                                   "the certified reference box's centre.", -1e6, 1e6, ptype="double[]",
-              max_len=64),
+                                   "the certified reference box's centre (without tracked states: the certified "
+                                   "region's centre moved halfway to its upper corner).", -1e6, 1e6,
+              ptype="double[]", max_len=64),
+    ParamSpec("episode_s", 8.0, "Plants without tracked states only (no reference moves them): every episode_s of "
+                                "simulated time the state starts again from initial_state; 0: never.", 0.0, 3600.0),
     ParamSpec("cmd_timeout", 0.5, "Seconds without a command after which cmd_timeout_action applies "
                                   "(0 = hold the last command forever).", 0.0, 60.0),
     ParamSpec("cmd_timeout_action", "brake", "After cmd_timeout: brake = the backup LQR toward rest where the "
@@ -142,8 +153,14 @@ def brake_command(plant: Plant, backup: LQRBackup, x: np.ndarray) -> np.ndarray:
 
 def initial_state(plant: Plant, values: list[float]) -> np.ndarray:
     """The ``initial_state`` parameter as a state: [] = the equilibrium of the reference box's
-    centre, one value = every state, else one value per state."""
+    centre (a plant without tracked states: the certified region's centre moved halfway to
+    its upper corner, a state the controllers have to bring back), one value = every state,
+    else one value per state."""
     if len(values) == 0:
+        if plant.nr == 0:
+            reg = plant.region
+            centre = 0.5 * (reg.x_min + reg.x_max)
+            return centre + 0.25 * (reg.x_max - reg.x_min)
         return plant.equilibrium(0.5 * (plant.region.r_min + plant.region.r_max))[0]
     if len(values) == 1:
         return np.full(plant.n, float(values[0]))
@@ -181,6 +198,8 @@ class PlantSim(Node):
         self.timeout_active = False
         self.sim_time_ns = 0                    # simulated time of the current state
         self.dt_ns = int(round(self.plant.dt * 1e9))
+        self.episodes = 0
+        self.episode_steps = self._episode_steps(self.p)
         self.steps = 0
         self.states_published = 0
         self.violations = 0
@@ -212,8 +231,16 @@ class PlantSim(Node):
                if self.p["late_command_probability"] > 0.0 else ""))
 
     # -- parameters
+    def _episode_steps(self, p) -> int:
+        """Steps per episode: 0 (never) for a plant with tracked states or ``episode_s`` 0."""
+        if self.plant.nr or p["episode_s"] <= 0.0:
+            return 0
+        return max(1, int(round(p["episode_s"] / self.plant.dt)))
+
     def _period(self, p) -> float:
-        return 1.0 / p["rate_hz"] if p["rate_hz"] > 0.0 else self.plant.dt
+        if p["rate_hz"] > 0.0:
+            return 1.0 / p["rate_hz"]
+        return max(self.plant.dt, 1.0 / p["max_rate_hz"]) if p["max_rate_hz"] > 0.0 else self.plant.dt
 
     @staticmethod
     def _late_rng(seed: int) -> np.random.Generator:
@@ -238,7 +265,8 @@ class PlantSim(Node):
     def _apply(self, values, changed) -> None:
         self.p = values
         self.x0 = initial_state(self.plant, values["initial_state"])
-        if "rate_hz" in changed:
+        self.episode_steps = self._episode_steps(values)
+        if changed & {"rate_hz", "max_rate_hz"}:
             self.destroy_timer(self.timer)
             self.timer = self.create_timer(self._period(values), self._step)
         if "seed" in changed:
@@ -291,6 +319,9 @@ class PlantSim(Node):
         self.x = np.asarray(self.plant.step(self.x, applied), dtype=float)
         self.steps += 1
         self.sim_time_ns += self.dt_ns
+        if self.episode_steps and self.steps % self.episode_steps == 0:
+            self.x = self.x0.copy()      # a new episode (a plant that no reference moves)
+            self.episodes += 1
         self._publish_state()
         self._check_violation(self.x, self.u)  # every published state, and the command that led to it
         if self.steps % max(1, int(round(1.0 / self._period(self.p)))) == 0:
@@ -372,13 +403,15 @@ class PlantSim(Node):
                          violations_by_kind=self.violations_by_kind, commands=self.commands,
                          refused_commands=self.refused_commands, dt=self.plant.dt,
                          rate_hz=1.0 / self._period(self.p), cmd_timeout_active=self.timeout_active,
-                         cmd_timeout_action=self.p["cmd_timeout_action"], late_commands=self.late_commands)
+                         cmd_timeout_action=self.p["cmd_timeout_action"], late_commands=self.late_commands,
+                         episodes=self.episodes)
 
     def summary(self) -> dict:
         return {"node": g.SIMULATOR, "plant": self.plant.name, "steps": self.steps,
                 "states_published": self.states_published, "constraint_violations": self.violations,
                 "violations_by_kind": self.violations_by_kind, "commands": self.commands,
-                "refused_commands": self.refused_commands, "late_commands": self.late_commands}
+                "refused_commands": self.refused_commands, "late_commands": self.late_commands,
+                "episodes": self.episodes}
 
     def destroy_node(self):
         flush_publishers([pub for pub in (self.state_pub, self.violation_pub, self.plant_pub, self.clock_pub)

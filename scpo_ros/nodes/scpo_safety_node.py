@@ -300,7 +300,7 @@ class SCPOSafetyNode(LifecycleNode):
     def _on_state(self, msg: JointState) -> None:
         t_start = time.perf_counter()
         x = self._x_new
-        reason = self.joints.read(msg.name, msg.position, msg.velocity, x)
+        reason = self.joints.read_msg(msg, x)
         if reason is None:
             stamp = stamp_to_sec(msg.header.stamp)
             now = ros_now(self)
