@@ -160,11 +160,12 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
     joint_map = JointMap.for_plant(s.plant)
     states, rows = [], []
     x = np.zeros(s.plant.n)
-    for m in get(g.JOINT_STATES):
+    recorded = get(g.JOINT_STATES)
+    for m in recorded:
         if joint_map.read_msg(m.msg, x) is None:
             states.append(m)
             rows.append(x.copy())
-    s.unreadable_states = len(get(g.JOINT_STATES)) - len(states)
+    s.unreadable_states = len(recorded) - len(states)
     s.state_t = np.array([T(m) for m in states])
     s.state_stamp = np.array([m.msg.header.stamp.sec + 1e-9 * m.msg.header.stamp.nanosec - s.t0 for m in states])
     s.state = np.array(rows) if rows else np.zeros((0, s.plant.n))
@@ -242,10 +243,9 @@ def _constraint_metrics(s: Series) -> dict:
     for name, mg in _row_margins(plant.state_rows(), s.state).items():
         margins[name] = float(mg.min())
         state_viol |= mg < 0
-    cmds = [u for u in s.cmd if u.size == plant.m and np.isfinite(u).all()]
-    if cmds:
-        keep = np.array([u.size == plant.m and np.isfinite(u).all() for u in s.cmd])
-        um = _row_margins(plant.input_rows(), np.array(cmds))
+    keep = np.array([u.size == plant.m and np.isfinite(u).all() for u in s.cmd], dtype=bool)
+    if keep.any():
+        um = _row_margins(plant.input_rows(), np.array([u for u, k in zip(s.cmd, keep) if k]))
         worst = np.full(len(s.cmd), np.inf)
         for name, mg in um.items():
             margins[name] = float(mg.min())

@@ -131,6 +131,8 @@ class JointMap:
         self.joints: tuple[str, ...] = tuple(dict.fromkeys(j for j, _ in entries))
         self.fields: tuple[str, ...] = tuple(f for f in JOINT_FIELDS if any(f == g for _, g in entries))
         self._field_ids = tuple(_FIELD_INDEX[f] for f in self.fields)
+        # write(): per entry (field id, joint index) into the message's arrays
+        self._write_plan = tuple((_FIELD_INDEX[f], self.joints.index(j)) for j, f in entries)
         # cache: the last names list seen and what it resolved to: a plan
         # [(field id, index into that field's array)] per entry, or a reason
         self._names: list[str] | None = None
@@ -214,10 +216,9 @@ class JointMap:
         JointState convention for "not measured")."""
         if len(x) != self.size:
             raise ValueError(f"JointMap.write: {len(x)} values for {self.size} state entries")
-        index = {j: i for i, j in enumerate(self.joints)}
         arrays = [[math.nan] * len(self.joints) if f in self.fields else [] for f in JOINT_FIELDS]
-        for (joint, fld), v in zip(self.entries, x):
-            arrays[_FIELD_INDEX[fld]][index[joint]] = float(v)
+        for (field_id, joint), v in zip(self._write_plan, x):
+            arrays[field_id][joint] = float(v)
         return list(self.joints), arrays[0], arrays[1], arrays[2]
 
     def read_msg(self, msg, out: np.ndarray) -> str | None:

@@ -38,8 +38,8 @@ import numpy as np
 import scipy.linalg
 import yaml
 
-JOINT_FIELDS = ("position", "velocity", "effort")
-"""The ``sensor_msgs/JointState`` arrays a state can be read from."""
+from .inputs import JOINT_FIELDS  # the JointState arrays a state can be read from
+
 ENTRY_POINT_GROUP = "scpo_ros.plants"
 """Where ``model: NAME`` is looked up."""
 PACKAGE_PREFIX = "package://"

@@ -13,15 +13,20 @@ from scpo_ros.graph import SIMULATOR, merged_params_file  # noqa: E402
 from scpo_ros.scpo import COMMITTED  # noqa: E402
 
 
+def _malicious_run(tmp_path, plant, namespace: str, duration: float, publish_rate_hz: float):
+    """``run_graph`` of the demo with malicious phases every 4 s (2 s each, so a short run sees
+    both kinds of demonstration), recording a bag: ``(result, args)``."""
+    params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
+                                         "learner": {"publish_rate_hz": publish_rate_hz}}, tmp_path / "params.yaml")
+    args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
+                                 no_malicious=False, plant=plant, namespace=namespace, duration=duration,
+                                 startup_timeout=120.0, plots=None)
+    return run_graph(args, out=lambda *a: None), args
+
+
 @pytest.mark.slow
 def test_malicious_graph_zero_violations_bag_matches_nodes(tmp_path):
-    # malicious phases every 4 s (2 s each) so a short run sees both kinds of demonstration
-    params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
-                                         "learner": {"publish_rate_hz": 4.0}}, tmp_path / "params.yaml")
-    args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
-                                 no_malicious=False, plant=None, namespace="scpo_test", duration=12.0,
-                                 startup_timeout=120.0, plots=None)
-    result = run_graph(args, out=lambda *a: None)
+    result, args = _malicious_run(tmp_path, None, "scpo_test", 12.0, 4.0)
     nodes, m = result["nodes"], result["bag_metrics"]
     assert set(result["exit_codes"].values()) == {0}, result["exit_codes"]
     sim, safety, expert = nodes[SIMULATOR], nodes["scpo_safety_node"], nodes["expert"]
@@ -60,12 +65,7 @@ def test_another_plant_by_its_file_alone(tmp_path, name):
     (its limits read from the ``plant`` record)."""
     from scpo_ros.plant import load_plant
     plant = load_plant(name)
-    params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
-                                         "learner": {"publish_rate_hz": 2.0}}, tmp_path / "params.yaml")
-    args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
-                                 no_malicious=False, plant=name, namespace="", duration=10.0,
-                                 startup_timeout=120.0, plots=None)
-    result = run_graph(args, out=lambda *a: None)
+    result, args = _malicious_run(tmp_path, name, "", 10.0, 2.0)
     nodes, m = result["nodes"], result["bag_metrics"]
     assert set(result["exit_codes"].values()) == {0}, result["exit_codes"]
     assert nodes["expert"]["malicious_demonstrations"] > 0
