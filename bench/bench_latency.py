@@ -85,7 +85,9 @@ def start_node(kind: str, tmp: Path) -> subprocess.Popen:
     else:
         from scpo_ros.graph import merged_params_file
         params = merged_params_file(REPO / "config" / "scpo.yaml",
-                                    {"scpo_safety_node": {"state_timeout": 1.0}}, tmp / "params.yaml")
+                                    # the driver's states follow no dynamics: no model monitor
+                                    {"scpo_safety_node": {"state_timeout": 1.0, "monitor_enabled": False}},
+                                    tmp / "params.yaml")
         cmd = [sys.executable, "-m", "scpo_ros.nodes.scpo_safety_node", "--ros-args", "--params-file", params]
     log = open(tmp / f"{kind}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO)

@@ -160,10 +160,12 @@ class Pendulum:
         A, B = self.linearization()
         return A, B, np.zeros(2)
 
-    def safe_set(self, plant, late_commands: int = 0):
+    def safe_set(self, plant, late_commands: int = 0, w=None):
         """The model interface: the pendulum's safe action set (``pendulum_safe_set``, the
         gravity-as-known-input construction) with the plant file's limits: angle bound
-        ``x_max[0]``, rate bound ``x_max[1]``, ``a_max = u_max[0]``. That construction is
+        ``x_max[0]``, rate bound ``x_max[1]``, ``a_max = u_max[0]``; robust to the additive bound
+        ``w`` (``uncertainty.additive_bound``: the declared parameter ranges and disturbance,
+        measured-state limits tightened by the declared noise). That construction is
         symmetric and knows only boxes: asymmetric bounds or polytope rows are refused with a
         ``PlantError`` naming the key."""
         from .plant import PlantError
@@ -178,9 +180,12 @@ class Pendulum:
         for key in ("H", "G"):
             if len(getattr(plant, key)):
                 raise PlantError(key, f"the pendulum's safe set takes no {key} rows (boxes only)", plant.source)
+        x_max = np.asarray(plant.x_max, dtype=float)
+        if w is not None:
+            x_max = x_max - np.asarray(plant.uncertainty.measurement_noise, dtype=float)
         system = Pendulum(dt=self.dt, g=self.g, tau_max=self.tau_max, a_max=float(plant.u_max[0]),
-                          theta_dot_max=float(plant.x_max[1]), theta_max=float(plant.x_max[0]))
-        return pendulum_safe_set(system, late_commands)
+                          theta_dot_max=float(x_max[1]), theta_max=float(x_max[0]))
+        return pendulum_safe_set(system, late_commands, w)
 
     def violation(self, x, u=None, tol: float = 1e-9):
         lib = torch if isinstance(x, torch.Tensor) else np

@@ -32,6 +32,7 @@ CONSTRAINT_VIOLATION = "constraint_violation"
 PLANT = "plant"
 INTERVENTION = "intervention"
 RAW_ACTION = "raw_action"
+MODEL_MONITOR = "model_monitor"
 DIAGNOSTICS = "/diagnostics"
 CLOCK = "/clock"
 
@@ -49,14 +50,16 @@ TOPIC_TYPES = {
     PLANT: "std_msgs/msg/String",
     INTERVENTION: "std_msgs/msg/String",
     RAW_ACTION: "std_msgs/msg/Float64MultiArray",
+    MODEL_MONITOR: "std_msgs/msg/String",
     DIAGNOSTICS: "diagnostic_msgs/msg/DiagnosticArray",
 }
 """Topic name -> ROS 2 type name (``pkg/msg/Name``)."""
 
-LATCHED_TOPICS = frozenset({CERTIFIED_WEIGHTS, SAFETY_MODE, PLANT})
+LATCHED_TOPICS = frozenset({CERTIFIED_WEIGHTS, SAFETY_MODE, PLANT, MODEL_MONITOR})
 """Published transient-local: a late subscriber gets the value already sent. ``plant``: one
 JSON ``plant.plant_record`` per publishing node (``"node"`` says which), so a bag carries
-the plant file and the limits in force."""
+the plant file and the limits in force. ``model_monitor``: the safety node's model monitor
+(``model_monitor.ModelMonitor.record``), on every trip and clear and once a second."""
 
 
 def base_name(topic: str) -> str:
@@ -92,6 +95,7 @@ MODE_RETURNING = "returning"
 MODE_BACKUP_RECERTIFYING = "backup_recertifying"
 MODE_HOLD_STALE = "hold_stale"
 MODE_SHUTTING_DOWN = "shutting_down"
+MODE_MODEL_MISMATCH = "backup_model_mismatch"
 
 LEVEL_OK, LEVEL_WARN, LEVEL_ERROR = 0, 1, 2
 """Diagnostic levels, as ``diagnostic_msgs/DiagnosticStatus`` numbers them (``ros.diagnostics``
@@ -109,6 +113,8 @@ SAFETY_MODE_TABLE = {
                      "back in the certified region"),
     MODE_BACKUP_RECERTIFYING: (LEVEL_WARN, "FALLBACK: re-certifying after a parameter change", None),
     MODE_HOLD_STALE: (LEVEL_ERROR, "STALE STATE: hold command ({hold_mode})", None),
+    MODE_MODEL_MISMATCH: (LEVEL_ERROR, "MODEL MISMATCH: the plant left its declared uncertainty; the fallback acts "
+                                       "and no update is committed", "the model monitor tripped"),
     MODE_SHUTTING_DOWN: (LEVEL_WARN, "shutting down: fallback until the plant is at rest", None),
 }
 """The safety node's modes: level and diagnostic text (``str.format`` of the node's
@@ -118,7 +124,7 @@ STATE_RECEIVED = "state received"
 
 SAFETY_MODES = tuple(SAFETY_MODE_TABLE)
 """The safety node's modes (``safety_mode`` records)."""
-FALLBACK_MODES = (MODE_BACKUP_REGION, MODE_BACKUP_RECERTIFYING, MODE_HOLD_STALE)
+FALLBACK_MODES = (MODE_BACKUP_REGION, MODE_BACKUP_RECERTIFYING, MODE_HOLD_STALE, MODE_MODEL_MISMATCH)
 """The modes in which the fallback acts instead of the policy (counted as fallbacks)."""
 
 
@@ -157,7 +163,7 @@ PUBLISHES = {
     SIMULATOR: (JOINT_STATES, CONSTRAINT_VIOLATION, PLANT),
     EXPERT: (EXPERT_ACTION, REFERENCE, MALICIOUS),
     LEARNER: (PROPOSED_WEIGHTS,),
-    SAFETY_NODE: (CMD, CERTIFIED_WEIGHTS, SCPO_DECISION, SAFETY_MODE, PLANT),
+    SAFETY_NODE: (CMD, CERTIFIED_WEIGHTS, SCPO_DECISION, SAFETY_MODE, PLANT, MODEL_MONITOR),
     SAFEGUARD: (CMD, INTERVENTION, PLANT),
 }
 """Topics per node (relative names; every node also publishes ``/diagnostics``, the simulator

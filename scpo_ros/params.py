@@ -12,7 +12,8 @@ default lives in one place:
 - ``SCPO_PARAMS``: the projector (``scpo.SCPOConfig``) and its state samples;
 - ``ENVELOPE_PARAMS``: the late commands the shared safe set absorbs;
 - ``STATE_INPUT_PARAMS``: how a controller reads ``joint_states`` (``inputs``);
-- ``LIFECYCLE_PARAMS``: autostart, behaviour while inactive, the shutdown hold.
+- ``LIFECYCLE_PARAMS``: autostart, behaviour while inactive, the shutdown hold;
+- ``MONITOR_PARAMS``: the runtime model monitor (``model_monitor.MonitorSettings``).
 
 ``plant_of(values)`` builds the plant from the first. A node declares
 ``compose(TABLE, ..., its own specs)`` through ``scpo_ros.ros.parameters``. Nothing here
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .model_monitor import MonitorSettings
 from .plant import PACKAGE_PREFIX, Plant, load_plant
 from .policy import MLPLayout
 from .residual_scpo import ResidualSCPO
@@ -274,6 +276,30 @@ LIFECYCLE_PARAMS = (
     ParamSpec("shutdown_timeout", 2.0, "At shutdown keep sending the fallback until the plant is at rest, no state "
                                        "comes for state_timeout, or this passes (s).", 0.0, 60.0),
 )
+
+
+_M = MonitorSettings()
+MONITOR_PARAMS = (
+    ParamSpec("monitor_enabled", True, "Run the model monitor: the one-step residual against the plant file's "
+                                       "declared uncertainty; while it is tripped no update is committed and "
+                                       "the envelope's fallback acts."),
+    ParamSpec("monitor_tolerance", _M.tolerance, "The residual may exceed the declared bound by this fraction of "
+                                                 "it.", 0.0, 100.0),
+    ParamSpec("monitor_floor", _M.floor, "Residual floor per state, as a fraction of its certified-region range "
+                                         "(rounding; the whole bound of a plant that declares nothing).", 1e-12, 1.0),
+    ParamSpec("monitor_window", _M.window, "Transitions the trip rule looks back over.", 1, 10000),
+    ParamSpec("monitor_trip_count", _M.trip_count, "Out-of-bounds transitions within the window that trip the "
+                                                   "monitor (at most monitor_window).", 1, 10000),
+    ParamSpec("monitor_clear_steps", _M.clear_steps, "In-bounds transitions in a row that clear it.", 1, 1000000),
+)
+"""The model monitor (``model_monitor.MonitorSettings``); ``monitor_settings`` builds it."""
+
+
+def monitor_settings(values: Mapping[str, Any]) -> MonitorSettings:
+    """``MonitorSettings`` of parameter values (``ValueError`` naming the rule broken)."""
+    return MonitorSettings(tolerance=float(values["monitor_tolerance"]), floor=float(values["monitor_floor"]),
+                           window=int(values["monitor_window"]), trip_count=int(values["monitor_trip_count"]),
+                           clear_steps=int(values["monitor_clear_steps"]))
 
 
 MODEL_PARAMS = PLANT_PARAMS + POLICY_PARAMS + ROLLOUT_PARAMS + SCPO_PARAMS + ENVELOPE_PARAMS

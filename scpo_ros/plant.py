@@ -45,7 +45,11 @@ ENTRY_POINT_GROUP = "scpo_ros.plants"
 PACKAGE_PREFIX = "package://"
 _KEYS = ("name", "dt", "states", "inputs", "A", "B", "c", "continuous", "x_min", "x_max", "u_min", "u_max",
          "H", "h", "G", "g", "tracked", "joints", "commands", "backup", "certified_region", "model", "params",
-         "description")
+         "description", "uncertainty")
+_UNCERTAINTY_KEYS = ("w_max", "A_delta", "B_delta", "params", "input_delay_steps", "measurement_noise")
+MAX_INPUT_DELAY_STEPS = 1
+"""The longest input delay a plant file may declare: the safe sets absorb one late command
+(``safeguard.invariant_set``'s ``late_commands``), no more."""
 
 
 class PlantError(ValueError):
@@ -86,6 +90,51 @@ class Region:
 
 
 @dataclass(frozen=True, eq=False)
+class Uncertainty:
+    """What the plant file declares the true robot may differ by (``uncertainty:``; all optional,
+    zero by default). Everything is per control period, on the discrete model ``x+ = A x + B u + c``:
+
+    - ``w_max (n,)``: an additive disturbance ``|w_i| <= w_max_i`` on every step;
+    - ``A_delta (n, n)``, ``B_delta (n, m)``: entrywise bounds ``|A_true - A| <= A_delta``,
+      ``|B_true - B| <= B_delta`` (a ``continuous:`` file gives them on its continuous matrices; they
+      are carried to the discrete ones here, ``_discrete_deltas``);
+    - ``params``: ``{name: (lo, hi)}`` ranges of a model class's parameters (``model:`` plants);
+    - ``input_delay_steps``: a command may take effect up to this many periods late (0 or 1);
+    - ``measurement_noise (n,)``: ``|x_measured - x| <= measurement_noise``.
+
+    ``scpo_ros.uncertainty`` turns these into the bounds that the safe sets, the certification and
+    the model monitor use."""
+
+    w_max: np.ndarray
+    A_delta: np.ndarray
+    B_delta: np.ndarray
+    params: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    input_delay_steps: int = 0
+    measurement_noise: np.ndarray | None = None
+    continuous_deltas: tuple[np.ndarray, np.ndarray] | None = None
+    """The file's continuous-time ``(A_delta, B_delta)`` when it gave ``continuous:`` (for the record)."""
+
+    @property
+    def declared(self) -> bool:
+        """Whether the file declares any uncertainty at all (else every certificate is nominal)."""
+        return bool(np.any(self.w_max > 0) or np.any(self.A_delta > 0) or np.any(self.B_delta > 0)
+                    or self.params or self.input_delay_steps or np.any(self.measurement_noise > 0))
+
+    def describe(self) -> dict:
+        def arr(a):
+            return [[_num(v) for v in row] for row in a] if a.ndim == 2 else [_num(v) for v in a]
+        return {"w_max": arr(self.w_max), "A_delta": arr(self.A_delta), "B_delta": arr(self.B_delta),
+                "params": {k: list(v) for k, v in self.params.items()},
+                "input_delay_steps": self.input_delay_steps, "measurement_noise": arr(self.measurement_noise)}
+
+
+def no_uncertainty(n: int, m: int) -> Uncertainty:
+    """The nominal plant's (nothing declared)."""
+    return Uncertainty(_frozen(np.zeros(n)), _frozen(np.zeros((n, n))), _frozen(np.zeros((n, m))),
+                       measurement_noise=_frozen(np.zeros(n)))
+
+
+@dataclass(frozen=True, eq=False)
 class Plant:
     """A validated plant file. Arrays are float64 and read-only; ``model`` is the model-class
     instance of a nonlinear plant (None for a linear one), whose linearisation ``A``, ``B``,
@@ -118,6 +167,8 @@ class Plant:
     model_name: str = ""
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    uncertainty: Uncertainty | None = None
+    """What the file declares the true robot may differ by (``Uncertainty``; None: nothing)."""
     source: str = ""
     """Where the file came from (path), for messages."""
     text: str = field(default="", repr=False)
@@ -209,6 +260,8 @@ class Plant:
         return r @ Mx.T + mx, r @ Mu.T + mu
 
     def __post_init__(self):
+        if self.uncertainty is None:
+            object.__setattr__(self, "uncertainty", no_uncertainty(len(self.states), len(self.inputs)))
         object.__setattr__(self, "_equilibrium", _solve_equilibrium(self))
         object.__setattr__(self, "_tensors", {})
 
@@ -247,7 +300,7 @@ class Plant:
                                                           for s, (j, f) in zip(self.states, self.joints)},
                 "region": {"x_min": arr(self.region.x_min), "x_max": arr(self.region.x_max),
                            "r_min": arr(self.region.r_min), "r_max": arr(self.region.r_max)},
-                "model": self.model_name, "source": self.source}
+                "model": self.model_name, "uncertainty": self.uncertainty.describe(), "source": self.source}
 
     def with_limits(self, x_min=None, x_max=None, u_min=None, u_max=None) -> Plant:
         """The plant with tightened box limits (the runtime ``*_tight`` parameters; an infinite entry
@@ -348,11 +401,13 @@ def plant_from_dict(data: Any, source: str = "<dict>", text: str = "") -> Plant:
     commands = _joint_map(d["commands"], inputs, "commands", source, every=True) if "commands" in d else None
     Q, R = _backup_weights(d.get("backup"), n, m, source)
     region = _region(_req(d, "certified_region", source), x_min, x_max, len(tracked), source)
+    uncertainty = _uncertainty(d.get("uncertainty"), d, dt, n, m, params, source)
     plant = Plant(name=name, dt=dt, states=states, inputs=inputs, A=_frozen(A), B=_frozen(B), c=_frozen(c),
                   x_min=_frozen(x_min), x_max=_frozen(x_max), u_min=_frozen(u_min), u_max=_frozen(u_max),
                   H=_frozen(H), h=_frozen(h), G=_frozen(G), g=_frozen(g), tracked=tracked, joints=joints,
                   commands=commands, backup_Q=_frozen(Q), backup_R=_frozen(R), region=region, model=model,
-                  model_name=model_name, params=params, description=description, source=source, text=text)
+                  model_name=model_name, params=params, description=description, uncertainty=uncertainty,
+                  source=source, text=text)
     _check_limits(plant)
     _check_stabilisable(plant)
     return plant
@@ -431,6 +486,97 @@ def _region(reg: Any, x_min: np.ndarray, x_max: np.ndarray, nr: int, source: str
     r_max = _vector(reg.get("r_max", []), nr, "certified_region.r_max", source)
     r_min = _vector(reg.get("r_min", (-r_max).tolist()), nr, "certified_region.r_min", source)
     return Region(*(_frozen(a) for a in (bounds["x_min"], bounds["x_max"], r_min, r_max)))
+
+
+def _uncertainty(u: Any, d: Mapping, dt: float, n: int, m: int, params: Mapping, source: str) -> Uncertainty:
+    """The ``uncertainty:`` block (``Uncertainty``): sizes, signs, and what fits the kind of plant."""
+    if u is None:
+        return no_uncertainty(n, m)
+    if not isinstance(u, Mapping):
+        raise PlantError("uncertainty", f"expected a mapping of {', '.join(_UNCERTAINTY_KEYS)}, got {u!r}", source)
+    unknown = [k for k in u if k not in _UNCERTAINTY_KEYS]
+    if unknown:
+        raise PlantError(f"uncertainty.{unknown[0]}", f"unknown key (known: {', '.join(_UNCERTAINTY_KEYS)})",
+                         source)
+
+    def nonneg(v, key):
+        if v.size and np.any(v < 0):
+            raise PlantError(f"uncertainty.{key}", f"bounds must be >= 0, got {v.tolist()}", source)
+        return v
+
+    w_max = nonneg(_vector(u.get("w_max", [0.0] * n), n, "uncertainty.w_max", source), "w_max")
+    noise = nonneg(_vector(u.get("measurement_noise", [0.0] * n), n, "uncertainty.measurement_noise", source),
+                   "measurement_noise")
+    model = "model" in d
+    for key in ("A_delta", "B_delta"):
+        if model and key in u:
+            raise PlantError(f"uncertainty.{key}", "a model plant declares the ranges of its parameters under "
+                             "uncertainty.params, not matrix bounds", source)
+    dA = nonneg(_matrix(u.get("A_delta", np.zeros((n, n))), n, n, "uncertainty.A_delta", source), "A_delta")
+    dB = nonneg(_matrix(u.get("B_delta", np.zeros((n, m))), n, m, "uncertainty.B_delta", source), "B_delta")
+    continuous_deltas = None
+    if "continuous" in d and (dA.any() or dB.any()):
+        continuous_deltas = (_frozen(dA), _frozen(dB))
+        dA, dB = _discrete_deltas(d["continuous"], dA, dB, dt, n, m, source)
+    ranges = u.get("params") or {}
+    if ranges and not model:
+        raise PlantError("uncertainty.params", "only a plant with model: has parameters; a linear plant declares "
+                         "A_delta / B_delta", source)
+    if not isinstance(ranges, Mapping):
+        raise PlantError("uncertainty.params", f"expected a mapping name -> [lo, hi], got {ranges!r}", source)
+    checked = {}
+    for name, rng in ranges.items():
+        key = f"uncertainty.params.{name}"
+        if name not in params:
+            raise PlantError(key, f"'{name}' is not among the model's params (params: {sorted(params)}); give its "
+                             f"nominal value under params: too", source)
+        if not isinstance(rng, (list, tuple)) or len(rng) != 2:
+            raise PlantError(key, f"expected [lo, hi], got {rng!r}", source)
+        lo, hi = (_number(v, key, source, False) for v in rng)
+        nominal = params[name]
+        if isinstance(nominal, bool) or not isinstance(nominal, (int, float)) or not lo <= float(nominal) <= hi:
+            raise PlantError(key, f"the range [{lo:g}, {hi:g}] must contain the nominal value {nominal!r}", source)
+        checked[str(name)] = (lo, hi)
+    delay = u.get("input_delay_steps", 0)
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_INPUT_DELAY_STEPS:
+        raise PlantError("uncertainty.input_delay_steps", f"must be an integer in [0, {MAX_INPUT_DELAY_STEPS}] "
+                         f"(the safe sets absorb at most one late command), got {delay!r}", source)
+    return Uncertainty(_frozen(w_max), _frozen(dA), _frozen(dB), checked, int(delay), _frozen(noise),
+                       continuous_deltas)
+
+
+DELTA_VERTEX_LIMIT = 10
+"""Continuous deltas with more uncertain entries than this are carried to discrete time on
+sampled vertices (``2**10`` vertices at most), not all of them."""
+
+
+def _discrete_deltas(cont: Mapping, dA: np.ndarray, dB: np.ndarray, dt: float, n: int, m: int, source: str):
+    """Entrywise bounds on the discrete ``(A, B)`` of the continuous box ``Ac ± dA``, ``Bc ± dB``: the
+    largest deviation of the zero-order-hold images of the box's vertices (all of them up to
+    ``2**DELTA_VERTEX_LIMIT``, else as many sampled) and of 256 interior points, widened by 5 %
+    (the map is smooth: to first order in ``dt`` it is ``dt · (dA, dB)``, which this covers)."""
+    Ac = _matrix(cont["A"], n, n, "continuous.A", source)
+    Bc = _matrix(cont["B"], n, m, "continuous.B", source)
+    cc = _vector(cont.get("c", [0.0] * n), n, "continuous.c", source)
+    Ad, Bd, _ = zoh(Ac, Bc, cc, dt)
+    delta = np.concatenate([dA.ravel(), dB.ravel()])
+    idx = np.flatnonzero(delta > 0)
+    rng = np.random.default_rng(0)
+    k = len(idx)
+    if k <= DELTA_VERTEX_LIMIT:
+        signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * k, indexing="ij")).reshape(k, -1).T
+    else:
+        signs = rng.choice([-1.0, 1.0], size=(2 ** DELTA_VERTEX_LIMIT, k))
+    points = np.vstack([signs, rng.uniform(-1.0, 1.0, size=(256, k))])
+    base = np.concatenate([Ac.ravel(), Bc.ravel()])
+    out_A, out_B = np.zeros((n, n)), np.zeros((n, m))
+    for p in points:
+        theta = base.copy()
+        theta[idx] += p * delta[idx]
+        A_v, B_v, _ = zoh(theta[:n * n].reshape(n, n), theta[n * n:].reshape(n, m), cc, dt)
+        np.maximum(out_A, np.abs(A_v - Ad), out=out_A)
+        np.maximum(out_B, np.abs(B_v - Bd), out=out_B)
+    return 1.05 * out_A, 1.05 * out_B
 
 
 def zoh(Ac: np.ndarray, Bc: np.ndarray, cc: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,6 +38,28 @@ deviation and every row; the constants are added once, after the running maxima.
 plants step ``plant.step`` (torch) and evaluate the rows directly (``_evaluate_model``, also
 the reference the fused path is tested against).
 
+**Robust rollouts** (a plant file that declares ``uncertainty:``, linear plants; ``robust=True``,
+the default). The parameter box is simulated, not bounded: each initial state runs on one corner
+``(A + dA, B + dB)`` of the declared box (``uncertainty.matrix_corners``: every corner up to 16,
+assigned in turn), the deviation ``dA x + dB u`` added to the next state from the actual ``x``
+and ``u``. The additive part ``|w| <= w`` (``uncertainty.disturbance_bound``: ``w_max`` and the
+measurement noise) is split off: ``e = ē + d`` with ``ē⁺ = Φ ē + B φ(x) + dA (x_ss + ē) + dB
+(u_ss - K ē + φ)`` (the corner plant, its residual acting at the *disturbed* state ``x = x_ss +
+ē + d``) and ``d⁺ = Φ d + w + (dA - dB K) d`` (the disturbance's response; their sum is the
+true plant). The second is bounded, not simulated: with ``S = Σ_{j<H} |Φ^j|`` and ``δ`` the
+largest ``|dA - dB K|`` of the corners, ``|d_t| <= d_sup = (I - S δ)⁻¹ S w`` on the horizon (by
+induction, when the spectral radius of ``S δ`` is below 1; otherwise the parameter box
+destabilises the backup's disturbance response and the rollouts refuse to be built), so it is
+the response of ``Φ`` to a disturbance ``|w̃| <= w + δ d_sup``. Every row is affine in ``(e, φ)``,
+so its worst case over all those sequences is exact in ``d``: the row on ``ē`` plus
+``Σ_{j<t} |a Φ^j| w̃`` (``tube_tightening``; ``a`` the row's coefficients of ``d``: input rows
+through ``-K``, safe-set rows through ``E - G K``). The residual's reaction to the disturbance is sampled: each initial
+state carries one disturbance sequence (``disturbance_sequences``: corners switching at random, a
+constant corner, and sequences that maximise one row's linear response at a random time), shared
+by all weight vectors of the call. The Lyapunov metric is taken on ``ē`` (the policy must not
+destabilise the nominal part; ``d`` is bounded by Φ alone). ``PlantRollout.covers`` says what a
+certificate covers. Model plants are rolled out nominally (``covers`` says so).
+
 V is computed afresh at every step from e⁺, never accumulated: in float32 its error is
 ~1e-7·V, far below the certification margin near the shell V ≈ ε where the maximum sits.
 """
@@ -59,6 +81,8 @@ _NONFINITE = 1e6
 projector's fit of the metrics stays defined."""
 _EMPTY_GROUP = -1.0
 """A metric without rows (no safe-set rows given): a full range inside."""
+SEQUENCE_KINDS = ("switching", "constant", "row_worst")
+"""The disturbance sequences of robust rollouts, assigned to the initial states in turn."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +269,7 @@ class PlantRollout:
 
     def __init__(self, plant, backup, layout: MLPLayout, spec: SafetySpec = SafetySpec(),
                  safe_rows: tuple | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, robust: bool = True, seed: int = 0):
         n, m, nr = plant.n, plant.m, plant.nr
         if layout.in_dim != n + nr or layout.out_dim != m:
             raise ValueError(f"layout {layout.sizes} does not fit the plant {plant.name} "
@@ -263,7 +287,34 @@ class PlantRollout:
         # the metric's unit (module docstring); a backup without a guaranteed decrease (never
         # one that certified) keeps the unit ε
         self.lyap_unit = self.eps * (decrease if decrease > 1e-9 else 1.0)
+        self.w, self.corners = None, []
+        if robust and plant.uncertainty.declared and plant.linear:
+            from .uncertainty import disturbance_bound, matrix_corners
+            self.corners = matrix_corners(plant, np.random.default_rng([int(seed), 8]))
+            w = disturbance_bound(plant)
+            self.w = self._tube_disturbance(w) if w.any() else None
+        self._seq_rng = np.random.default_rng([int(seed), 7])
         self._build_tensors(P)
+
+    def _tube_disturbance(self, w: np.ndarray) -> np.ndarray:
+        """``w̃ = w + δ d_sup`` (module docstring): the disturbance of the tube once the parameter
+        corners' coupling ``(dA - dB K) d`` is folded in; ``w`` itself without corners."""
+        if not self.corners:
+            return w
+        K = np.asarray(self.backup.K, dtype=np.float64)
+        Phi = np.asarray(self.backup.A_cl, dtype=np.float64)
+        delta = np.max([np.abs(dA - dB @ K) for dA, dB in self.corners], axis=0)
+        S, power = np.zeros_like(Phi), np.eye(len(Phi))
+        for _ in range(self.steps):
+            S += np.abs(power)
+            power = power @ Phi
+        SD = S @ delta
+        if not float(np.max(np.abs(np.linalg.eigvals(SD)))) < 1.0:
+            raise ValueError(f"{self.plant.name}: the declared (A, B) box destabilises the backup's response to the "
+                             f"declared disturbance (spectral radius of S δ >= 1): no robust certificate; declare less "
+                             f"uncertainty or make the backup faster")
+        d_sup = np.linalg.solve(np.eye(len(Phi)) - SD, S @ w)
+        return w + delta @ d_sup
 
     def _t(self, a) -> torch.Tensor:
         return torch.as_tensor(np.array(a, dtype=np.float64), dtype=self.dtype, device=self.device)
@@ -295,6 +346,33 @@ class PlantRollout:
         self._G_e = self._t(np.hstack([Phi.T, Phi.T @ P, -K.T, (rows.Fs @ Phi).T, (-rows.Fu @ K).T,
                                        (rows.E - rows.G @ K).T]))
         self._G_phi = self._t(np.hstack([B.T, B.T @ P, np.eye(m), (rows.Fs @ B).T, rows.Fu.T, rows.G.T]))
+        if self.w is not None:
+            self._tube = self._t(tube_tightening(Phi, K, rows, self.w, self.steps))
+            self._row_dirs = np.vstack([rows.Fs, -rows.Fu @ K, rows.E - rows.G @ K])   # rows' d-coefficients
+        if self.corners:
+            # dA x + dB u for a state on corner v, as one matmul: [x ⊗ onehot_v, u ⊗ onehot_v] @ D
+            self._D_corner = self._t(np.vstack([dA.T for dA, _ in self.corners] + [dB.T for _, dB in self.corners]))
+            self._state_rows_T = self._t(rows.Fs.T)
+
+    @property
+    def robust(self) -> bool:
+        return self.w is not None or bool(self.corners)
+
+    @property
+    def covers(self) -> str:
+        """What a certificate from these rollouts is about (for logs and decision records)."""
+        if self.robust:
+            parts = []
+            if self.corners:
+                parts.append(f"the {len(self.corners)} corners of the declared (A, B) box (one per initial state, "
+                             f"in turn)")
+            if self.w is not None:
+                parts.append(f"every disturbance |w| <= {np.round(self.w, 6).tolist()} per step (exact for the "
+                             f"backup's linear response, sampled for the residual's reaction)")
+            return f"the declared uncertainty of {self.plant.name}: " + "; ".join(parts)
+        if self.plant.uncertainty.declared:
+            return f"the nominal model of {self.plant.name} (its declared uncertainty is not rolled out: a model plant)"
+        return f"the nominal model of {self.plant.name} (no uncertainty declared)"
 
     def equilibrium(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_ss(r), u_ss(r))`` of a batch of references (torch)."""
@@ -311,8 +389,11 @@ class PlantRollout:
         r = torch.as_tensor(np.asarray(r) if not torch.is_tensor(r) else r, dtype=self.dtype,
                             device=self.device).reshape(len(x0), self.plant.nr)
         N, M = params.shape[0], x0.shape[0]
-        run = self._evaluate_linear if self.plant.linear else self._evaluate_model
-        row_max, lyap, cost = run(params, x0, r, with_cost)
+        if self.plant.linear:
+            row_max, lyap, cost = self._evaluate_linear(params, x0, r, with_cost, self._disturbance_response(M),
+                                                        self._corner_of(M))
+        else:
+            row_max, lyap, cost = self._evaluate_model(params, x0, r, with_cost)
         const = (r @ self._C.T + self._c0).repeat(N, 1)   # per state: added once, after the max
         state, inputs, safe = self._group_max(row_max + const).unbind(-1)
         per = torch.stack([state, inputs, lyap / self.lyap_unit, safe], -1).view(N, M, len(METRICS))
@@ -345,9 +426,31 @@ class PlantRollout:
         return torch.cat([e0 @ self._Fs.T, torch.full((len(e0), rest), -torch.inf, dtype=self.dtype,
                                                       device=self.device)], -1)
 
-    def _evaluate_linear(self, params, x0, r, with_cost):
+    def _disturbance_response(self, M: int) -> torch.Tensor | None:
+        """``d_t (H, M, n)`` of one fresh disturbance sequence per initial state (robust rollouts;
+        None otherwise): ``d_0 = 0``, ``d_{t+1} = Φ d_t + w_t``."""
+        if self.w is None:
+            return None
+        Phi = np.asarray(self.backup.A_cl, dtype=np.float64)
+        w = disturbance_sequences(M, self.steps, self.w, Phi, self._row_dirs, self._seq_rng)   # (H, M, n)
+        d = np.zeros((self.steps, M, self.plant.n))
+        for t in range(self.steps - 1):
+            d[t + 1] = d[t] @ Phi.T + w[t]
+        return torch.as_tensor(d, dtype=self.dtype, device=self.device)
+
+    def _corner_of(self, M: int) -> torch.Tensor | None:
+        """``(M, V)`` one-hot: the parameter corner each initial state runs on (in turn)."""
+        if not self.corners:
+            return None
+        V = len(self.corners)
+        return torch.nn.functional.one_hot(torch.arange(M, device=self.device) % V, V).to(self.dtype)
+
+    def _evaluate_linear(self, params, x0, r, with_cost, d=None, corner=None):
         """The fused error-form loop: a fixed, short list of batched kernels per step writing into
-        buffers allocated once per call (the MLP, then one matmul pair ``e G_e + φ G_φ``)."""
+        buffers allocated once per call (the MLP, then one matmul pair ``e G_e + φ G_φ``). With
+        ``d`` (robust rollouts, ``_disturbance_response``) ``e`` is the nominal part ``ē``: the MLP
+        sees ``ē + d_t`` and every row gets its tube tightening at ``t``. With ``corner`` (the
+        parameter corner of each state) ``dA x + dB u`` joins the next ``ē``."""
         n, m = self.plant.n, self.plant.m
         N, M = params.shape[0], x0.shape[0]
         Bsz = N * M
@@ -367,19 +470,38 @@ class PlantRollout:
         phi2 = phi.view(Bsz, m)
         e_bufs = [(x0 - xs).repeat(N, 1), torch.empty(Bsz, n, dtype=self.dtype, device=self.device)]
         e = e_bufs[0]
+        e_in = torch.empty(N, M, n, dtype=self.dtype, device=self.device) if d is not None else None
+        if corner is not None:
+            onehot = corner.repeat(N, 1).unsqueeze(-1)                               # (Bsz, V, 1)
+            xs_b, us_b = xs.repeat(N, 1), self.equilibrium(r)[1].repeat(N, 1)
         row_max = self._initial_rows(e)
         lyap = torch.full((Bsz,), -torch.inf, dtype=self.dtype, device=self.device)
         V = ((e @ self._P) * e).sum(-1)
         cost = torch.zeros(Bsz, dtype=self.dtype, device=self.device) if with_cost else None
         eps, alpha, w_u = self.eps, self.alpha, self.spec.cost_action_weight
         for t in range(self.steps):
-            h = torch.baddbmm(bias0, e.view(N, M, n), W0eT, out=hbufs[0]).tanh_()
+            e_mlp = e.view(N, M, n) if d is None else torch.add(e.view(N, M, n), d[t], out=e_in)
+            h = torch.baddbmm(bias0, e_mlp, W0eT, out=hbufs[0]).tanh_()
             for (WT, b), hb in zip(hidden, hbufs[1:]):
                 h = torch.baddbmm(b, h, WT, out=hb).tanh_()
             torch.matmul(h, WLT, out=phi).add_(bL)
             torch.mm(phi2, G_phi, out=tmp)
             torch.addmm(tmp, e, G_e, out=out)
-            torch.maximum(row_max, out[:, 2 * n + m:], out=row_max)
+            if corner is not None:
+                # the corner's deviation on the nominal part (x_ss + ē, u_ss - K ē + φ); its
+                # coupling to d is in the tube's disturbance (module docstring)
+                x_nom = xs_b + e
+                u_nom = us_b + out[:, 2 * n:2 * n + m]
+                z = torch.cat([(x_nom.unsqueeze(1) * onehot).reshape(Bsz, -1),
+                               (u_nom.unsqueeze(1) * onehot).reshape(Bsz, -1)], -1)
+                pert = z @ self._D_corner
+                out[:, :n] += pert
+                out[:, n:2 * n] += pert @ self._P
+                out[:, 2 * n + m:2 * n + m + self.group_sizes[0]] += pert @ self._state_rows_T
+            rows_t = out[:, 2 * n + m:]
+            if d is not None:
+                rows_t.add_(self._tube[t])
+            torch.maximum(row_max, rows_t, out=row_max)
             e_next = out[:, :n]
             V_next = (out[:, n:2 * n] * e_next).sum(-1)
             # min(V+ - (1-α)V, V+ - ε) = V+ - max((1-α)V, ε)
@@ -429,6 +551,55 @@ class PlantRollout:
                 cost += e[:, self._track].square().sum(-1) + self.spec.cost_action_weight * du.square().sum(-1)
             x, e, V = x_next, e_next, V_next
         return row_max, lyap, cost
+
+
+def tube_tightening(Phi: np.ndarray, K: np.ndarray, rows: MetricRows, w: np.ndarray, steps: int) -> np.ndarray:
+    """``(steps, rows)``: how much each metric row at step ``t`` of the fused loop can grow by the
+    disturbance's linear response ``d_t = Σ_{j<t} Φ^{t-1-j} w_j``, over every sequence with
+    ``|w_j| <= w``: ``Σ_{j<k} |a Φ^j| w`` for the row's ``d``-coefficients ``a`` (state rows of
+    ``x_{t+1}``: ``k = t + 1``; input rows ``F_u (-K)`` and safe-set rows ``E - G K`` of ``(x_t,
+    u_t)``: ``k = t``). Exact: the sequence ``w_j = w ⊙ sign(a Φ^{k-1-j})`` attains it."""
+    S, In, F = rows.Fs, -rows.Fu @ K, rows.E - rows.G @ K
+    out = np.zeros((steps, len(S) + len(In) + len(F)))
+    acc = [np.zeros(len(S)), np.zeros(len(In)), np.zeros(len(F))]
+    power = np.eye(len(Phi))
+    s_next = np.abs(S @ power) @ w                       # the state rows see one more disturbance
+    for t in range(steps):
+        out[t] = np.concatenate([acc[0] + s_next, acc[1], acc[2]])
+        acc[0] = acc[0] + s_next
+        acc[1] = acc[1] + np.abs(In @ power) @ w
+        acc[2] = acc[2] + np.abs(F @ power) @ w
+        power = power @ Phi
+        s_next = np.abs(S @ power) @ w
+    return out
+
+
+def disturbance_sequences(M: int, steps: int, w: np.ndarray, Phi: np.ndarray, row_dirs: np.ndarray,
+                          rng: np.random.Generator) -> np.ndarray:
+    """``(steps, M, n)``: one disturbance sequence per initial state, in ``|w_t| <= w``, of the
+    kinds ``SEQUENCE_KINDS`` in turn: corners switching at random every step; one constant
+    corner; the sequence that maximises one random row ``a`` (of ``row_dirs``) of the linear
+    response at a random time ``T``: ``w_j = w ⊙ sign(a Φ^{T-1-j})`` for ``j < T``, a random
+    corner after."""
+    n = len(w)
+    seqs = rng.choice([-1.0, 1.0], size=(steps, M, n))              # switching
+    kind = np.arange(M) % len(SEQUENCE_KINDS)
+    const = kind == 1
+    seqs[:, const] = seqs[0, const][None]
+    worst = np.flatnonzero(kind == 2)
+    if worst.size and len(row_dirs):
+        powers = [np.eye(n)]
+        for _ in range(steps - 1):
+            powers.append(powers[-1] @ Phi)
+        powers = np.stack(powers)                                    # (steps, n, n): Φ^k
+        picks = rng.integers(0, len(row_dirs), size=worst.size)
+        T = rng.integers(1, steps + 1, size=worst.size)
+        for i, a_idx, t_end in zip(worst, picks, T):
+            a = row_dirs[a_idx]
+            k = t_end - 1 - np.arange(t_end)                         # Φ^{T-1-j} for j < T
+            signs = np.sign(np.einsum("i,kij->kj", a, powers[k]))
+            seqs[:t_end, i] = np.where(signs == 0, 1.0, signs)
+    return seqs * w
 
 
 def _resolve_safe_rows(plant, backup, safe_rows):

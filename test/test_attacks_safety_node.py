@@ -67,7 +67,9 @@ class TestProbeDrivenInputs:
     @pytest.fixture(scope="class")
     def lone(self, tmp_path_factory):
         log_dir = tmp_path_factory.mktemp("atk_lone")
-        procs = {NODE: start_node(log_dir, NODE, self.NS, {**SMALL_SCPO, "state_timeout": 0.25})}
+        # the probe's states follow no dynamics: the model monitor would (rightly) trip on them
+        procs = {NODE: start_node(log_dir, NODE, self.NS, {**SMALL_SCPO, "state_timeout": 0.25,
+                                                           "monitor_enabled": False})}
         with probed(self.NS, "atk_probe_lone", procs, answering("the safety node's state subscription")) as ap:
             yield ap
 
@@ -423,7 +425,8 @@ class TestSimTime:
     @pytest.fixture(scope="class")
     def simtime(self, tmp_path_factory):
         log_dir = tmp_path_factory.mktemp("atk_simtime")
-        procs = {NODE: start_node(log_dir, NODE, self.NS, {**SMALL_SCPO, "use_sim_time": True})}
+        procs = {NODE: start_node(log_dir, NODE, self.NS, {**SMALL_SCPO, "use_sim_time": True,
+                                                           "monitor_enabled": False})}
         with probed(self.NS, "atk_probe_simtime", procs) as ap:
             ap.log_dir = log_dir
             wait_for(lambda: ap.statuses(NODE, ""), STARTUP_TIMEOUT, "diagnostics from the safety node")

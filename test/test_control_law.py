@@ -228,6 +228,8 @@ def test_control_status_levels_and_texts_of_every_mode():
         "backup_recertifying": (g.LEVEL_WARN, "FALLBACK: re-certifying after a parameter change"),
         "hold_stale": (g.LEVEL_ERROR, "STALE STATE: hold command (zero)"),
         "shutting_down": (g.LEVEL_WARN, "shutting down: fallback until the plant is at rest"),
+        "backup_model_mismatch": (g.LEVEL_ERROR, "MODEL MISMATCH: the plant left its declared uncertainty; the "
+                                                 "fallback acts and no update is committed"),
     }
     assert set(expected) == set(g.SAFETY_MODES)
     for mode, want in expected.items():
@@ -235,7 +237,7 @@ def test_control_status_levels_and_texts_of_every_mode():
     assert control_status("inactive", {**PARAMS, "inactive_behavior": "silent"}, UNCONFIGURED) == \
         (g.LEVEL_OK, "unconfigured: silent")
     assert control_status("policy", PARAMS, UNCONFIGURED)[1] == "certified policy in force"
-    assert set(g.FALLBACK_MODES) == {"backup_region", "backup_recertifying", "hold_stale"}
+    assert set(g.FALLBACK_MODES) == {"backup_region", "backup_recertifying", "hold_stale", "backup_model_mismatch"}
 
 
 def test_control_status_state_period_and_policy_interventions():

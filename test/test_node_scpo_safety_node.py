@@ -41,7 +41,7 @@ def graph(tmp_path_factory):
     # small SCPO settings keep the worker's steps short; autostart off to drive the lifecycle
     node = NodeProcess("scpo_safety_node", log_dir, PARAMS, {
         "autostart": False, "n_samples": 16, "n_sample_states": 64, "n_cert_states": 128, "horizon_s": 3.0,
-        "state_timeout": 0.3})
+        "state_timeout": 0.3, "monitor_enabled": False})   # the probe's states follow no dynamics
     probe = Probe()
     probe.state_pub = probe.node.create_publisher(JointState, "joint_states", CONTROL_QOS)
     probe.ref_pub = probe.node.create_publisher(Float64MultiArray, "reference", CONTROL_QOS)

@@ -55,6 +55,16 @@ the cart-pole) would rest at its equilibrium and give nothing to learn. So it st
 from it (``initial_state``) and again every ``episode_s`` of simulated time (counted as
 ``episodes``); the published states show the jump like any state.
 
+The true plant (``true_plant_file``, ``model_mismatch``, ``disturbance``): the robot a model is
+about differs from it. The simulator integrates ``true_plant_file`` when given (a plant file of
+the same states and inputs; ``plant_file`` stays the model whose limits are counted), else the
+model itself moved ``model_mismatch`` times its declared uncertainty
+(``uncertainty.mismatched_plant``: 1 = at the edge of what the file declares, 2 = twice as far),
+plus an additive disturbance per step: ``bounded`` (a random corner of the box
+``disturbance_scale × w_max`` each step, the worst case for a polytope), ``uniform`` in that box,
+or ``gaussian`` (σ = ``disturbance_scale × w_max / 2``, unbounded); ``w_max`` is the file's
+declared ``uncertainty.w_max``, or ``disturbance_w_max`` when given. Seeded by ``seed``.
+
 Service ``~/reset`` (``std_srvs/Trigger``, private: ``/plant_sim/reset``): state back to the
 initial state, command to zero (counters and the simulated time keep counting).
 
@@ -89,6 +99,7 @@ from ..ros.messages import stamp_to_sec
 from ..ros.parameters import add_parameter_validator, declare_parameters
 from ..ros.qos import CONTROL_QOS, EVENT_QOS, LATCHED_QOS
 from ..ros.runner import flush_publishers, run_node
+from ..uncertainty import mismatched_plant
 
 SIM_PARAMS = (
     ParamSpec("rate_hz", 0.0, "Simulation and state publication rate (wall clock); 0 = 1/dt of the plant "
@@ -118,6 +129,17 @@ SIM_PARAMS = (
                                          "are matched (a recorder or controller that must see the first state).",
               0, 64),
     ParamSpec("frame_id", "", "header.frame_id of the published states."),
+    ParamSpec("true_plant_file", "", "The plant actually simulated (same states and inputs as plant_file); '': the "
+                                     "model of plant_file, moved by model_mismatch.", read_only=True),
+    ParamSpec("model_mismatch", 0.0, "The simulated plant differs from plant_file's model by this many times its "
+                                     "declared uncertainty (1: at its edge; > 1: beyond). Ignored with "
+                                     "true_plant_file.", 0.0, 100.0),
+    ParamSpec("disturbance", "none", "Additive disturbance per step: bounded (a random corner of the box), uniform "
+                                     "(in the box), gaussian (sigma = half the box).",
+              choices=("none", "bounded", "uniform", "gaussian")),
+    ParamSpec("disturbance_scale", 1.0, "The disturbance box as a multiple of w_max.", 0.0, 100.0),
+    ParamSpec("disturbance_w_max", [], "Per state: the disturbance's w_max; []: the plant file's declared "
+                                       "uncertainty.w_max.", 0.0, 1e6, ptype="double[]", max_len=64),
 )
 PARAMS = compose((PLANT_FILE,), SIM_PARAMS)
 
@@ -182,6 +204,8 @@ class PlantSim(Node):
                              "source of simulated time (publish_clock): run it with use_sim_time:=false")
         self.p = declare_parameters(self, PARAMS)
         self.plant = load_plant(self.p["plant_file"])
+        self.true_plant = self._true_plant(self.p)
+        self.w_max = self._w_max(self.p)
         self.backup = LQRBackup(self.plant)
         self.joint_map = JointMap.for_plant(self.plant)
         self.noise_scale = 0.5 * (self.plant.u_max - self.plant.u_min)
@@ -192,6 +216,7 @@ class PlantSim(Node):
         self.u_pending = np.zeros(m)            # newest command received since the last tick
         self.rng = np.random.default_rng(self.p["seed"])
         self.late_rng = self._late_rng(self.p["seed"])
+        self.w_rng = np.random.default_rng([int(self.p["seed"]), 2])
         self.new_cmd = False
         self.last_tick_late = False
         self.late_commands = 0
@@ -228,9 +253,47 @@ class PlantSim(Node):
             f"cmd_timeout={self.p['cmd_timeout']:g} s ({self.p['cmd_timeout_action']})"
             + (", publishing /clock" if self.clock_pub is not None else "")
             + (f", late_command_probability={self.p['late_command_probability']:g}"
-               if self.p["late_command_probability"] > 0.0 else ""))
+               if self.p["late_command_probability"] > 0.0 else "")
+            + (f", simulating {self.true_plant.name}" if self.true_plant is not self.plant else "")
+            + (f", disturbance {self.p['disturbance']} x{self.p['disturbance_scale']:g} of w_max "
+               f"{self.w_max.tolist()}" if self.p["disturbance"] != "none" else ""))
 
     # -- parameters
+    def _true_plant(self, p) -> Plant:
+        """The plant integrated: ``true_plant_file``, else the model moved by ``model_mismatch``."""
+        if p["true_plant_file"]:
+            true = load_plant(p["true_plant_file"])
+            if true.states != self.plant.states or true.inputs != self.plant.inputs:
+                raise ValueError(f"true_plant_file {true.source} has states {list(true.states)} and inputs "
+                                 f"{list(true.inputs)}; plant_file has {list(self.plant.states)} and "
+                                 f"{list(self.plant.inputs)}")
+            return true
+        if p["model_mismatch"] > 0.0:
+            return mismatched_plant(self.plant, p["model_mismatch"], p["seed"])
+        return self.plant
+
+    def _w_max(self, p) -> np.ndarray:
+        w = p["disturbance_w_max"]
+        if len(w) == 0:
+            return np.asarray(self.plant.uncertainty.w_max, dtype=float)
+        if len(w) == 1:
+            return np.full(self.plant.n, float(w[0]))
+        if len(w) != self.plant.n:
+            raise ValueError(f"disturbance_w_max has {len(w)} entries, the plant {self.plant.name} has "
+                             f"{self.plant.n} states")
+        return np.asarray(w, dtype=float)
+
+    def _disturbance(self) -> np.ndarray | None:
+        kind = self.p["disturbance"]
+        if kind == "none" or not self.w_max.any():
+            return None
+        box = self.p["disturbance_scale"] * self.w_max
+        if kind == "bounded":
+            return self.w_rng.choice([-1.0, 1.0], size=box.size) * box
+        if kind == "uniform":
+            return self.w_rng.uniform(-1.0, 1.0, size=box.size) * box
+        return 0.5 * box * self.w_rng.standard_normal(box.size)
+
     def _episode_steps(self, p) -> int:
         """Steps per episode: 0 (never) for a plant with tracked states or ``episode_s`` 0."""
         if self.plant.nr or p["episode_s"] <= 0.0:
@@ -258,6 +321,7 @@ class PlantSim(Node):
     def _check(self, values) -> str | None:
         try:
             initial_state(self.plant, values["initial_state"])
+            self._w_max(values)
         except ValueError as exc:
             return str(exc)
         return None
@@ -265,6 +329,10 @@ class PlantSim(Node):
     def _apply(self, values, changed) -> None:
         self.p = values
         self.x0 = initial_state(self.plant, values["initial_state"])
+        self.w_max = self._w_max(values)
+        if changed & {"model_mismatch", "seed"} and not values["true_plant_file"]:
+            self.true_plant = self._true_plant(values)
+            self.get_logger().warning(f"simulating {self.true_plant.name}")
         self.episode_steps = self._episode_steps(values)
         if changed & {"rate_hz", "max_rate_hz"}:
             self.destroy_timer(self.timer)
@@ -272,6 +340,7 @@ class PlantSim(Node):
         if "seed" in changed:
             self.rng = np.random.default_rng(values["seed"])
             self.late_rng = self._late_rng(values["seed"])
+            self.w_rng = np.random.default_rng([int(values["seed"]), 2])
         self.get_logger().info(f"parameters changed: {sorted(changed)}")
         self._update_diagnostics()
 
@@ -316,7 +385,10 @@ class PlantSim(Node):
         applied = self.u
         if self.p["noise_std"] > 0.0:
             applied = self.u + self.p["noise_std"] * self.noise_scale * self.rng.standard_normal(self.plant.m)
-        self.x = np.asarray(self.plant.step(self.x, applied), dtype=float)
+        self.x = np.asarray(self.true_plant.step(self.x, applied), dtype=float)
+        w = self._disturbance()
+        if w is not None:
+            self.x += w
         self.steps += 1
         self.sim_time_ns += self.dt_ns
         if self.episode_steps and self.steps % self.episode_steps == 0:
@@ -404,7 +476,7 @@ class PlantSim(Node):
                          refused_commands=self.refused_commands, dt=self.plant.dt,
                          rate_hz=1.0 / self._period(self.p), cmd_timeout_active=self.timeout_active,
                          cmd_timeout_action=self.p["cmd_timeout_action"], late_commands=self.late_commands,
-                         episodes=self.episodes)
+                         episodes=self.episodes, simulated=self.true_plant.name, disturbance=self.p["disturbance"])
 
     def summary(self) -> dict:
         return {"node": g.SIMULATOR, "plant": self.plant.name, "steps": self.steps,

@@ -16,6 +16,11 @@ is documented where it lives, the node's behaviour in ``docs/ros_graph.md``:
   ``certified_weights`` and as the new law (one attribute assignment); a model change
   (``MODEL`` parameters, validated by ``safety_model.build_model``) re-certifies, the
   fallback alone acting meanwhile;
+- the model monitor (``model_monitor``), after each command is out: the one-step residual
+  against the plant file's declared uncertainty; tripped, it sends the node to
+  ``backup_model_mismatch`` (the envelope's fallback acts: the backup projected onto the safe
+  set, robust to the declared uncertainty) and no proposal is taken or update deployed until
+  it clears; its record on the latched ``model_monitor`` topic and the ``model`` diagnostic;
 - modes on ``safety_mode`` and the ``control`` diagnostic (``graph.SAFETY_MODE_TABLE``);
 - the plant it certifies for (``plant.plant_record``: file text, digest, the limits in force)
   on the latched ``plant`` topic, again after a runtime tightening.
@@ -46,7 +51,16 @@ from .. import graph as g
 from ..backup import BackupCertificationError
 from ..envelope import CommandEnvelope
 from ..inputs import InputMonitor, JointMap, ReferenceGate, StampPeriod, StateGate, reference_text
-from ..params import LIFECYCLE_PARAMS, MODEL_PARAMS, STATE_INPUT_PARAMS, ParamSpec, compose
+from ..model_monitor import ModelMonitor
+from ..params import (
+    LIFECYCLE_PARAMS,
+    MODEL_PARAMS,
+    MONITOR_PARAMS,
+    STATE_INPUT_PARAMS,
+    ParamSpec,
+    compose,
+    monitor_settings,
+)
 from ..plant import load_plant, plant_record
 from ..ros.diagnostics import Diagnostics
 from ..ros.messages import float64_msg, stamp_to_sec, weights_to_msg
@@ -72,13 +86,17 @@ NODE_PARAMS = (
                                      "control callback must win.", 0, 19, read_only=True),
 )
 _STATE_TIMEOUT = next(s for s in STATE_INPUT_PARAMS if s.name == "state_timeout")
-PARAMS = compose(MODEL_PARAMS, STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, NODE_PARAMS,
+PARAMS = compose(MODEL_PARAMS, STATE_INPUT_PARAMS, LIFECYCLE_PARAMS, MONITOR_PARAMS, NODE_PARAMS,
                  state_timeout=dataclasses.replace(
                      _STATE_TIMEOUT, description=_STATE_TIMEOUT.description + " Here: the watchdog then sends the "
                                                                               "hold command (hold_mode)."))
 
 MODEL = {s.name for s in MODEL_PARAMS if not s.read_only}
 """Parameters the certificate depends on: a change re-certifies."""
+MONITOR = {s.name for s in MONITOR_PARAMS}
+MONITOR_CANDIDATES = 3
+"""Commands the monitor tries per transition: the answer to the previous state and the two
+before it (one or two periods late on a loaded machine: not a model error)."""
 RECERTIFY_FROM = (g.MODE_POLICY, g.MODE_BACKUP_REGION, g.MODE_RETURNING, g.MODE_WAITING_FOR_STATE,
                   g.MODE_WAITING_FOR_CERTIFICATE)
 """The modes a model change switches to ``backup_recertifying`` (the others stay: inactive, hold, shutdown)."""
@@ -133,11 +151,22 @@ class SCPOSafetyNode(LifecycleNode):
         self.rest = cl.RestDetector.for_plant(plant)
         self._qualifying = self._jumps_seen = 0
         self._clock_warned = False
+        # the model monitor: the commands sent (newest first) and the state each answered
+        self.monitor: ModelMonitor | None = None
+        self._sent_u = np.zeros((MONITOR_CANDIDATES + 1, m))
+        self._sent_seq = [-10] * (MONITOR_CANDIDATES + 1)
+        self._state_seq = 0
+        self._mon_x = np.zeros(n)            # the state of the previous transition
+        self._mon_stamp: float | None = None
+        self._mon_published = 0.0
+        self.monitor_blocked = 0             # proposals and certified updates held back while tripped
         # alive for the node's lifetime (the lifecycle exception above)
         self.cmd_pub = self.create_publisher(Float64MultiArray, g.CMD, CONTROL_QOS)
         self.mode_pub = self.create_publisher(String, g.SAFETY_MODE, LATCHED_QOS)
         self.plant_pub = self.create_publisher(String, g.PLANT, LATCHED_QOS)
+        self.monitor_pub = self.create_publisher(String, g.MODEL_MONITOR, LATCHED_QOS)
         self._publish_plant()
+        self._build_monitor()
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         self.state_sub = self.create_subscription(JointState, g.JOINT_STATES, self._on_state,
                                                   state_qos(self.p["state_qos"]), event_callbacks=events)
@@ -158,6 +187,15 @@ class SCPOSafetyNode(LifecycleNode):
                                       f"{plant.name} is nominal only: a late command is not covered")
         if self.p["autostart"]:
             autostart(self)
+
+    def _build_monitor(self) -> None:
+        """A fresh monitor for the model in force (None when ``monitor_enabled`` is false)."""
+        was = self.monitor is not None and self.monitor.tripped
+        self.monitor = ModelMonitor(self.model.plant, monitor_settings(self.p)) if self.p["monitor_enabled"] else None
+        self._mon_stamp = None
+        self._publish_monitor()
+        if was and self.mode == g.MODE_MODEL_MISMATCH:
+            self._set_mode(g.MODE_RETURNING, "model monitor rebuilt")
 
     def _build_runtime(self, model: Model) -> None:
         """The envelope of ``model`` and its reference box (the gates keep their counters)."""
@@ -251,6 +289,7 @@ class SCPOSafetyNode(LifecycleNode):
     # ---------------------------------------------------------------- parameters
     def _check(self, values: dict) -> str | None:
         try:
+            monitor_settings(values)
             build_model(values, self.plant_file)
         except BackupCertificationError as exc:
             return f"the backup cannot certify the new settings: {exc}"
@@ -266,6 +305,8 @@ class SCPOSafetyNode(LifecycleNode):
         if "state_timeout" in changed:
             self.destroy_timer(self.watchdog)
             self.watchdog = steady_timer(self, self._watchdog_period(), self._on_watchdog)
+        if changed & MONITOR and not changed & MODEL:
+            self._build_monitor()
         if not changed & MODEL:
             if "min_update_period_s" in changed and self.worker is not None:
                 self.worker.min_period_s = values["min_update_period_s"]
@@ -278,6 +319,7 @@ class SCPOSafetyNode(LifecycleNode):
         self._r_list = self._r.tolist()
         self.law = cl.make_law(self.model, None, self.weights_version, certifying=self.configured)
         self._publish_plant()
+        self._build_monitor()
         if not self.configured:
             return
         if "min_update_period_s" in changed:
@@ -318,14 +360,20 @@ class SCPOSafetyNode(LifecycleNode):
             self._update_inputs_diag()
         vals = x.tolist()
         self._x[:] = x
+        self._state_seq += 1
         self.rest.update(vals)
         law = self.law
         if not self.active:
             if self.p["inactive_behavior"] == "fallback":
                 self._publish_fallback(x, "inactive" if not self.shutting_down else "shutdown", t_start)
+            self._monitor_step(x, stamp)
             return
         vals += self._r_list
-        mode, self._qualifying = cl.select(law, vals, self.mode, self._qualifying, self.p["policy_return_steps"])
+        if self.monitor is not None and self.monitor.tripped:
+            mode, self._qualifying = g.MODE_MODEL_MISMATCH, 0
+        else:
+            mode, self._qualifying = cl.select(law, vals, self.mode, self._qualifying,
+                                               self.p["policy_return_steps"])
         if mode == g.MODE_POLICY:
             self._inp_buf[:-1] = array.array("d", vals)
             res = self.envelope.filter(x, law.policy(self._inp, self._policy_out), self._r)
@@ -343,11 +391,45 @@ class SCPOSafetyNode(LifecycleNode):
         self.period.update(stamp)   # the stamp the gate accepted above
         if self.counts.control_steps % 50 == 0:
             self._update_control_diag()
+        self._monitor_step(x, stamp)
+
+    def _monitor_step(self, x: np.ndarray, stamp: float) -> None:
+        """The transition from the previous accepted state to ``x`` through the model monitor (the
+        command for ``x`` is already out): the candidates are the commands sent in answer to the
+        previous states (``MONITOR_CANDIDATES``)."""
+        mon = self.monitor
+        if mon is None:
+            return
+        seq = self._state_seq
+        if self._mon_stamp is not None:
+            cands = [self._sent_u[i] for i in range(MONITOR_CANDIDATES + 1)
+                     if seq - MONITOR_CANDIDATES <= self._sent_seq[i] < seq]
+            change = mon.observe(self._mon_x, cands, x, stamp - self._mon_stamp, self.period.value)
+            if change is True:
+                rec = mon.record()
+                self.get_logger().error(f"model monitor tripped: the residual left the declared uncertainty "
+                                        f"(ratio {rec['last_ratio']}, {rec['out_of_bounds']} of {rec['transitions']} "
+                                        f"transitions out of bounds, detected after {rec['detection_delay']}); the "
+                                        f"fallback acts and no update is committed")
+                self._publish_monitor()
+            elif change is False:
+                self.get_logger().warning("model monitor cleared: the residual is back inside the declared "
+                                          "uncertainty")
+                self._publish_monitor()
+            elif time.monotonic() - self._mon_published > 1.0:
+                self._publish_monitor()
+        self._mon_x[:] = x
+        self._mon_stamp = stamp
 
     def _publish(self, label: str, res, t_start: float | None = None) -> None:
         self._cmd_out[label][:] = res.u
         compute = time.perf_counter() - t_start if t_start is not None else None
         self.cmd_pub.publish(self._cmd_msgs[label])
+        # the monitor's candidates, newest first (a hold answers no state: -1)
+        self._sent_u[1:] = self._sent_u[:-1]
+        self._sent_u[0] = res.u
+        self._sent_seq[1:] = self._sent_seq[:-1]
+        self._sent_seq[0] = self._state_seq if label != g.LABEL_HOLD else -1
         if compute is not None:
             self.compute_us.add(1e6 * compute)
         if self.counts.command(label, res, self.envelope.change_tol):
@@ -416,7 +498,10 @@ class SCPOSafetyNode(LifecycleNode):
         if item is not None:
             flat = gate.check(self.model.layout, *item, self.p["require_fingerprint"])
             if flat is not None and self.active:
-                self.worker.submit(flat)
+                if self._monitor_tripped():
+                    self._monitor_blocks("proposal not taken")
+                else:
+                    self.worker.submit(flat)
         due = gate.due(time.monotonic())
         if due is None:
             return
@@ -446,6 +531,10 @@ class SCPOSafetyNode(LifecycleNode):
             if action is None:   # another change came in meanwhile: wait for its result
                 continue
             deploy, level = action
+            if deploy and kind == "proposal" and self._monitor_tripped():
+                # certified on a model the plant has just been seen to leave: not deployed
+                self._monitor_blocks(f"certified update ({decision.status}) not deployed")
+                deploy = False
             if deploy:
                 self._deploy(theta, certifying_done=kind == "recertify")
             if kind == "recertify":
@@ -473,6 +562,28 @@ class SCPOSafetyNode(LifecycleNode):
             self.weights_pub.publish(weights_to_msg(self.theta, self.model.layout.fingerprint))
         if certifying_done and self.mode == g.MODE_BACKUP_RECERTIFYING:
             self._set_mode(g.MODE_RETURNING, "weights re-certified")
+
+    def _monitor_tripped(self) -> bool:
+        return self.monitor is not None and self.monitor.tripped
+
+    def _monitor_blocks(self, what: str) -> None:
+        self.monitor_blocked += 1
+        self.get_logger().warning(f"{what}: the model monitor is tripped ({self.monitor_blocked} held back)",
+                                  throttle_duration_sec=2.0)
+
+    def _publish_monitor(self) -> None:
+        """The monitor's record on ``model_monitor`` and the ``model`` diagnostic."""
+        self._mon_published = time.monotonic()
+        if self.monitor is None:
+            rec = {"enabled": False}
+            self.diag.update("model", g.LEVEL_OK, "model monitor disabled")
+        else:
+            rec = {"enabled": True, **self.monitor.record(), "held_back": self.monitor_blocked}
+            level = g.LEVEL_ERROR if rec["tripped"] else g.LEVEL_OK
+            text = ("MODEL MISMATCH: residual outside the declared uncertainty" if rec["tripped"] else
+                    f"model within its declared uncertainty ({'declared' if rec['declared'] else 'nominal'})")
+            self.diag.update("model", level, text, **{k: v for k, v in rec.items() if k != "enabled"})
+        self.monitor_pub.publish(String(data=json.dumps({**rec, "stamp": self._now()})))
 
     # --------------------------------------------------------------- reporting
     def _set_mode(self, mode: str, reason: str) -> None:
@@ -513,10 +624,13 @@ class SCPOSafetyNode(LifecycleNode):
                 "worker_errors": res.errors, "weights_version": self.weights_version,
                 "superseded": self.worker.superseded if self.worker else 0,
                 "flood_dropped": self.intake.stats().get("dropped", 0) if self.intake else 0,
-                "bad_states": self.inputs.bad_states, **self.inputs.counts(), "compute_us": self.compute_us.stats()}
+                "bad_states": self.inputs.bad_states, **self.inputs.counts(), "compute_us": self.compute_us.stats(),
+                "model_monitor": self.monitor.record() if self.monitor is not None else None,
+                "monitor_held_back": self.monitor_blocked}
 
     def destroy_node(self):
-        pubs = [self.cmd_pub, self.mode_pub] + ([self.weights_pub, self.decision_pub] if self.configured else [])
+        pubs = [self.cmd_pub, self.mode_pub, self.monitor_pub] + \
+            ([self.weights_pub, self.decision_pub] if self.configured else [])
         flush_publishers(pubs)
         self.active = False
         self._teardown()

@@ -215,15 +215,30 @@ def late_blocks(H: np.ndarray, A: np.ndarray, B: np.ndarray, late_commands: int)
     return np.vstack([E, E @ A]), np.vstack([G, H @ (A + np.eye(A.shape[0])) @ B])
 
 
-def pre_set(C: Polytope, A: np.ndarray, B: np.ndarray, u_max, late_commands: int = 0) -> Polytope:
-    """``{x : ∃u ∈ U, A x + B u ∈ C}`` by projecting the (x, u) polytope's vertices; with
-    ``late_commands=1`` also ``A² x + (A + I) B u ∈ C`` (``Pre2``). ``u_max``: the input set
-    (a ``Polytope`` in u, or the bound of a symmetric box)."""
+def disturbance_margin(H: np.ndarray, A: np.ndarray, w, late_commands: int) -> np.ndarray:
+    """How much each next-state row ``H x' <= h`` loses to an additive disturbance ``|w_i| <= w_i``
+    per step: ``|H| w`` for the next state, then (``late_commands=1``) ``|H A| w + |H| w`` for the
+    state one held command later (two disturbances, the first one propagated). Zeros for
+    ``w=None``, stacked like ``late_blocks``."""
+    k = len(H) * (1 + _check_late(late_commands))
+    if w is None:
+        return np.zeros(k)
+    w = np.asarray(w, dtype=float)
+    one = np.abs(H) @ w
+    return one if not late_commands else np.concatenate([one, np.abs(H @ A) @ w + one])
+
+
+def pre_set(C: Polytope, A: np.ndarray, B: np.ndarray, u_max, late_commands: int = 0, w=None) -> Polytope:
+    """``{x : ∃u ∈ U, A x + B u + w ∈ C for every |w| <= w}`` by projecting the (x, u) polytope's
+    vertices; with ``late_commands=1`` also ``A² x + (A + I) B u (+ A w + w') ∈ C`` (``Pre2``).
+    ``u_max``: the input set (a ``Polytope`` in u, or the bound of a symmetric box); ``w``: the
+    per-state disturbance bound (None: the nominal pre-set)."""
     n, m = B.shape
     U = _input_set(u_max, m)
     E, G = late_blocks(C.H, A, B, late_commands)
     lifted_H = np.vstack([np.hstack([E, G]), np.hstack([np.zeros((len(U.h), n)), U.H])])
-    lifted_h = np.concatenate([np.tile(C.h, len(E) // len(C.h)), U.h])
+    lifted_h = np.concatenate([np.tile(C.h, len(E) // len(C.h)) - disturbance_margin(C.H, A, w, late_commands),
+                               U.h])
     lifted_H, lifted_h = _normalise(lifted_H, lifted_h)
     return _hull(_vertices(lifted_H, lifted_h)[:, :n])
 
@@ -235,12 +250,14 @@ def contains_polytope(outer: Polytope, inner: Polytope, tol: float) -> bool:
 
 def maximal_control_invariant_set(A: np.ndarray, B: np.ndarray, state_limits, u_max,
                                   max_iter: int = 500, tol: float = 1e-10,
-                                  late_commands: int = 0, time_budget_s: float = 5.0) -> tuple[Polytope, int]:
+                                  late_commands: int = 0, time_budget_s: float = 5.0,
+                                  w=None) -> tuple[Polytope, int]:
     """The maximal control-invariant subset of the state set, and the iterations it took; with
     ``late_commands=1`` the maximal subset that stays control invariant when a command may be
-    held one extra step (``Pre2``). ``state_limits``: a ``Polytope`` or the bounds of a
-    symmetric box; ``u_max`` likewise for the input set. Origin-shifted coordinates (the
-    origin strictly inside both sets, ``x+ = A x + B u``).
+    held one extra step (``Pre2``); with ``w`` the maximal *robust* one, invariant whatever
+    additive disturbance ``|w_i| <= w_i`` acts per step. ``state_limits``: a ``Polytope`` or the
+    bounds of a symmetric box; ``u_max`` likewise for the input set. Origin-shifted coordinates
+    (the origin strictly inside both sets, ``x+ = A x + B u``).
 
     Raises ``RuntimeError`` if the iteration does not converge in ``max_iter`` steps or within
     ``time_budget_s`` (vertex enumeration can grow without bound on near-degenerate plants: the
@@ -252,7 +269,7 @@ def maximal_control_invariant_set(A: np.ndarray, B: np.ndarray, state_limits, u_
     C = X
     deadline = time.monotonic() + time_budget_s
     for k in range(1, max_iter + 1):
-        nxt = intersect(pre_set(C, A, B, U, late_commands), X)
+        nxt = intersect(pre_set(C, A, B, U, late_commands, w), X)
         if contains_polytope(nxt, C, tol):
             return nxt, k
         if time.monotonic() > deadline:
@@ -348,6 +365,8 @@ class SafeActionSet:
     rho_max: np.ndarray | None = field(default=None, repr=False)
     ref_dim: int = 0
     """Reference columns of ``invariant`` (``nr`` for an implicit set, else 0)."""
+    w_max: np.ndarray | None = field(default=None, repr=False)
+    """The per-state bound of the additive disturbance the set is robust to (None: nominal)."""
 
     def __post_init__(self):
         _check_late(self.late_commands)
@@ -442,6 +461,12 @@ class SafeActionSet:
         if self.drift_matrix is None:
             raise ValueError("held_state needs a linear plant (drift_matrix)")
         return self.next_state(self.next_state(x, u), u)
+
+
+def _frozen(a) -> np.ndarray:
+    a = np.array(a, dtype=float)
+    a.flags.writeable = False
+    return a
 
 
 def _affine_drift(A: np.ndarray, c: np.ndarray | None = None):
@@ -546,17 +571,20 @@ def _bounded(P: Polytope) -> bool:
 _BLOCK_CACHE: dict = {}
 
 
-def _block_sets(A, B, X: Polytope, U: Polytope, late_commands: int):
+def _block_sets(A, B, X: Polytope, U: Polytope, late_commands: int, w=None):
     """``(nominal, late set or None, row mask or None)`` of one block in origin-shifted
-    coordinates, cached per block data (the double integrator's axes are computed once)."""
-    key = tuple(np.ascontiguousarray(a).tobytes() for a in (A, B, X.H, X.h, U.H, U.h)) + (late_commands,)
+    coordinates, robust to the disturbance bound ``w`` (None: nominal), cached per block data
+    (the double integrator's axes are computed once)."""
+    wk = None if w is None else np.ascontiguousarray(w, dtype=float)
+    key = tuple(np.ascontiguousarray(a).tobytes() for a in (A, B, X.H, X.h, U.H, U.h)) + (late_commands,) + \
+        (None if wk is None else wk.tobytes(),)
     if key not in _BLOCK_CACHE:
-        nominal, _ = maximal_control_invariant_set(A, B, X, U)
+        nominal, _ = maximal_control_invariant_set(A, B, X, U, w=wk)
         S = mask = None
         if late_commands:
-            S, _ = maximal_control_invariant_set(A, B, X, U, late_commands=1)
+            S, _ = maximal_control_invariant_set(A, B, X, U, late_commands=1, w=wk)
             E, G = late_blocks(S.H, A, B, 1)
-            mask = nonredundant_rows(E, G, np.concatenate([S.h, S.h]), U)
+            mask = nonredundant_rows(E, G, np.concatenate([S.h, S.h]) - disturbance_margin(S.H, A, wk, 1), U)
             mask.flags.writeable = False
         if len(_BLOCK_CACHE) > 64:
             _BLOCK_CACHE.clear()
@@ -594,10 +622,12 @@ def explicit_blocks(A, B, c, X: Polytope, U: Polytope, max_dim: int = EXPLICIT_M
 
 
 def explicit_safe_set(A, B, c, X: Polytope, U: Polytope, late_commands: int = 0, name: str = "linear",
-                      blocks=None) -> SafeActionSet:
+                      blocks=None, w=None) -> SafeActionSet:
     """The maximal (late-command robust) control-invariant set of ``x+ = A x + B u + c`` in the
     state polytope ``X`` with inputs in ``U`` (original coordinates), and its ``U_safe``
-    (module docstring). ``blocks``: ``explicit_blocks``' result (computed when None)."""
+    (module docstring); with ``w`` (per-state bound of an additive disturbance) the maximal
+    robust control-invariant set and the ``U_safe`` that keeps the next state in it whatever
+    the disturbance. ``blocks``: ``explicit_blocks``' result (computed when None)."""
     late_commands = _check_late(late_commands)
     A, B = np.asarray(A, dtype=float), np.asarray(B, dtype=float)
     n, m = B.shape
@@ -607,36 +637,42 @@ def explicit_safe_set(A, B, c, X: Polytope, U: Polytope, late_commands: int = 0,
         raise ValueError(f"{name}: no explicit safe set (a block with n + m > {EXPLICIT_MAX_DIM}, an unbounded "
                          f"state set, or no equilibrium strictly inside the constraints)")
     x_s, _, parts = blocks
-    sets = [_block_sets(A[np.ix_(s, s)], B[np.ix_(s, u)], Xi, Ui, late_commands) for s, u, Xi, Ui in parts]
+    w = None if w is None or not np.any(np.asarray(w) > 0) else np.asarray(w, dtype=float)
+    if w is not None and not np.isfinite(w).all():
+        raise ValueError(f"{name}: the disturbance bound must be finite, got {w.tolist()}")
+    sets = [_block_sets(A[np.ix_(s, s)], B[np.ix_(s, u)], Xi, Ui, late_commands, None if w is None else w[s])
+            for s, u, Xi, Ui in parts]
     idx = [s for s, _, _, _ in parts]
     nominal = block_product([p[0] for p in sets], idx, n).shifted(x_s)
     u_min, u_max, Gp, gp = _split_input_set(U, m)
     drift_np, drift_torch = _affine_drift(A, c)
     common = dict(B=B, u_min=u_min, u_max=u_max, drift_np=drift_np, drift_torch=drift_torch,
-                  drift_matrix=A, drift_offset=c, kind="explicit")
-    nom = _explicit_rows(nominal, A, B, c, Gp, gp, 0, None)
+                  drift_matrix=A, drift_offset=c, kind="explicit", w_max=None if w is None else _frozen(w))
+    nom = _explicit_rows(nominal, A, B, c, Gp, gp, 0, None, w)
     nominal_set = SafeActionSet(nominal, **nom, **common, name=name)
     if not late_commands:
         return nominal_set
     S = block_product([p[1] for p in sets], idx, n).shifted(x_s)
     k = [len(p[1].h) for p in sets]
     mask = np.concatenate([p[2][:ki] for p, ki in zip(sets, k)] + [p[2][ki:] for p, ki in zip(sets, k)])
-    rows = _explicit_rows(S, A, B, c, Gp, gp, 1, mask)
+    rows = _explicit_rows(S, A, B, c, Gp, gp, 1, mask, w)
     return SafeActionSet(S, **rows, **common, name=f"{name}(late_commands=1)", late_commands=1,
                          nominal_rows=nominal_set)
 
 
-def _explicit_rows(S: Polytope, A, B, c, Gp, gp, late_commands: int, mask) -> dict:
+def _explicit_rows(S: Polytope, A, B, c, Gp, gp, late_commands: int, mask, w=None) -> dict:
     """``D, G, F, f`` of ``U_safe`` for the set ``S`` (original coordinates, ``drift = A x + c``):
     ``S_H x+ <= S_h``, with ``late_commands=1`` also ``S_H x++ <= S_h`` (``x++ = A drift(x) + c +
-    (A + I) B u``) restricted to ``mask``, then the input polytope's rows."""
+    (A + I) B u``) restricted to ``mask``, each less its ``disturbance_margin``, then the input
+    polytope's rows."""
     D, G, f = S.H, S.H @ B, S.h
     if late_commands:
         D = np.vstack([D, S.H @ A])
         G = np.vstack([G, S.H @ (A + np.eye(A.shape[0])) @ B])
         f = np.concatenate([f, S.h - S.H @ c])
-        if mask is not None:
-            D, G, f = D[mask], G[mask], f[mask]
+    f = f - disturbance_margin(S.H, A, w, late_commands)
+    if late_commands and mask is not None:
+        D, G, f = D[mask], G[mask], f[mask]
     D = np.vstack([D, np.zeros((len(gp), A.shape[0]))])
     G = np.vstack([G, Gp])
     f = np.concatenate([f, gp])
@@ -743,7 +779,7 @@ def _check_equilibrium_slack(plant, H, h, names) -> None:
 
 
 def backup_invariant_set(plant, backup, held: bool = True, horizon_s: float = IMPLICIT_HORIZON_S,
-                         contraction: float = 0.2, max_rows: int = 600) -> tuple[Polytope, int]:
+                         contraction: float = 0.2, max_rows: int = 600, w=None) -> tuple[Polytope, int]:
     """``O_L`` in ``(x, r)`` and the iterations it took: a set of states and certified references
     from which the backup keeps every constraint, closed under ``Φ`` and (``held``) ``Ψ`` (module
     docstring). ``ValueError`` when it is not finitely determined within ``horizon_s`` seconds of
@@ -755,12 +791,21 @@ def backup_invariant_set(plant, backup, held: bool = True, horizon_s: float = IM
     slack at the equilibria of the reference box), which still leaves the set exactly closed under
     the true maps: for ``(e, r)`` in the set, ``a·Φe <= λ (h - a_r r + δ_i) <= h - a_r r``. Without
     that slack, the two maps' images are near-parallel rows that never become redundant and
-    their number doubles every step."""
+    their number doubles every step.
+
+    With ``w`` (the per-state bound of an additive disturbance, ``e+ = Φ e + w``) the set is
+    robustly closed: a row ``a·e + a_r r <= b`` maps to ``a Φ e + a_r r <= b - |a| w`` (and, held,
+    ``a Ψ e + a_r r <= b - |a A| w - |a| w``: two disturbances). The argument above then holds with
+    each row's robust slack, which must stay positive at the certified references' equilibria:
+    otherwise a disturbance sequence pushes the backup out of a constraint from its own
+    equilibrium, and the set is refused (``ValueError``) with that reason."""
     n = plant.n
     Phi = backup.A_cl
-    maps = [("Φ", Phi)] + ([("Ψ", backup.A @ Phi - backup.B @ backup.K)] if held else [])
+    eye = np.eye(n)
+    maps = [("Φ", Phi, [eye])] + ([("Ψ", backup.A @ Phi - backup.B @ backup.K, [backup.A, eye])] if held else [])
+    w = None if w is None or not np.any(np.asarray(w) > 0) else np.asarray(w, dtype=float)
     rho = 0.0
-    for label, M in maps:
+    for label, M, _ in maps:
         rho_m = float(np.max(np.abs(np.linalg.eigvals(M))))
         if not rho_m < 1.0:
             why = " (a held command destabilises it)" if label == "Ψ" else ""
@@ -787,8 +832,17 @@ def backup_invariant_set(plant, backup, held: bool = True, horizon_s: float = IM
     for k in range(1, steps + 1):
         if k % 10 == 0:
             lo, hi = _bounding_box(H, h)
-        cand = [_normalise(np.hstack([front_H[:, :n] @ M / lam, front_H[:, n:]]), front_h) for _, M in maps]
+        cand = [_normalise(np.hstack([front_H[:, :n] @ M / lam, front_H[:, n:]]),
+                           front_h - _margin(front_H[:, :n], Ds, w)) for _, M, Ds in maps]
         cand_H, cand_h = np.vstack([a for a, _ in cand]), np.concatenate([b for _, b in cand])
+        if w is not None:
+            robust_slack = cand_h - cand_H[:, n:] @ r_c - np.abs(cand_H[:, n:]) @ r_w
+            if np.any(robust_slack <= 0.0):
+                raise ValueError(f"{plant.name}: the backup is not robustly safe on the certified region: under the "
+                                 f"declared uncertainty (additive bound {np.round(w, 6).tolist()} per step) a "
+                                 f"disturbance sequence of {k} steps breaks a constraint from the equilibrium of a "
+                                 f"certified reference; shrink certified_region.r_max, make the backup faster, "
+                                 f"or declare less uncertainty")
         keep = ~_redundant(cand_H, cand_h, H, h, lo, hi, slack_tol(cand_H, cand_h))
         if not keep.any():
             return _in_state_coordinates(plant, H, h), k
@@ -803,6 +857,13 @@ def backup_invariant_set(plant, backup, held: bool = True, horizon_s: float = IM
     raise ValueError(f"{plant.name}: the implicit safe set is not finitely determined within {horizon_s:g} s "
                      f"({steps} iterations): the backup contracts too slowly; make it faster (backup Q/R) or "
                      f"raise the horizon")
+
+
+def _margin(He: np.ndarray, Ds: list, w) -> np.ndarray:
+    """``Σ_j |He D_j| w``: what rows ``He e`` lose to disturbances entering through ``D_j``."""
+    if w is None:
+        return np.zeros(len(He))
+    return sum(np.abs(He @ D) @ w for D in Ds)
 
 
 def _in_state_coordinates(plant, H, h) -> Polytope:
@@ -821,34 +882,38 @@ every node, rollout and test of a plant asks for the same set."""
 _IMPLICIT_CACHE: OrderedDict = OrderedDict()
 
 
-def _implicit_key(plant, backup, late_commands: int, horizon_s: float, name: str) -> tuple:
+def _implicit_key(plant, backup, late_commands: int, horizon_s: float, name: str, w) -> tuple:
     """What the implicit set depends on: the plant's data (its description: dynamics, limits,
-    polytopes, region; the digest alone would miss ``with_limits``), the backup's gain, late, horizon."""
+    polytopes, region; the digest alone would miss ``with_limits``), the backup's gain, late,
+    horizon, the disturbance bound."""
     desc = json.dumps(plant.describe(), sort_keys=True, default=str)
     K = np.ascontiguousarray(backup.K, dtype=float).tobytes()
-    return hashlib.sha256(desc.encode() + K).hexdigest(), late_commands, float(horizon_s), name
+    wk = b"" if w is None else np.ascontiguousarray(w, dtype=float).tobytes()
+    return hashlib.sha256(desc.encode() + K + wk).hexdigest(), late_commands, float(horizon_s), name
 
 
 def implicit_safe_set(plant, backup, late_commands: int = 1, horizon_s: float = IMPLICIT_HORIZON_S,
-                      name: str | None = None) -> SafeActionSet:
+                      name: str | None = None, w=None) -> SafeActionSet:
     """The implicit safe set of a linear plant (module docstring): ``U_safe`` from ``O_L``, with the
-    reference variables ``ρ = (ρ1[, ρ2])`` in the certified reference box. Cached per plant data,
-    backup gain and ``late_commands`` (an LRU of ``IMPLICIT_CACHE_SIZE``; the arrays are read-only)."""
+    reference variables ``ρ = (ρ1[, ρ2])`` in the certified reference box; robust to the additive
+    disturbance bound ``w`` (None: nominal). Cached per plant data, backup gain, ``late_commands``
+    and ``w`` (an LRU of ``IMPLICIT_CACHE_SIZE``; the arrays are read-only)."""
     late_commands = _check_late(late_commands)
     name = name or plant.name
-    key = _implicit_key(plant, backup, late_commands, horizon_s, name)
+    w = None if w is None or not np.any(np.asarray(w) > 0) else _frozen(w)
+    key = _implicit_key(plant, backup, late_commands, horizon_s, name, w)
     if key in _IMPLICIT_CACHE:
         _IMPLICIT_CACHE.move_to_end(key)
         return _IMPLICIT_CACHE[key]
-    out = _build_implicit(plant, backup, late_commands, horizon_s, name)
+    out = _build_implicit(plant, backup, late_commands, horizon_s, name, w)
     _IMPLICIT_CACHE[key] = out
     while len(_IMPLICIT_CACHE) > IMPLICIT_CACHE_SIZE:
         _IMPLICIT_CACHE.popitem(last=False)
     return out
 
 
-def _build_implicit(plant, backup, late_commands: int, horizon_s: float, name: str) -> SafeActionSet:
-    nominal = implicit_safe_set(plant, backup, 0, horizon_s, name) if late_commands else None
+def _build_implicit(plant, backup, late_commands: int, horizon_s: float, name: str, w) -> SafeActionSet:
+    nominal = implicit_safe_set(plant, backup, 0, horizon_s, name, w) if late_commands else None
     held_label = ""
     try:
         # A Ψ-closed set, when it exists, is a few more rows than the Φ-closed one; past a quarter
@@ -857,9 +922,9 @@ def _build_implicit(plant, backup, late_commands: int, horizon_s: float, name: s
         budget = max(int(1.25 * len(nominal.invariant.h)), len(nominal.invariant.h) + 20) if late_commands \
             else 600
         O_L, _ = backup_invariant_set(plant, backup, held=bool(late_commands), horizon_s=horizon_s,
-                                      max_rows=budget)
-    except ValueError:
-        if not late_commands:
+                                      max_rows=budget, w=w)
+    except ValueError as exc:
+        if not late_commands or "robustly" in str(exc):
             raise
         # The Ψ-closed set did not settle (the images of Φ and Ψ keep adding rows): the held
         # block is taken w.r.t. the Φ-closed set. One late command still leaves the plant in
@@ -868,7 +933,7 @@ def _build_implicit(plant, backup, late_commands: int, horizon_s: float, name: s
         O_L = nominal.invariant
         held_label = ", held block on the nominal set"
     A, B, c = (np.asarray(a, dtype=float) for a in (plant.A, plant.B, plant.c))
-    D, G, F, f = _implicit_rows(plant, O_L, A, B, c, late_commands)
+    D, G, F, f = _implicit_rows(plant, O_L, A, B, c, late_commands, w)
     blocks = 1 + late_commands
     rho_min, rho_max = np.tile(plant.region.r_min, blocks), np.tile(plant.region.r_max, blocks)
     keep = _prune_action_rows(D @ A, G, F, f - D @ c, plant.u_min, plant.u_max, rho_min, rho_max)
@@ -877,16 +942,18 @@ def _build_implicit(plant, backup, late_commands: int, horizon_s: float, name: s
         a.flags.writeable = False
     drift_np, drift_torch = _affine_drift(A, c)
     late = f", late_commands=1{held_label}" if late_commands else ""
-    label = f"{name} implicit(backup-invariant, {len(O_L.h)} rows, {len(f)} action rows{late})"
+    robust = ", robust" if w is not None else ""
+    label = f"{name} implicit(backup-invariant, {len(O_L.h)} rows, {len(f)} action rows{late}{robust})"
     return SafeActionSet(O_L, B, plant.u_min, plant.u_max, D=D, G=G, F=F, f=f, drift_np=drift_np,
                          drift_torch=drift_torch, name=label, kind="implicit", drift_matrix=A, drift_offset=c,
                          late_commands=late_commands, nominal_rows=nominal, rho_min=rho_min, rho_max=rho_max,
-                         ref_dim=plant.nr)
+                         ref_dim=plant.nr, w_max=w)
 
 
-def _implicit_rows(plant, O_L: Polytope, A, B, c, late_commands: int):
-    """``(D, G, F, f)`` of ``U_safe``: ``(x+, ρ1) ∈ O_L`` (and ``(x++, ρ2) ∈ O_L``), then the input
-    polytope's rows; the reference box rows of ``O_L`` are the bounds of ``ρ``, not rows."""
+def _implicit_rows(plant, O_L: Polytope, A, B, c, late_commands: int, w=None):
+    """``(D, G, F, f)`` of ``U_safe``: ``(x+, ρ1) ∈ O_L`` (and ``(x++, ρ2) ∈ O_L``), each less its
+    ``disturbance_margin``, then the input polytope's rows; the reference box rows of ``O_L`` are
+    the bounds of ``ρ``, not rows."""
     n, nr = plant.n, plant.nr
     Hx, Hr, ho = O_L.H[:, :n], O_L.H[:, n:], O_L.h
     box_row = ~(np.abs(Hx) > 1e-12).any(axis=1) & ((np.abs(Hr) > 1e-12).sum(axis=1) == 1)
@@ -898,6 +965,7 @@ def _implicit_rows(plant, O_L: Polytope, A, B, c, late_commands: int):
         G = np.vstack([G, Hx @ (A + np.eye(n)) @ B])
         F = np.vstack([F, np.hstack([np.zeros((k, nr)), Hr])])
         f = np.concatenate([f, ho - Hx @ c])
+    f = f - disturbance_margin(Hx, A, w, late_commands)
     _, _, Gp, gp = _split_input_set(Polytope(*plant.input_rows()[:2]), plant.m)
     return (np.vstack([D, np.zeros((len(gp), n))]), np.vstack([G, Gp]),
             np.vstack([F, np.zeros((len(gp), F.shape[1]))]), np.concatenate([f, gp]))
@@ -905,33 +973,55 @@ def _implicit_rows(plant, O_L: Polytope, A, B, c, late_commands: int):
 
 # ====================================================================== per plant
 
-def plant_polytopes(plant) -> tuple[Polytope, Polytope]:
-    """``(X, U)``: the plant's state rows (finite box bounds and ``H``) and input rows (box and ``G``)."""
-    F, f, _ = plant.state_rows()
+def plant_polytopes(plant, measured: bool = False) -> tuple[Polytope, Polytope]:
+    """``(X, U)``: the plant's state rows (finite box bounds and ``H``) and input rows (box and ``G``);
+    ``measured``: the state rows on the measured state, tightened by the declared measurement noise
+    (``uncertainty.measured_state_rows``)."""
+    if measured:
+        from ..uncertainty import measured_state_rows
+        F, f, _ = measured_state_rows(plant)
+    else:
+        F, f, _ = plant.state_rows()
     Fu, fu, _ = plant.input_rows()
     return Polytope(np.asarray(F, dtype=float), np.asarray(f, dtype=float)), \
         Polytope(np.asarray(Fu, dtype=float), np.asarray(fu, dtype=float))
 
 
-def safe_set_for(plant, backup=None, late_commands: int = 1, horizon_s: float = IMPLICIT_HORIZON_S) -> SafeActionSet:
+def safe_set_for(plant, backup=None, late_commands: int = 1, horizon_s: float = IMPLICIT_HORIZON_S,
+                 robust: bool = True) -> SafeActionSet:
     """The safe action set of ``plant`` (module docstring): explicit for small linear plants with a
     bounded state polytope, implicit (around ``backup``, default ``LQRBackup(plant)``) for the
     other linear plants, the model's own for model plants; ``late_commands=1``: robust to one
-    late command."""
+    late command. ``robust`` (default) and a plant file that declares ``uncertainty:``: the set
+    is robust to it (``uncertainty.additive_bound``, measured-state rows, at least the declared
+    input delay in late commands); its ``w_max`` says to what."""
     late_commands = _check_late(late_commands)
+    w = None
+    if robust and plant.uncertainty.declared:
+        from ..uncertainty import additive_bound
+        w = additive_bound(plant)
+        late_commands = max(late_commands, plant.uncertainty.input_delay_steps)
     if not plant.linear:
         make = getattr(plant.model, "safe_set", None)
         if not callable(make):
             raise ValueError(f"model {plant.model_name or type(plant.model).__name__} provides no safe set "
                              f"(give the model class a safe_set(plant, late_commands) method)")
-        return make(plant, late_commands)
-    X, U = plant_polytopes(plant)
+        return make(plant, late_commands, w=w) if w is not None else make(plant, late_commands)
+    X, U = plant_polytopes(plant, measured=w is not None)
     A, B, c = (np.asarray(a, dtype=float) for a in (plant.A, plant.B, plant.c))
     blocks = explicit_blocks(A, B, c, X, U)
     if blocks is not None:
         try:
+            kind = "robust control-invariant" if w is not None else "control-invariant"
             return explicit_safe_set(A, B, c, X, U, late_commands, name=f"{plant.name} explicit(maximal "
-                                     f"control-invariant)", blocks=blocks)
+                                     f"{kind})", blocks=blocks, w=w)
+        except ValueError as exc:
+            if w is None:
+                raise
+            # the robust pre-set lost the interior equilibrium: the set is empty
+            raise ValueError(f"{plant.name}: no robust control-invariant set: under the declared uncertainty "
+                             f"(additive bound {np.round(w, 6).tolist()} per step) the inputs cannot hold the "
+                             f"plant inside its limits ({exc}); declare less uncertainty or relax the limits") from None
         except (QhullError, RuntimeError):
             # qhull on a set with thousands of near-degenerate facets (a random 3-state plant)
             # or a pre-set iteration that does not settle: the implicit set is sound for every
@@ -940,20 +1030,21 @@ def safe_set_for(plant, backup=None, late_commands: int = 1, horizon_s: float = 
     if backup is None:
         from ..backup import LQRBackup
         backup = LQRBackup(plant)
-    return implicit_safe_set(plant, backup, late_commands, horizon_s)
+    return implicit_safe_set(plant, backup, late_commands, horizon_s, w=w)
 
 
 def safe_set_at_most(plant, backup=None, late_commands: int = 1,
-                     horizon_s: float = IMPLICIT_HORIZON_S) -> tuple[SafeActionSet, int]:
+                     horizon_s: float = IMPLICIT_HORIZON_S, robust: bool = True) -> tuple[SafeActionSet, int]:
     """``(safe_set_for(plant, backup, late_commands), late_commands)``, or, for a model plant whose
     own set cannot absorb late commands (the pendulum's: its drift is nonlinear), its nominal set
     and 0. A linear plant's refusal is raised: every linear construction absorbs one."""
     try:
-        return safe_set_for(plant, backup, late_commands, horizon_s), int(late_commands)
+        s = safe_set_for(plant, backup, late_commands, horizon_s, robust)
+        return s, int(s.late_commands) if plant.linear else int(late_commands)
     except ValueError:
-        if plant.linear or not late_commands:
+        if plant.linear or not late_commands or plant.uncertainty.input_delay_steps:
             raise
-        return safe_set_for(plant, backup, 0, horizon_s), 0
+        return safe_set_for(plant, backup, 0, horizon_s, robust), 0
 
 
 def linear_safe_set(A: np.ndarray, B: np.ndarray, state_limits, u_max, late_commands: int = 0,
@@ -981,9 +1072,11 @@ def pendulum_virtual_input_bound(system) -> float:
     return bound
 
 
-def pendulum_safe_set(system, late_commands: int = 0) -> SafeActionSet:
-    """Invariant set of the pendulum by the gravity-as-known-input argument (module docstring).
-    Nominal only: the state one held command later is not linear in the action here."""
+def pendulum_safe_set(system, late_commands: int = 0, w=None) -> SafeActionSet:
+    """Invariant set of the pendulum by the gravity-as-known-input argument (module docstring); with
+    ``w`` (per-state additive bound) the robust one (the virtual-input system is linear, so the
+    robust pre-set applies as for any linear block). No late commands: the state one held
+    command later is not linear in the action here."""
     if _check_late(late_commands):
         raise ValueError("the pendulum supports late_commands=0 only: its drift (gravity) is nonlinear, "
                          "and the late-command set is built for linear plants x+ = A x + B u")
@@ -991,7 +1084,8 @@ def pendulum_safe_set(system, late_commands: int = 0) -> SafeActionSet:
     A0 = np.array([[1.0, dt], [0.0, 1.0]])
     B0 = np.array([[dt * dt], [dt]])
     X = box([float(system.theta_max), float(system.theta_dot_max)])
-    axis, _, _ = _block_sets(A0, B0, X, box([pendulum_virtual_input_bound(system)]), 0)
+    w = None if w is None or not np.any(np.asarray(w) > 0) else _frozen(w)
+    axis, _, _ = _block_sets(A0, B0, X, box([pendulum_virtual_input_bound(system)]), 0, w)
     k = 1.5 * system.g
     B = B0 * (3.0 * system.tau_max)
 
@@ -1004,8 +1098,11 @@ def pendulum_safe_set(system, late_commands: int = 0) -> SafeActionSet:
         return x @ torch.as_tensor(A0.T, dtype=x.dtype) + w * torch.as_tensor(B0[:, 0], dtype=x.dtype)
 
     a = float(system.a_max)
-    return SafeActionSet(axis, B, -a, a, D=axis.H, G=axis.H @ B, F=np.zeros((len(axis.h), 0)), f=axis.h,
-                         drift_np=drift_np, drift_torch=drift_torch, name="pendulum", kind="model")
+    f = axis.h - disturbance_margin(axis.H, A0, w, 0)
+    return SafeActionSet(axis, B, -a, a, D=axis.H, G=axis.H @ B, F=np.zeros((len(axis.h), 0)), f=f,
+                         drift_np=drift_np, drift_torch=drift_torch, name="pendulum" + (" robust" if w is not None
+                                                                                        else ""),
+                         kind="model", w_max=w)
 
 
 __all__ = ["Polytope", "SafeActionSet", "safe_set_for", "explicit_safe_set", "implicit_safe_set",
