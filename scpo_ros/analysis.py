@@ -88,6 +88,7 @@ class Series:
     modes: list = field(default_factory=list)       # (t, dict)
     violations: list = field(default_factory=list)  # (t, dict)
     interventions: list = field(default_factory=list)  # (t, dict), action_safeguard records
+    monitor: list = field(default_factory=list)     # (t, dict), the safety node's model monitor records
     plant: Plant | None = None
     plant_source: str = LIMITS_DEFAULT    # where ``plant`` came from (LIMITS_*)
     unreadable_states: int = 0            # joint_states without the plant's joints/fields
@@ -186,6 +187,7 @@ def load_series(path: str | Path, namespace: str | None = None, messages: list |
     s.modes = [(T(m), json.loads(m.msg.data)) for m in get(g.SAFETY_MODE)]
     s.violations = [(T(m), json.loads(m.msg.data)) for m in get(g.CONSTRAINT_VIOLATION)]
     s.interventions = [(T(m), json.loads(m.msg.data)) for m in get(g.INTERVENTION)]
+    s.monitor = [(T(m), json.loads(m.msg.data)) for m in get(g.MODEL_MONITOR)]
     return s
 
 
@@ -354,8 +356,46 @@ def compute_metrics(s: Series) -> dict:
         "tracking_cost": _tracking_cost(s),
         "latency_ms": _percentiles(_latency_ms(s, control)),
         "malicious_fraction": float(s.malicious.mean()) if len(s.malicious) else None,
+        "model_monitor": _monitor_metrics(s),
         "topics": s.topics,
     }
+
+
+def _monitor_metrics(s: Series) -> dict | None:
+    """The model monitor's last record in the bag (trips, detection delay, ...), None without one."""
+    recs = [r for _, r in s.monitor if r.get("enabled", True)]
+    if not recs:
+        return None
+    last = recs[-1]
+    return {k: last.get(k) for k in ("tripped", "trips", "clears", "transitions", "out_of_bounds",
+                                     "detection_delay", "max_ratio", "declared", "held_back")}
+
+
+def transition_residuals(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(t, residual, bound)``: per recorded state transition ``x_{k-1} -> x_k`` whose command is
+    in the bag (the last one sent between the two states), ``|x_k - f(x_{k-1}, u)|`` per state and
+    the declared bound at that state and input (``uncertainty.ModelBound``). What the model
+    monitor judges, recomputed offline (it also tries the two commands before, for late ones)."""
+    from .uncertainty import ModelBound
+    p = s.plant
+    if len(s.state) < 2 or not s.cmd:
+        return np.zeros(0), np.zeros((0, p.n)), np.zeros((0, p.n))
+    bound = ModelBound(p)
+    times = _state_times(s)
+    cmd_t = np.asarray(s.cmd_t)
+    out_t, res, bnd = [], [], []
+    for k in range(1, len(s.state)):
+        i = int(np.searchsorted(cmd_t, times[k], side="right")) - 1
+        if i < 0 or cmd_t[i] < times[k - 1] - 1e-9 or s.cmd[i].size != p.m:
+            continue
+        u = s.cmd[i]
+        x0 = s.state[k - 1]
+        res.append(np.abs(s.state[k] - np.asarray(p.step(x0, u), dtype=float)))
+        bnd.append(bound.at(x0, u))
+        out_t.append(s.state_t[k])
+    if not res:
+        return np.zeros(0), np.zeros((0, p.n)), np.zeros((0, p.n))
+    return np.array(out_t), np.array(res), np.array(bnd)
 
 
 def analyze(path: str | Path, namespace: str | None = None,
@@ -449,6 +489,10 @@ def format_table(metrics: dict, title: str = "") -> str:
         ("latency state->cmd p99 [ms]", fmt(lat["p99"], "{:.3f}")),
         ("SCPO update time median [ms]", fmt(metrics["update_time_ms"]["median"], "{:.1f}")),
     ]
+    mon = metrics.get("model_monitor")
+    if mon:
+        rows.append(("model monitor trips", f"{mon['trips']} ({mon['out_of_bounds']} of {mon['transitions']} "
+                                            f"transitions out of bounds, detection delay {mon['detection_delay']})"))
     w = max(len(r[0]) for r in rows)
     lines = [title] if title else []
     lines += [f"  {k:<{w}}  {v}" for k, v in rows]
@@ -485,9 +529,69 @@ def _plot_states(plt, s: Series):
         if i in tracked and len(s.ref) and s.ref.shape[1] > tracked.index(i):
             ax.step(s.ref_t, s.ref[:, tracked.index(i)], "--", lw=0.8, where="post", label="reference")
         _limit_lines(ax, p.x_min[i], p.x_max[i])
+        ax.axhspan(p.region.x_min[i], p.region.x_max[i], color="tab:green", alpha=0.08, lw=0,
+                   label="certified region" if i == 0 else None)
         ax.set_ylabel(p.states[i], fontsize=8)
         ax.legend(fontsize=7, loc="upper right")
     axes[0, 0].set_title(f"{p.name}: states against their limits (grey: malicious expert)")
+    axes[-1, 0].set_xlabel("time [s]")
+    return fig
+
+
+def _plot_phase(plt, s: Series):
+    """The first two states: the trajectory, the limits, the certified region and the safe set's
+    polygon (explicit sets of two-state plants: the robust one where the plant declares
+    uncertainty, the nominal one dashed beside it)."""
+    from .safeguard.invariant_set import safe_set_at_most
+    p = s.plant
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.plot(s.state[:, 0], s.state[:, 1], lw=0.6, color="tab:blue", label="trajectory")
+    reg = p.region
+    ax.add_patch(plt.Rectangle((reg.x_min[0], reg.x_min[1]), reg.x_max[0] - reg.x_min[0], reg.x_max[1] - reg.x_min[1],
+                               fill=False, color="tab:green", lw=1.2, label="certified region"))
+    if np.isfinite([p.x_min[0], p.x_max[0], p.x_min[1], p.x_max[1]]).all():
+        ax.add_patch(plt.Rectangle((p.x_min[0], p.x_min[1]), p.x_max[0] - p.x_min[0], p.x_max[1] - p.x_min[1],
+                                   fill=False, color="r", lw=0.8, label="limits"))
+    if p.n == 2:
+        for robust, style, label in ((True, "-", "safe set"), (False, "--", "nominal safe set")):
+            if not robust and not p.uncertainty.declared:
+                continue
+            try:
+                S = safe_set_at_most(p, robust=robust)[0]
+            except ValueError:
+                continue
+            if S.kind not in ("explicit", "model") or S.invariant.dim != 2:
+                continue
+            v = S.invariant.vertices()
+            order = np.argsort(np.arctan2(v[:, 1] - v[:, 1].mean(), v[:, 0] - v[:, 0].mean()))
+            v = np.vstack([v[order], v[order][:1]])
+            ax.plot(v[:, 0], v[:, 1], style, color="k", lw=1.0,
+                    label=f"{'robust ' if S.w_max is not None else ''}{label}")
+    ax.set_xlabel(p.states[0])
+    ax.set_ylabel(p.states[1])
+    ax.set_title(f"{p.name}: phase plane")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def _plot_residuals(plt, s: Series):
+    """Per state: the one-step model residual of every recorded transition against the plant
+    file's declared bound (what the model monitor checks), and the monitor's trips."""
+    p = s.plant
+    t, res, bnd = transition_residuals(s)
+    n = min(p.n, MAX_PLOTTED)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 1.6 * n), sharex=True, squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        if len(t):
+            ax.plot(t, res[:, i], ".", ms=2, label=f"|residual| {p.states[i]}")
+            ax.plot(t, bnd[:, i], lw=0.8, color="r", label="declared bound" if p.uncertainty.declared else
+                    "declared bound (nothing declared: 0)")
+        for tt, rec in s.monitor:
+            if rec.get("tripped"):
+                ax.axvline(tt, color="tab:orange", lw=0.6)
+        ax.set_ylabel(p.states[i], fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0, 0].set_title(f"{p.name}: one-step residual vs the declared bound (orange: monitor tripped)")
     axes[-1, 0].set_xlabel("time [s]")
     return fig
 
@@ -562,6 +666,10 @@ def write_plots(s: Series, metrics: dict, out_dir: str | Path) -> list[str]:
         plots.append(("actions.png", lambda: _plot_actions(plt, s)))
     if s.decisions:
         plots += [("margins.png", lambda: _plot_margins(plt, s)), ("decisions.png", lambda: _plot_decisions(plt, s))]
+    if len(s.state) and s.plant.n >= 2:
+        plots.append(("phase.png", lambda: _plot_phase(plt, s)))
+    if len(s.state) > 1 and s.cmd:
+        plots.append(("residuals.png", lambda: _plot_residuals(plt, s)))
     files = []
     for name, plot in plots:
         fig = plot()

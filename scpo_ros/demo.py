@@ -53,6 +53,13 @@ def add_demo_arguments(ap) -> None:
     ap.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for the graph to start")
     ap.add_argument("--compare", action="store_true",
                     help="SCPO (/scpo) and the action safeguard (/safeguard) side by side; one bag, one table")
+    ap.add_argument("--model-mismatch", type=float, default=None,
+                    help="the simulated plant differs from the model by this many times the plant file's declared "
+                         "uncertainty (1: at its edge, > 1: beyond; plant_sim's model_mismatch)")
+    ap.add_argument("--disturbance", default=None, choices=("none", "bounded", "uniform", "gaussian"),
+                    help="additive disturbance of the simulated plant per step (plant_sim's disturbance)")
+    ap.add_argument("--disturbance-scale", type=float, default=None,
+                    help="the disturbance box as a multiple of the declared w_max (plant_sim's disturbance_scale)")
     ap.add_argument("--safeguard-params", default=None,
                     help="action_safeguard parameter file for --compare (default config/safeguard.yaml)")
 
@@ -169,7 +176,11 @@ def _prepare_run(args, params_file: str) -> tuple[Path | None, Path, dict]:
 def _common_overrides(args) -> tuple[dict, dict]:
     """Command-line overrides shared by every node (``--plant``), and the simulator's own."""
     common = {"plant_file": g.plant_file_of(args.plant)} if args.plant else {}
-    return common, {}
+    sim = {name: value for name, value in (("model_mismatch", getattr(args, "model_mismatch", None)),
+                                           ("disturbance", getattr(args, "disturbance", None)),
+                                           ("disturbance_scale", getattr(args, "disturbance_scale", None)))
+           if value is not None}
+    return common, sim
 
 
 def _launch_and_run(graph: Graph, plan: list[tuple[str, list[str], tuple[str, ...]]], args, log_dir: Path,
@@ -310,6 +321,12 @@ def format_summary(result: dict) -> str:
                  f"rejected {up.get('rejected')} (malformed {safety.get('malformed')}), "
                  f"infeasible {up.get('infeasible')}")
     lines.append(f"  fallbacks              {safety.get('fallbacks')}")
+    mon = safety.get("model_monitor")
+    if mon:
+        lines.append(f"  model monitor          {'TRIPPED' if mon.get('tripped') else 'ok'}: {mon.get('trips')} trips, "
+                     f"{mon.get('out_of_bounds')} of {mon.get('transitions')} transitions outside the declared "
+                     f"uncertainty, detection delay {mon.get('detection_delay')}, "
+                     f"{safety.get('monitor_held_back', 0)} updates held back")
     lines.append(f"  constraint violations  {sim.get('constraint_violations')}  (simulator, {sim.get('steps')} steps)")
     comp = safety.get("compute_us") or {}
     if comp.get("median") is not None:

@@ -67,7 +67,7 @@ class ResidualSCPO:
         self.config = config if config is not None else self.default_config()
         self.safety = safety if safety is not None else SafetySpec()
         self.n_sample_states, self.n_cert_states = int(n_sample_states), int(n_cert_states)
-        self.engine = PlantRollout(plant, backup, layout, self.safety, safe_rows=safe_set, device=device)
+        self.engine = PlantRollout(plant, backup, layout, self.safety, safe_rows=safe_set, device=device, seed=seed)
         self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.sample_structured = structured_states(plant, max_points=self.n_sample_states // 2, seed=seed)
@@ -97,6 +97,7 @@ class ResidualSCPO:
         new, decision = self.projector.step(theta, torch.as_tensor(np.asarray(delta_raw), dtype=torch.float32))
         if decision.committed:
             self.theta = new.numpy().astype(np.float32)
+        decision.covers = self.engine.covers
         return decision
 
     def propose_weights(self, theta_proposed) -> Decision:
@@ -116,7 +117,8 @@ class ResidualSCPO:
             from .backup import LQRBackup
             backup = LQRBackup(plant)
         worst = backup.certify(plant.region)
-        engine = PlantRollout(plant, backup, self.layout, self.safety, safe_rows=safe_set, device=self.engine.device)
+        engine = PlantRollout(plant, backup, self.layout, self.safety, safe_rows=safe_set, device=self.engine.device,
+                              seed=self.seed)
         self.sample_structured = structured_states(plant, max_points=self.n_sample_states // 2, seed=self.seed)
         self.cert_structured = structured_states(plant, max_points=self.n_cert_states // 2, seed=self.seed + 1)
         self.plant, self.backup, self.engine, self.worst_case_backup = plant, backup, engine, worst
@@ -128,4 +130,5 @@ class ResidualSCPO:
         if not decision.committed:
             self.theta = self.backup_theta.copy()
             decision.reason = "re-certification failed: reverted to the backup"
+        decision.covers = self.engine.covers
         return decision

@@ -125,6 +125,8 @@ class Decision:
     committed_step_norm: float = 0.0
     backtracks: int = 0
     times_ms: dict = field(default_factory=dict)
+    covers: str = ""
+    """What the certificate is about (the caller's: ``rollout.PlantRollout.covers``)."""
 
     @property
     def committed(self) -> bool:

@@ -253,7 +253,7 @@ def test_the_plant_comes_from_the_bag_with_its_names_limits_and_polytope(tmp_pat
     # the reference in force when the next state came: r = 1 for states 0, 1; r = 4 for state 2
     assert m["tracking_cost"] == pytest.approx(((0.0) ** 2 + (1.0) ** 2 + (3.0 - 4.0) ** 2) / 3)
     files = __import__("scpo_ros.analysis", fromlist=["write_plots"]).write_plots(s, m, tmp_path / "plots")
-    assert {Path(f).name for f in files} == {"states.png", "actions.png"}
+    assert {Path(f).name for f in files} == {"states.png", "actions.png", "phase.png", "residuals.png"}
 
     coupled = load_plant("coupled_two_input")
     x_ok = coupled.equilibrium(np.zeros(coupled.nr))[0]
@@ -276,3 +276,34 @@ def test_the_plant_comes_from_the_bag_with_its_names_limits_and_polytope(tmp_pat
     m, _ = analyze(bag)
     assert m["limits"]["source"] == "default" and m["limits"]["plant"] == "double_integrator"
     assert m["unreadable_states"] == 3 and m["states"] == 0
+
+
+def test_transition_residuals_pair_each_transition_with_its_command_and_the_declared_bound():
+    """States that follow the model give residuals of zero; a plant with half the input gain gives
+    ``|B u| / 2``, above the declared bound of a file that declares nothing; a transition without a
+    command between its states is left out."""
+    import numpy as np
+
+    from scpo_ros.analysis import Series, transition_residuals
+    from scpo_ros.plant import load_plant
+    plant = load_plant("double_integrator")
+    x = [np.array([0.1, 0.0])]
+    cmds, cmd_t = [], []
+    for k in range(10):
+        u = np.array([0.5 * (-1) ** k])
+        cmds.append(u)
+        cmd_t.append(k * 0.05 + 0.01)
+        x.append(plant.step(x[-1], u))
+    t = np.arange(11) * 0.05
+    s = Series(state_t=t, state_stamp=t, state=np.array(x), cmd_t=np.array(cmd_t), cmd=cmds,
+               cmd_label=["policy"] * 10, plant=plant)
+    tt, res, bnd = transition_residuals(s)
+    assert len(tt) == 10 and np.allclose(res, 0.0, atol=1e-12) and np.allclose(bnd, 0.0)
+    half = [x[0]]
+    for u in cmds:
+        half.append(plant.A @ half[-1] + 0.5 * plant.B @ u)
+    s.state = np.array(half)
+    _, res, _ = transition_residuals(s)
+    assert np.allclose(res, 0.5 * np.abs(np.array([plant.B @ u for u in cmds])), atol=1e-12)
+    s.cmd_t = np.array(cmd_t) + 0.2                  # commands after their states: no pairs for the first ones
+    assert len(transition_residuals(s)[0]) < 10

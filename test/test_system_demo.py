@@ -13,14 +13,14 @@ from scpo_ros.graph import SIMULATOR, merged_params_file  # noqa: E402
 from scpo_ros.scpo import COMMITTED  # noqa: E402
 
 
-def _malicious_run(tmp_path, plant, namespace: str, duration: float, publish_rate_hz: float):
+def _malicious_run(tmp_path, plant, namespace: str, duration: float, publish_rate_hz: float, **demo_args):
     """``run_graph`` of the demo with malicious phases every 4 s (2 s each, so a short run sees
     both kinds of demonstration), recording a bag: ``(result, args)``."""
     params = merged_params_file(PARAMS, {"expert": {"malicious": True, "malicious_period_s": 4.0},
                                          "learner": {"publish_rate_hz": publish_rate_hz}}, tmp_path / "params.yaml")
     args = types.SimpleNamespace(params=params, bag=str(tmp_path / "bag"), no_record=False, overwrite=False,
                                  no_malicious=False, plant=plant, namespace=namespace, duration=duration,
-                                 startup_timeout=120.0, plots=None)
+                                 startup_timeout=120.0, plots=None, **demo_args)
     return run_graph(args, out=lambda *a: None), args
 
 
@@ -79,3 +79,23 @@ def test_another_plant_by_its_file_alone(tmp_path, name):
     assert cmds and all(len(u) == plant.m for u in cmds)
     records = [json.loads(b.msg.data) for b in read_messages(args.bag, ["/plant"])]
     assert {r["digest"] for r in records} == {plant.digest}
+
+
+@pytest.mark.slow
+def test_uncertain_plant_with_a_mismatched_simulator_inside_its_declaration(tmp_path):
+    """``--plant double_integrator_uncertain --model-mismatch 1 --disturbance bounded``: the simulated
+    plant at the edge of its declared input gain (±30 %) and a disturbance at a random corner of
+    its declared box every step, the malicious expert: zero violations, SCPO's robust
+    certificate commits updates, the model monitor does not trip."""
+    result, args = _malicious_run(tmp_path, "double_integrator_uncertain", "", 12.0, 4.0, model_mismatch=1.0,
+                                  disturbance="bounded")
+    nodes, m = result["nodes"], result["bag_metrics"]
+    assert set(result["exit_codes"].values()) == {0}, result["exit_codes"]
+    assert nodes[SIMULATOR]["constraint_violations"] == 0 and m["constraint_violations"] == 0
+    safety = nodes["scpo_safety_node"]
+    assert sum(safety["updates"][k] for k in COMMITTED) > 0
+    mon = safety["model_monitor"]
+    assert mon["declared"] and mon["trips"] == 0 and mon["transitions"] > 100, mon
+    from scpo_ros.bag import read_messages
+    decisions = [json.loads(b.msg.data) for b in read_messages(args.bag, ["/scpo_decision"])]
+    assert any("corners" in d.get("covers", "") for d in decisions)

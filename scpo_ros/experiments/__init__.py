@@ -5,4 +5,5 @@ EXPERIMENTS = {
     "imitation": "scpo_ros.experiments.imitation",
     "safeguard": "scpo_ros.experiments.safeguard",
     "compare": "scpo_ros.experiments.compare",
+    "robust": "scpo_ros.experiments.robust",
 }

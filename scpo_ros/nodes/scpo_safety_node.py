@@ -538,7 +538,8 @@ class SCPOSafetyNode(LifecycleNode):
             if deploy:
                 self._deploy(theta, certifying_done=kind == "recertify")
             if kind == "recertify":
-                self.get_logger().info(f"re-certification: {decision.status} ({decision.reason})")
+                self.get_logger().info(f"re-certification: {decision.status} ({decision.reason}); the certificate "
+                                       f"covers {decision.covers or 'the nominal model'}")
             elif kind == "error":
                 self.get_logger().error(f"SCPO worker error (weights unchanged): {decision.reason}")
             if kind in ("proposal", "recertify") and not self.proposals.pending:
