@@ -132,6 +132,15 @@ def check_backup_in_safe_set(model: Model) -> None:
     engine = PlantRollout(model.plant, model.backup, model.layout, model.safety, safe_rows=safe_set)
     x0, r = structured_states(model.plant, max_points=128)
     g = engine.evaluate(backup_weights(model.layout, model.seed), x0, r).g[0]
+    if engine.robust:
+        # under the declared uncertainty the backup itself must keep every limit and stay in the
+        # (robust) safe set: the robust rollouts' state, input and safe_set metrics
+        bad = {name: float(v) for name, v in zip(METRICS, g.tolist()) if name != "lyapunov" and v >= 0.0}
+        if bad:
+            raise BackupCertificationError(
+                f"the backup is not robustly safe on the certified region under the declared uncertainty "
+                f"({', '.join(f'{k} metric {v:.3g} > 0' for k, v in bad.items())}; the rollouts cover "
+                f"{engine.covers}): shrink certified_region, make the backup faster, or declare less uncertainty")
     worst = float(g[METRICS.index("safe_set")])
     if not worst < 0.0:
         raise BackupCertificationError(f"the backup leaves the safe set from the certified region "

@@ -321,3 +321,18 @@ def test_launch_file_nodes_match_the_graph(tmp_path, monkeypatch):
             assert values["wait_for_subscribers"] == (4 if n["namespace"] == "scpo" else 3)
         if n["name"] == "bag_recorder":
             assert "/safeguard/intervention" in values["topics"] and "/scpo/scpo_decision" in values["topics"]
+
+
+def test_demo_mismatch_options_reach_the_simulator_only():
+    import argparse
+
+    from scpo_ros.demo import _common_overrides, add_demo_arguments
+    ap = argparse.ArgumentParser()
+    add_demo_arguments(ap)
+    common, sim = _common_overrides(ap.parse_args(["--plant", "double_integrator_uncertain", "--model-mismatch", "2",
+                                                   "--disturbance", "bounded", "--disturbance-scale", "1.5"]))
+    assert common == {"plant_file": "package://scpo_ros/config/plants/double_integrator_uncertain.yaml"}
+    assert sim == {"model_mismatch": 2.0, "disturbance": "bounded", "disturbance_scale": 1.5}
+    assert _common_overrides(ap.parse_args([])) == ({}, {})
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--disturbance", "sometimes"])

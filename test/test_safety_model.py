@@ -93,6 +93,8 @@ def test_build_model_refuses_with_the_reason(changes, error, words):
 class _Leaving:
     """A rollout whose backup leaves the safe set (its ``safe_set`` metric is positive)."""
 
+    robust = False
+
     def __init__(self, *args, **kwargs):
         pass
 

@@ -459,3 +459,18 @@ def test_covers_says_what_a_certificate_is_about():
 def torch_float64():
     import torch
     return torch.float64
+
+
+def test_a_backup_that_is_not_robustly_safe_on_the_region_is_refused_with_the_reason():
+    """The nominal double integrator's region (p up to 0.8, its slow backup) under the study's
+    declaration: a held disturbance of 10 % of u_max drives the backup past p = 1."""
+    from scpo_ros.backup import BackupCertificationError
+    from scpo_ros.params import MODEL_PARAMS, defaults
+    from scpo_ros.safety_model import build_model
+    d = _file("double_integrator")
+    d["uncertainty"] = {"B_delta": [[0.0], [0.3]], "w_max": [0.000125, 0.005]}
+    plant = plant_from_dict(d)
+    with pytest.raises(BackupCertificationError, match="robust"):
+        build_model(defaults(MODEL_PARAMS), plant)
+    study = load_plant("double_integrator_uncertain")           # the same declaration, a region it survives
+    assert build_model(defaults(MODEL_PARAMS), study).plant is study
