@@ -72,3 +72,20 @@ def test_smoke_study_runs_and_reports(tmp_path, capsys):
     assert all(c["trips"] == 0 for c in cases if c["case"] == "inside")
     assert (tmp_path / "robust.png").stat().st_size > 1000
     assert "model monitor" in capsys.readouterr().out
+
+
+def test_a_nominal_certificate_on_the_nominal_models_own_region_is_caught_by_the_check(tmp_path):
+    """``--methods nominal --nominal-plant double_integrator``: the nominal model's own region and
+    backup, certified nominally: its committed iterates break limits on the true plants (the
+    backup itself happens to survive them)."""
+    out = tmp_path / "nominal.json"
+    assert robust.main(["--methods", "nominal", "--nominal-plant", "double_integrator", "--seeds", "1", "--updates",
+                        "3", "--eval-states", "64", "--no-progress", "--plot", "", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data) >= {"nominal"} and "robust" not in data
+    seed = data["nominal"]["per_seed"][0]
+    assert seed["accepted"] >= 1 and seed["unsafe_committed"] >= 1
+    with pytest.raises(SystemExit, match="not the same model"):
+        robust.main(["--methods", "nominal", "--nominal-plant", "mass_spring_damper", "--seeds", "1"])
+    with pytest.raises(SystemExit, match="subset"):
+        robust.main(["--methods", "bogus", "--seeds", "1"])

@@ -32,7 +32,7 @@ from scpo_ros.plant import (
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ("cart_pole", "coupled_two_input", "dc_motor", "double_integrator", "double_integrator_2axis",
-           "mass_spring_damper", "pendulum")
+           "double_integrator_uncertain", "mass_spring_damper", "pendulum")
 
 # the example file (discrete form)
 DI = {"name": "double_integrator", "dt": 0.05, "states": ["position", "velocity"], "inputs": ["acceleration"],

@@ -126,18 +126,25 @@ def true_plant_check(plant: Plant, backup: LQRBackup, layout, theta: np.ndarray,
     return {"unsafe_states": int(bad.sum()), "states": int(len(x0)), "worst_excess": worst}
 
 
-def run_seed(method: str, seed: int, s: RobustSettings, robust_plant: Plant, progress: bool = True) -> dict:
+def run_seed(method: str, seed: int, s: RobustSettings, robust_plant: Plant, progress: bool = True,
+             nominal_plant: Plant | None = None) -> dict:
     """One seed of one method: the imitation loop with SCPO, every committed iterate checked
-    independently on the true plants (``true_plant_check``)."""
+    independently on the true plants (``true_plant_check``) from held-out states of the region
+    that method certifies. ``nominal_plant``: what ``nominal`` certifies (default: the study plant
+    without its declaration; ``--nominal-plant`` names another file of the same model, e.g. the
+    region and backup the nominal model alone allows)."""
     torch.manual_seed(seed)
-    plant = robust_plant if method == "robust" else nominal_version(robust_plant)
+    if method == "robust":
+        plant = robust_plant
+    else:
+        plant = nominal_plant if nominal_plant is not None else nominal_version(robust_plant)
     run = Run(seed, s, plant, envelope_safe_set(plant, LQRBackup(plant)))
-    structured = structured_states(robust_plant, max_points=256, seed=30_000 + seed)
-    x0, r = state_set(robust_plant, s.eval_states + len(structured[0]), np.random.default_rng(20_000 + seed),
-                      structured)
+    structured = structured_states(plant, max_points=256, seed=30_000 + seed)
+    x0, r = state_set(plant, s.eval_states + len(structured[0]), np.random.default_rng(20_000 + seed), structured)
     steps = max(1, int(round(s.check_horizon_s / robust_plant.dt)))
 
     def check(theta):
+        # the true plants are the study plant's (its declared uncertainty), the limits the same
         return true_plant_check(robust_plant, run.backup, run.layout, theta, x0, r, steps, seed)
 
     first = check(run.scpo.theta)
@@ -257,6 +264,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plant", default=STUDY_PLANT, help="a plant file that declares uncertainty")
     ap.add_argument("--eval-states", type=int, default=RobustSettings.eval_states)
     ap.add_argument("--monitor-episodes", type=int, default=RobustSettings.monitor_episodes)
+    ap.add_argument("--nominal-plant", default=None,
+                    help="the plant file the nominal certificate is for (same model; default: --plant without its "
+                         "uncertainty: block)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of nominal,robust")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = RobustSettings(plant=args.plant, seeds=args.seeds, updates=args.updates, eval_states=args.eval_states,
@@ -264,16 +275,28 @@ def main(argv=None) -> int:
     plant = load_plant(s.plant)
     if not plant.uncertainty.declared:
         raise SystemExit(f"{plant.name} declares no uncertainty: the study compares certificates under it")
+    nominal_plant = load_plant(args.nominal_plant) if args.nominal_plant else None
+    same = nominal_plant is None or (np.allclose(nominal_plant.A, plant.A) and np.allclose(nominal_plant.B, plant.B)
+                                     and np.array_equal(nominal_plant.x_max, plant.x_max)
+                                     and np.array_equal(nominal_plant.x_min, plant.x_min))
+    if not same:
+        raise SystemExit(f"--nominal-plant {nominal_plant.name} is not the same model and limits as {plant.name}")
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - set(METHODS):
+        raise SystemExit(f"--methods takes a subset of {','.join(METHODS)}")
     results = {}
-    for method in METHODS:
-        results[method] = aggregate([run_seed(method, seed, s, plant, progress=not args.no_progress)
-                                     for seed in range(s.seeds)])
+    for method in methods:
+        results[method] = aggregate([run_seed(method, seed, s, plant, progress=not args.no_progress,
+                                              nominal_plant=nominal_plant) for seed in range(s.seeds)])
     print_table(f"robust study, {plant.name}, {s.seeds} seeds x {s.updates} updates (unsafe: independent check on "
                 f"{len(TRUE_GAINS)} true plants x {len(SEQUENCES)} disturbance sequences)", results, [
                     ("updates", "updates"), ("accepted", "committed"), ("unsafe_committed", "unsafe"),
                     ("loss_initial", "loss_initial"), ("loss_final", "loss_final"), ("loss_change", "loss_change"),
                     ("accept_rate_clean", "acc_clean"), ("accept_rate_malicious", "acc_malicious"),
                     ("step_ms_median", "step_ms")])
+    if "robust" not in results:
+        write_json(args.json, {"experiment": "robust", "plant": plant.describe(), "settings": asdict(s), **results})
+        return 0
     theta = np.asarray(results["robust"]["per_seed"][0]["theta"])
     mon = monitor_study(plant, theta, s)
     print("\nmodel monitor (the last robust policy of seed 0; delays in steps from the first):")
