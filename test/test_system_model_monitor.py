@@ -1,10 +1,11 @@
 """The model monitor over real DDS: ``plant_sim`` simulating a plant that differs from the model,
 ``scpo_safety_node`` certifying for the model and its declared uncertainty.
 
-The plant file is the double integrator declaring a mass ±30 % (``B_delta``, continuous) and a
-disturbance. One graph for the module, three phases driven by ``plant_sim``'s runtime
-parameters: inside the declared uncertainty (the model at the edge of its declared set, a
-bounded disturbance at its declared box every step): the monitor stays quiet and the plant
+The plant file is the robust study's (``double_integrator_uncertain``: the input gain ±30 %, a
+disturbance of 10 % of ``u_max``), written to a file of the test's. One graph for the module,
+three phases driven by ``plant_sim``'s runtime parameters: inside the declared uncertainty
+(the model at the edge of its declared set, a bounded disturbance at its declared box every
+step): the monitor stays quiet and the plant
 inside its limits; beyond it (``model_mismatch`` 4): it trips within its trip rule, the node
 goes to ``backup_model_mismatch`` with an ERROR ``model`` diagnostic, the fallback acts, and a
 proposal is not taken; back inside: it clears and the policy returns."""
@@ -28,15 +29,13 @@ from scpo_ros.ros.qos import LATCHED_QOS  # noqa: E402
 
 NS = "monitor_graph"
 NODE, SIM = "scpo_safety_node", "plant_sim"
-UNCERTAINTY = {"B_delta": [[0.0], [0.3]], "w_max": [0.0002, 0.005]}
 CLEAR = 20
 
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("monitor_graph")
-    d = yaml.safe_load(load_plant("double_integrator").text)
-    d["uncertainty"] = UNCERTAINTY
+    d = yaml.safe_load(load_plant("double_integrator_uncertain").text)
     plant_file = log_dir / "di_uncertain.yaml"
     plant_file.write_text(yaml.safe_dump(d))
     procs = {NODE: start_node(log_dir, NODE, NS, {**SMALL_SCPO, "plant_file": str(plant_file),
