@@ -27,6 +27,7 @@ How each part enters, per step (``v`` the measurement-noise bound, ``|M|`` entry
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -189,7 +190,6 @@ def mismatched_plant(plant: Plant, mismatch: float, seed: int = 0) -> Plant:
 
 
 def _replace(plant: Plant, **changes) -> Plant:
-    import dataclasses
     for k in ("A", "B"):
         if k in changes:
             a = np.array(changes[k], dtype=float)

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import yaml
 from hypothesis import strategies as st
+from scipy.optimize import linprog
 
 from scpo_ros.backup import LQRBackup, dlqr
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
@@ -107,3 +108,15 @@ config = st.sampled_from(CONFIGS)
 direction = st.lists(st.floats(-1.0, 1.0), min_size=4, max_size=4)
 raw_action = st.one_of(st.floats(-3.0, 3.0), st.floats(-1e12, 1e12), st.just(float("nan")),
                        st.sampled_from([float("inf"), -float("inf"), 1e300, -1e300]))
+
+
+def emptiness(S, x) -> float:
+    """``min over u, ρ in their boxes of max_i (G u + F ρ - b(x))_i`` (an LP): <= 0 iff U_safe(x) is
+    not empty (test_safeguard_invariant_set.py, test_uncertainty.py)."""
+    b = S.rhs(x)
+    m, p = S.action_dim, S.rho_dim
+    lp = linprog(np.r_[np.zeros(m + p), 1.0], A_ub=np.hstack([S.G, S.F, -np.ones((len(b), 1))]), b_ub=b,
+                 bounds=list(zip(S.u_min, S.u_max)) + list(zip(S.rho_min, S.rho_max)) + [(None, None)],
+                 method="highs")
+    assert lp.status == 0
+    return float(lp.fun)

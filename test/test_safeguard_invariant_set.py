@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
-from late_set_helpers import CONFIGS, TOL, UNSTABLE, backup_of, safe_set_of, setup
+from late_set_helpers import CONFIGS, TOL, UNSTABLE, backup_of, emptiness, safe_set_of, setup
 from plant_strategies import plants, random_plant
 from scpo_ros.backup import LQRBackup
 from scpo_ros.dynamics import DoubleIntegrator, Pendulum
@@ -336,23 +336,11 @@ def _check_safe_set_on_random_plant(plant, kind, seed):
         # non-empty up to the sets' fixed-point precision (~1e-10 in row units: a state the
         # projection put on the boundary may come back that far outside, and the projector then
         # takes its nominal level, which the test of the projector covers)
-        assert _emptiness(S, x1) <= 1e-8, "U_safe of the next state is empty"
+        assert emptiness(S, x1) <= 1e-8, "U_safe of the next state is empty"
         x2 = plant.step(x1, res.u)                       # the command held one period longer
         assert not any(v.any() for v in plant.violations(x2).values())
-        assert _emptiness(S.nominal_set() if held_on_nominal else S, x2) <= 1e-8, \
+        assert emptiness(S.nominal_set() if held_on_nominal else S, x2) <= 1e-8, \
             "U_safe after a held command is empty"
-
-
-def _emptiness(S, x) -> float:
-    """``min over u, ρ in their boxes of max_i (G u + F ρ - b(x))_i`` (an LP): <= 0 iff U_safe(x) is
-    not empty."""
-    b = S.rhs(x)
-    m, p = S.action_dim, S.rho_dim
-    lp = linprog(np.r_[np.zeros(m + p), 1.0], A_ub=np.hstack([S.G, S.F, -np.ones((len(b), 1))]), b_ub=b,
-                 bounds=list(zip(S.u_min, S.u_max)) + list(zip(S.rho_min, S.rho_max)) + [(None, None)],
-                 method="highs")
-    assert lp.status == 0
-    return float(lp.fun)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])

@@ -8,11 +8,12 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from scipy.optimize import linprog
 
+from late_set_helpers import emptiness
 from plant_strategies import random_plant_dict
 from scpo_ros.backup import LQRBackup
 from scpo_ros.plant import PlantError, load_plant, plant_from_dict, zoh
@@ -159,17 +160,6 @@ def test_an_uncertain_column_on_an_unbounded_state_has_no_bound_over_the_set():
 
 # ------------------------------------------------------------------ robust sets keep their promise
 
-def _emptiness(S, x) -> float:
-    """<= 0 iff U_safe(x) is not empty (an LP: the least worst row violation)."""
-    b = S.rhs(x)
-    m, p = S.action_dim, S.rho_dim
-    lp = linprog(np.r_[np.zeros(m + p), 1.0], A_ub=np.hstack([S.G, S.F, -np.ones((len(b), 1))]), b_ub=b,
-                 bounds=list(zip(S.u_min, S.u_max)) + list(zip(S.rho_min, S.rho_max)) + [(None, None)],
-                 method="highs")
-    assert lp.status == 0
-    return float(lp.fun)
-
-
 def _disturbances(w, rng, k=12):
     """Corners of the box (the worst case for a polytope row is a corner) and random points."""
     n = len(w)
@@ -200,11 +190,11 @@ def _check_robust_promise(plant, seed, states=30):
         for wi in _disturbances(w, rng):
             x1 = plant.step(xi, res.u) + wi
             assert not any(v.any() for v in plant.violations(x1, tol=1e-9).values())
-            assert _emptiness(S, x1) <= 1e-8, "U_safe empty after a disturbance"
+            assert emptiness(S, x1) <= 1e-8, "U_safe empty after a disturbance"
             if S.late_commands and "held block on the nominal set" not in S.name:
                 x2 = plant.step(x1, res.u) + _disturbances(w, rng, 1)[0]
                 assert not any(v.any() for v in plant.violations(x2, tol=1e-9).values())
-                assert _emptiness(S, x2) <= 1e-8, "U_safe empty after a held command and disturbances"
+                assert emptiness(S, x2) <= 1e-8, "U_safe empty after a held command and disturbances"
         checked += 1
     return checked
 
@@ -377,7 +367,7 @@ def test_robust_rollouts_bound_the_true_uncertain_plant_for_any_weights(seed, sc
         S = safe_set_for(plant, backup, late_commands=1)
     except ValueError:
         assume(False)
-    engine = PlantRollout(plant, backup, layout, safe_rows=S, dtype=torch_float64(), seed=seed)
+    engine = PlantRollout(plant, backup, layout, safe_rows=S, dtype=torch.float64, seed=seed)
     assert engine.robust and engine.corners
     theta = layout.initial_parameters(seed).numpy() + scale * np.random.default_rng(seed).normal(size=layout.size)
     x0, r = state_set(plant, 12, np.random.default_rng(seed))
@@ -411,7 +401,7 @@ def test_the_tube_is_exact_for_the_backup_its_worst_sequence_attains_it():
     plant = _robust_plant(3, w_frac=0.003, b_frac=0.0, n=2)
     backup = LQRBackup(plant)
     layout = MLPLayout(plant.n + plant.nr, plant.m, (8,))
-    engine = PlantRollout(plant, backup, layout, safe_rows=(), dtype=torch_float64())
+    engine = PlantRollout(plant, backup, layout, safe_rows=(), dtype=torch.float64)
     theta = layout.initial_parameters(0).numpy()
     # from an equilibrium: the nominal part stays, the tube grows: the maximum is late
     _, r = state_set(plant, 1, np.random.default_rng(1))
@@ -454,11 +444,6 @@ def test_covers_says_what_a_certificate_is_about():
     too_much = plant_from_dict(_with("double_integrator", B_delta=[[0.0], [3.0]], w_max=[0.0001, 0.001]))
     with pytest.raises(ValueError, match="destabilises"):
         PlantRollout(too_much, LQRBackup(too_much), layout, safe_rows=())
-
-
-def torch_float64():
-    import torch
-    return torch.float64
 
 
 def test_a_backup_that_is_not_robustly_safe_on_the_region_is_refused_with_the_reason():

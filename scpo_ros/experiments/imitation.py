@@ -32,7 +32,7 @@ from ..policy import MLPLayout
 from ..residual_scpo import ResidualSCPO
 from ..rollout import METRICS, PlantRollout, random_states, state_set, structured_states
 from ..scpo import COMMITTED, STATUSES
-from .report import print_table, run_methods, scpo_experiment_parser, write_json
+from .report import print_table, run_methods, scpo_experiment_parser, shade_updates, write_json
 
 
 @dataclass
@@ -212,10 +212,7 @@ def plot(results: dict, path: str, title: str = "") -> None:
             unsafe = np.flatnonzero(p["history"]["unsafe"])
             ax_loss.plot(unsafe + 1, losses[i][unsafe + 1], "x", color=colors[method], ms=3,
                          label=f"{method}: unsafe iterate" if i == 0 and len(unsafe) else None)
-    mal = np.array(results["scpo"]["per_seed"][0]["history"]["malicious"])
-    for ax in (ax_loss, ax_dec):
-        for k in np.flatnonzero(mal):
-            ax.axvspan(k + 0.5, k + 1.5, color="0.9", lw=0)
+    shade_updates((ax_loss, ax_dec), results["scpo"]["per_seed"][0]["history"]["malicious"])
     ax_loss.set_ylabel("imitation loss on clean data")
     ax_loss.set_yscale("log")
     ax_loss.legend(fontsize=8)

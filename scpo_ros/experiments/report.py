@@ -44,6 +44,13 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
+def shade_updates(axes, mask, color: str = "0.9") -> None:
+    """Grey bands over the updates where ``mask`` is true (the malicious phases), on every axis."""
+    for ax in axes:
+        for k in np.flatnonzero(mask):
+            ax.axvspan(k + 0.5, k + 1.5, color=color, lw=0)
+
+
 def print_table(title: str, results: dict, columns: list[tuple[str, str]]) -> str:
     """One row per method; ``columns`` = [(key, header)]."""
     header = ["method"] + [h for _, h in columns]

@@ -48,7 +48,7 @@ from ..policy import MLPLayout, NumpyMLP
 from ..rollout import state_set, structured_states
 from ..scpo import COMMITTED
 from .imitation import ImitationSettings, Run, envelope_safe_set, imitation_step
-from .report import aggregate, print_table, scpo_experiment_parser, write_json
+from .report import aggregate, print_table, scpo_experiment_parser, shade_updates, write_json
 
 STUDY_PLANT = "double_integrator_uncertain"
 TRUE_GAINS = (1.0 / 1.3, 1.0 / 0.8)
@@ -243,10 +243,7 @@ def plot(results: dict, path: str) -> None:
         ax_loss.plot(losses.mean(0), color=colors[method], label=f"{method} certification")
         unsafe = np.array([np.cumsum(p["history"]["unsafe"]) for p in res["per_seed"]]).sum(0)
         ax_unsafe.plot(np.arange(1, len(unsafe) + 1), unsafe, color=colors[method], label=method)
-    mal = np.array(results["robust"]["per_seed"][0]["history"]["malicious"])
-    for ax in (ax_loss, ax_unsafe):
-        for k in np.flatnonzero(mal):
-            ax.axvspan(k + 0.5, k + 1.5, color="0.92", lw=0)
+    shade_updates((ax_loss, ax_unsafe), results["robust"]["per_seed"][0]["history"]["malicious"], "0.92")
     ax_loss.set_ylabel("imitation loss (clean data)")
     ax_loss.set_title("robust vs nominal certification, true plant inside the declared uncertainty")
     ax_loss.legend(fontsize=8)
