@@ -207,8 +207,9 @@ def test_the_owner_namespace_is_respected(probe, owner_intake):
     assert outside.get_subscription_count() == 0
     publish_and_wait(inside, intake, proposal(np.zeros(N)))
     if intake.isolation != "group":
-        names = probe.node.get_node_names_and_namespaces()
-        assert ("owner_proposal_intake", NAMESPACE) in names
+        # node names arrive by their own discovery, after the topic match: wait for it
+        wait_for(lambda: ("owner_proposal_intake", NAMESPACE) in probe.node.get_node_names_and_namespaces(),
+                 what="the helper node in the owner's namespace")
 
 
 @pytest.mark.parametrize("isolation", ["poll", "group", "thread"])
